@@ -1,0 +1,178 @@
+"""Jitted batch generation: one prefill, then a `lax.while_loop` of single-token decode steps over a preallocated
+KV cache. No Python runs per token.
+
+Padding: prompts may be left- or right-padded (`attention_mask`). Cache slots are shared by the batch (prompt slots
+0..S-1, generated token j at slot S+j); a row's padding slots are marked invalid and never attended to. Positions are
+per row: the release's decode position is `cache slot + rope_deltas`, which is exactly the row's last prompt
+position + 1 + j for both paddings. Logits of the prefill are taken at each row's last real token.
+
+Sampling: greedy (temperature 0), or temperature with optional top-k and top-p (nucleus) filtering; generation of a
+row stops at any stop token (which is kept in its output) and the rest of its row is `pad_id`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ming_jax.model import BailingMoeV2, KVCache
+from ming_jax.multimodal import Prepared
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    stop_tokens: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 and top_p={self.top_p} in (0, 1]")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Generated:
+    tokens: jax.Array  # [B, N] int32, pad_id after a row stops
+    lengths: jax.Array  # [B] int32 generated tokens per row (stop token included)
+    positions: jax.Array  # [B, N] int32 rope position of the token fed to produce token i (-1: from the prefill)
+    step_logits: jax.Array | None  # [B, N, V] float32 logits each token was sampled from (return_logits=True)
+
+
+def sample(logits, key, cfg: SamplingConfig):
+    """logits [B, V] -> tokens [B] int32."""
+    logits = logits.astype(jnp.float32)
+    if cfg.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / cfg.temperature
+    neg = jnp.finfo(jnp.float32).min
+    if cfg.top_k:
+        kth = jax.lax.top_k(logits, min(cfg.top_k, logits.shape[-1]))[0][..., -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if cfg.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+        n_keep = jnp.maximum(jnp.sum(before < cfg.top_p, axis=-1, keepdims=True), 1)
+        threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+        logits = jnp.where(logits < threshold, neg, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def last_real_index(attention_mask):
+    """[B, S] bool -> index of each row's last real token (works for left and right padding)."""
+    s = attention_mask.shape[1]
+    return s - 1 - jnp.argmax(attention_mask[:, ::-1], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "with_features", "with_modality"), donate_argnames=("cache",))
+def _prefill(graphdef, state, input_ids, attention_mask, positions, modality, features, feature_index, cache, *,
+             with_features, with_modality):
+    model = nnx.merge(graphdef, state)
+    x = model.embed_tokens(input_ids, features if with_features else None, feature_index if with_features else None)
+    out = model(x, positions, attention_mask=attention_mask, modality=modality if with_modality else None,
+                cache=cache, logits_at=last_real_index(attention_mask))
+    return out.logits, out.cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "pad_id", "return_logits"),
+                   donate_argnames=("cache",))
+def _decode(graphdef, state, first_logits, next_pos, cache, key, *, sampling: SamplingConfig, pad_id: int,
+            return_logits: bool):
+    b, v = first_logits.shape
+    n = sampling.max_new_tokens
+    stops = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
+
+    def emit(i, logits, key, tokens, done, step_logits, positions, pos):
+        key, sub = jax.random.split(key)
+        tok = jnp.where(done, pad_id, sample(logits, sub, sampling))
+        tokens = tokens.at[:, i].set(tok)
+        positions = positions.at[:, i].set(pos)
+        if return_logits:
+            step_logits = step_logits.at[:, i].set(logits)
+        done = done | jnp.isin(tok, stops)
+        return key, tok, tokens, done, step_logits, positions
+
+    tokens = jnp.full((b, n), pad_id, jnp.int32)
+    positions = jnp.zeros((b, n), jnp.int32)
+    step_logits = jnp.zeros((b, n, v), jnp.float32) if return_logits else None
+    done = jnp.zeros((b,), bool)
+    key, tok, tokens, done, step_logits, positions = emit(0, first_logits, key, tokens, done, step_logits,
+                                                          positions, jnp.full_like(next_pos, -1))
+
+    def cond(c):
+        i, _, _, _, done, *_ = c
+        return (i < n) & ~jnp.all(done)
+
+    def body(c):
+        i, tok, key, tokens, done, step_logits, positions, cache, pos, state = c
+        # The weights ride in the loop carry (unchanged): nnx transforms inside the body need them at its trace level.
+        model = nnx.merge(graphdef, state)
+        x = model.embed_tokens(tok[:, None])
+        pos3 = jnp.broadcast_to(pos[None, :, None], (3, b, 1))
+        out = model(x, pos3, cache=cache, logits_at=jnp.zeros((b,), jnp.int32))
+        key, tok, tokens, done, step_logits, positions = emit(i, out.logits, key, tokens, done, step_logits,
+                                                              positions, pos)
+        return i + 1, tok, key, tokens, done, step_logits, positions, out.cache, pos + 1, state
+
+    init = (jnp.int32(1), tok, key, tokens, done, step_logits, positions, cache, next_pos, state)
+    _, _, _, tokens, done, step_logits, positions, cache, _, _ = jax.lax.while_loop(cond, body, init)
+    is_stop = jnp.isin(tokens, stops) & (tokens != pad_id)
+    first_stop = jnp.where(is_stop.any(1), jnp.argmax(is_stop, axis=1) + 1, n)
+    return Generated(tokens, first_stop.astype(jnp.int32), positions, step_logits)
+
+
+def generate(model: BailingMoeV2, prep: Prepared, sampling: SamplingConfig, *, seed: int = 0,
+             return_logits: bool = False, pad_id: int | None = None) -> Generated:
+    """Generate up to `sampling.max_new_tokens` tokens for each prompt row of `prep` (see `multimodal.prepare`)."""
+    cfg = model.cfg
+    b, s = prep.input_ids.shape
+    if s + sampling.max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt of {s} tokens + {sampling.max_new_tokens} new tokens exceeds the context of "
+                         f"{cfg.max_position_embeddings} positions")
+    pad_id = cfg.pad_token_id if pad_id is None else pad_id
+    pad_id = 0 if pad_id is None else pad_id
+    graphdef, state = nnx.split(model)
+    cache = KVCache.create(cfg, b, s + sampling.max_new_tokens)
+    with_features = prep.features is not None
+    with_modality = prep.modality is not None
+    d = cfg.hidden_size
+    logits, cache = _prefill(
+        graphdef, state, jnp.asarray(prep.input_ids), jnp.asarray(prep.attention_mask), jnp.asarray(prep.positions),
+        jnp.asarray(prep.modality) if with_modality else jnp.zeros((b, s), jnp.int32),
+        jnp.asarray(prep.features) if with_features else jnp.zeros((0, d), jnp.float32),
+        jnp.asarray(prep.feature_index) if with_features else jnp.zeros((0,), jnp.int32), cache,
+        with_features=with_features, with_modality=with_modality)
+    next_pos = jnp.asarray(prep.rope_deltas + s, jnp.int32)  # the release: cache slot + rope_deltas
+    return _decode(graphdef, state, logits, next_pos, cache, jax.random.key(seed), sampling=sampling,
+                   pad_id=int(pad_id), return_logits=return_logits)
+
+
+def forward(model: BailingMoeV2, prep: Prepared, *, collect: bool = False):
+    """One full-sequence forward (no cache) of a prepared prompt; `collect` adds per-layer outputs and routing."""
+    graphdef, state = nnx.split(model)
+    return _forward(graphdef, state, prep.input_ids, prep.attention_mask, prep.positions, prep.modality,
+                    prep.features, prep.feature_index, collect=collect)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "collect"))
+def _forward(graphdef, state, input_ids, attention_mask, positions, modality, features, feature_index, *, collect):
+    model = nnx.merge(graphdef, state)
+    x = model.embed_tokens(input_ids, features, feature_index)
+    out = model(x, positions, attention_mask=attention_mask, modality=modality, collect=collect)
+    return x, out
+
+
+def as_numpy(tree):
+    return jax.tree.map(np.asarray, tree)

@@ -1,0 +1,44 @@
+"""Attention math shared by the LLM, the ViT and the audio encoder (pure functions, no parameters).
+
+`attend` is the plain-XLA reference: grouped-query attention without repeating KV heads, float32 softmax, boolean
+masks. Accelerated implementations (splash attention on TPU, cuDNN on GPU) plug in behind `ming_jax.pallas`'s
+dispatcher with the same signature.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def attend(q, k, v, mask=None, *, scale: float | None = None):
+    """q [B, T, H, hd], k/v [B, S, K, hd] with H % K == 0; mask broadcastable to [B, H, T, S] (True = attend).
+
+    Returns [B, T, H, hd]. Query head h uses KV head h // (H // K), as in `repeat_kv`. Rows whose mask is all False
+    (padding queries) return an average of values rather than NaN.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    if h % kv:
+        raise ValueError(f"{h} query heads are not a multiple of {kv} kv heads")
+    g = h // kv
+    scale = d**-0.5 if scale is None else scale
+    qg = q.reshape(b, t, kv, g, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg * jnp.asarray(scale, q.dtype), k,
+                        preferred_element_type=jnp.float32)  # [B, K, G, T, S]
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (b, h, t, k.shape[1])).reshape(b, kv, g, t, k.shape[1])
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def segment_mask(q_segments, kv_segments):
+    """Block-diagonal mask from segment ids: [B, T], [B, S] -> [B, 1, T, S] (True where ids match)."""
+    return (q_segments[:, :, None] == kv_segments[:, None, :])[:, None]
+
+
+def causal_mask(q_positions, kv_positions):
+    """[B, T], [B, S] slot indices -> [B, 1, T, S], True where the key slot is not after the query slot."""
+    return (kv_positions[:, None, :] <= q_positions[:, :, None])[:, None]

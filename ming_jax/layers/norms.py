@@ -1,0 +1,26 @@
+"""RMSNorm as BailingMoeV2 computes it: normalise in float32, cast back, then scale."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ming_jax.layers.params import ones, param
+
+
+def rms_norm(x, scale, eps: float):
+    """x [..., D], scale [D]. Statistics in float32; the weight multiplies the input-dtype normalised value."""
+    xf = x.astype(jnp.float32)
+    normed = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return scale.astype(x.dtype) * normed
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, axis_name: str = "norm", param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, ones, (dim,), (axis_name,), param_dtype)
+
+    def __call__(self, x):
+        return rms_norm(x, self.scale[...], self.eps)

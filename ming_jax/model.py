@@ -1,0 +1,290 @@
+"""BailingMoeV2 (Ling-flash-2.0) causal LM, the language backbone of Ming-flash-omni 2.0.
+
+Reads top-down like the architecture:
+  embeddings (+ multimodal features scattered into placeholder positions, see `ming_jax.multimodal`)
+  -> `first_k_dense_replace` dense decoder layers (attention + SwiGLU MLP)
+  -> the remaining MoE decoder layers, stacked on a leading "layers" axis and run with `nnx.scan`
+  -> final RMSNorm -> LM head.
+Attention: fused QKV projection, per-head RMSNorm on q and k, grouped-query attention, partial rotary with the 3-D
+"video rope" (text positions are the 1-D special case). The KV cache is preallocated: `KVCache.create`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ming_jax.config.llm import LLMConfig
+from ming_jax.layers import rotary
+from ming_jax.layers.attention_core import attend
+from ming_jax.layers.mlp import GatedMLP
+from ming_jax.layers.norms import RMSNorm
+from ming_jax.layers.params import fan_in_normal, normal, param, zeros
+from ming_jax.moe.block import MoEBlock
+from ming_jax.moe.router import Routing
+
+# --- KV cache -----------------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Preallocated keys / values of every layer plus which slots hold a real (non-padding) token.
+
+    Slots are written left to right at `length`; a batch row's padding slots stay invalid forever, so left and right
+    padded prompts share one layout. Dense and MoE layers keep separate stacks to match the parameter layout.
+    """
+
+    k_dense: jax.Array  # [Ld, B, S_max, K, hd]
+    v_dense: jax.Array
+    k_moe: jax.Array  # [Lm, B, S_max, K, hd]
+    v_moe: jax.Array
+    valid: jax.Array  # [B, S_max] bool
+    length: jax.Array  # [] int32: next slot to write
+
+    @classmethod
+    def create(cls, cfg: LLMConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        shape = lambda n: (n, batch, max_len, cfg.num_kv_heads, cfg.head_dim)  # noqa: E731
+        z = lambda n: jnp.zeros(shape(n), dtype)  # noqa: E731
+        return cls(z(cfg.num_dense_layers), z(cfg.num_dense_layers), z(cfg.num_moe_layers), z(cfg.num_moe_layers),
+                   jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.valid.shape[1]
+
+
+KV_CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+# --- attention ----------------------------------------------------------------------------------------------------
+
+
+def split_qkv(qkv, num_q_per_kv: int):
+    """[B, T, K, G+2, hd] grouped layout -> q [B, T, K*G, hd], k, v [B, T, K, hd]."""
+    b, t, kv, _, hd = qkv.shape
+    q = qkv[:, :, :, :num_q_per_kv].reshape(b, t, kv * num_q_per_kv, hd)
+    return q, qkv[:, :, :, num_q_per_kv], qkv[:, :, :, num_q_per_kv + 1]
+
+
+class Attention(nnx.Module):
+    """GQA attention with a fused QKV kernel laid out per KV group: [D, K, G + 2, hd].
+
+    Group j holds its G query heads, then its key head, then its value head, so sharding the K axis (tensor
+    parallelism) keeps every query head next to the KV head it reads. The official fused layout ([q heads | k | v])
+    is regrouped by the weight table.
+    """
+
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.g = h // kv
+        self.qkv = param(rngs, fan_in_normal(), (d, kv, self.g + 2, hd), ("embed", "kv_heads", "qkv", "head_dim"),
+                         pdt)
+        self.qkv_bias = (param(rngs, zeros, (kv, self.g + 2, hd), ("kv_heads", "qkv", "head_dim"), pdt)
+                         if cfg.use_qkv_bias else None)
+        self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, axis_name="head_dim", param_dtype=pdt, rngs=rngs)
+        self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, axis_name="head_dim", param_dtype=pdt, rngs=rngs)
+        self.out = param(rngs, fan_in_normal((0, 1)), (h, hd, d), ("heads", "head_dim", "embed"), pdt)
+        self.out_bias = param(rngs, zeros, (d,), ("embed",), pdt) if cfg.use_bias else None
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, start=None):
+        """x [B, T, D]; cos/sin [B, T, rd]; mask [B, 1, T, S] (S = T, or the cache length).
+
+        With `kv_cache = (k [B, S_max, K, hd], v)` the new keys / values are written at slot `start` and attention
+        reads the whole cache; returns (out [B, T, D], updated (k, v) or None).
+        """
+        dt = x.dtype
+        qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(dt))
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias[...].astype(dt)
+        q, k, v = split_qkv(qkv, self.g)
+        q = rotary.apply_rotary(self.q_norm(q), cos, sin)
+        k = rotary.apply_rotary(self.k_norm(k), cos, sin)
+        if kv_cache is not None:
+            k_all = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype), start, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype), start, axis=1)
+            kv_cache = (k_all, v_all)
+            k, v = k_all.astype(dt), v_all.astype(dt)
+        o = attend(q, k, v, mask)  # [B, T, H, hd]
+        y = jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(dt))
+        if self.out_bias is not None:
+            y = y + self.out_bias[...].astype(dt)
+        return y, kv_cache
+
+
+# --- decoder layers -----------------------------------------------------------------------------------------------
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)); the MLP is dense or the MoE block."""
+
+    def __init__(self, cfg: LLMConfig, *, moe: bool, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", param_dtype=pdt,
+                                  rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", param_dtype=pdt,
+                                 rngs=rngs)
+        if moe:
+            self.moe = MoEBlock(cfg, rngs=rngs)
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, modality=None, kv_cache=None, start=None, collect=False):
+        with jax.named_scope("attention"):
+            a, kv_cache = self.attn(self.input_norm(x), cos, sin, mask, kv_cache, start)
+        x = x + a
+        h = self.post_norm(x)
+        routing = None
+        if hasattr(self, "moe"):
+            with jax.named_scope("moe"):
+                m, r, gates = self.moe(h, modality, per_gate=collect)
+            routing = (r, gates) if collect else None
+        else:
+            with jax.named_scope("mlp"):
+                m = self.mlp(h)
+        return x + m, kv_cache, routing
+
+
+# --- the model ----------------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelOutput:
+    logits: jax.Array | None  # [B, T, V] (or [B, V] when `logits_at` is given)
+    hidden: jax.Array  # [B, T, D] output of the final norm
+    cache: KVCache | None
+    layer_outputs: jax.Array | None = None  # [L, B, T, D] residual stream after each layer (collect=True)
+    routing: Routing | None = None  # stacked over MoE layers: experts [Lm, B*T, K], ... (collect=True)
+    gate_routing: Routing | None = None  # every gate on every token: experts [Lm, R, B*T, K], ... (collect=True)
+
+
+class BailingMoeV2(nnx.Module):
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.embed = param(rngs, normal(1.0), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt)
+        self.dense_layers = nnx.List([DecoderLayer(cfg, moe=False, rngs=rngs) for _ in range(cfg.num_dense_layers)])
+        if cfg.num_moe_layers:
+
+            @nnx.split_rngs(splits=cfg.num_moe_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make(r):
+                return DecoderLayer(cfg, moe=True, rngs=r)
+
+            self.moe_layers = make(rngs)
+        self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", param_dtype=pdt,
+                                  rngs=rngs)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        param(rngs, fan_in_normal(), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt))
+        self.inv_freq = nnx.Cache(rotary.inv_frequencies(cfg.rotary_dim, cfg.rope_theta))
+
+    # -- pieces usable on their own --
+    def embed_tokens(self, input_ids, features=None, feature_index=None):
+        """input_ids [B, T] -> [B, T, D]; `features [N, D]` overwrite the flat positions `feature_index [N]`."""
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.dtype)
+        if features is not None:
+            b, t, d = x.shape
+            x = x.reshape(b * t, d).at[feature_index].set(features.astype(x.dtype)).reshape(b, t, d)
+        return x
+
+    def rotary(self, positions):
+        """positions [3, B, T] -> cos, sin [B, T, rd]."""
+        if self.cfg.rope_type == "video_rope":
+            return rotary.video_rope_cos_sin(positions, self.inv_freq[...], self.cfg.mrope_section)
+        return rotary.rope_cos_sin(positions[0], self.inv_freq[...])
+
+    def head(self, h):
+        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+    # -- forward --
+    def __call__(self, embeds, positions, *, attention_mask=None, modality=None, cache: KVCache | None = None,
+                 logits_at=None, collect: bool = False) -> ModelOutput:
+        """embeds [B, T, D] (from `embed_tokens`), positions [3, B, T] int.
+
+        attention_mask [B, T] bool marks real tokens (None: all real). modality [B, T] int picks each token's router
+        (None: text gate for all, as in decode steps). With `cache`, the T tokens go to slots cache.length ... and
+        attend to every valid earlier slot. logits_at [B] int: compute logits only at these positions (-> [B, V]).
+        """
+        cfg = self.cfg
+        b, t, _ = embeds.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        attention_mask = attention_mask.astype(bool)
+        cos, sin = self.rotary(positions)
+        if cache is None:
+            start = None
+            slots = jnp.arange(t)
+            mask = (slots[None, :] <= slots[:, None])[None, None] & attention_mask[:, None, None, :]
+        else:
+            start = cache.length
+            q_slots = start + jnp.arange(t)
+            valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, start, axis=1)
+            k_slots = jnp.arange(cache.max_len)
+            mask = (k_slots[None, :] <= q_slots[:, None])[None, None] & valid[:, None, None, :]
+
+        x = embeds.astype(cfg.dtype)
+        layer_outputs = []
+        new_dense_k, new_dense_v = [], []
+        for i, layer in enumerate(self.dense_layers):
+            kv = None if cache is None else (cache.k_dense[i], cache.v_dense[i])
+            x, kv, _ = layer(x, cos, sin, mask, None, kv, start)
+            if cache is not None:
+                new_dense_k.append(kv[0])
+                new_dense_v.append(kv[1])
+            if collect:
+                layer_outputs.append(x)
+
+        routing = None
+        k_moe = v_moe = None
+        if cfg.num_moe_layers:
+
+            @nnx.scan(in_axes=(0, nnx.Carry, None, None, None, None, 0, None), out_axes=(nnx.Carry, 0, 0, 0))
+            def run_moe(layer, x, cos, sin, mask, modality, kv, start):
+                x, kv, r = layer(x, cos, sin, mask, modality, kv, start, collect)
+                return x, kv, r, (x if collect else None)
+
+            if cfg.remat:
+                run_moe = nnx.remat(run_moe)
+            kv_in = None if cache is None else (cache.k_moe, cache.v_moe)
+            x, kv_out, routing, ys = run_moe(self.moe_layers, x, cos, sin, mask, modality, kv_in, start)
+            if cache is not None:
+                k_moe, v_moe = kv_out
+            if collect:
+                layer_outputs.extend(list(ys))
+
+        h = self.final_norm(x)
+        if logits_at is not None:
+            logits = self.head(h[jnp.arange(b), logits_at])
+        else:
+            logits = self.head(h)
+        new_cache = None
+        if cache is not None:
+            stack = lambda xs, old: jnp.stack(xs) if xs else old  # noqa: E731
+            new_cache = KVCache(stack(new_dense_k, cache.k_dense), stack(new_dense_v, cache.v_dense),
+                                cache.k_moe if k_moe is None else k_moe, cache.v_moe if v_moe is None else v_moe,
+                                valid, cache.length + t)
+        if collect and routing is not None:
+            return ModelOutput(logits, h, new_cache, jnp.stack(layer_outputs), routing[0], routing[1])
+        return ModelOutput(logits, h, new_cache, jnp.stack(layer_outputs) if collect else None)
+
+
+def create(cfg: LLMConfig, *, seed: int = 0) -> BailingMoeV2:
+    return BailingMoeV2(cfg, rngs=nnx.Rngs(seed))
+
+
+def create_abstract(cfg: LLMConfig) -> BailingMoeV2:
+    """The model with `jax.ShapeDtypeStruct` leaves: no memory allocated, any size."""
+    return nnx.eval_shape(lambda: BailingMoeV2(cfg, rngs=nnx.Rngs(0)))
+
+
+def param_count(model) -> int:
+    import math
+
+    return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))

@@ -1,0 +1,1 @@
+"""Mixture of experts as small pure stages: router -> dispatch (sort by expert) -> grouped experts -> combine."""

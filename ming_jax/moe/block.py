@@ -1,0 +1,51 @@
+"""The BailingMoeV2 sparse MoE block: routed experts (dropless) plus one always-on shared expert."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ming_jax.config.llm import LLMConfig
+from ming_jax.layers.mlp import GatedMLP
+from ming_jax.layers.params import fan_in_normal, param
+from ming_jax.moe import dispatch, experts
+from ming_jax.moe.router import Router, Routing
+
+
+class MoEBlock(nnx.Module):
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
+        d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.num_experts = e
+        self.impl = cfg.moe_impl
+        self.router = Router(d, e, cfg.num_routers, top_k=cfg.num_experts_per_tok, n_group=cfg.n_group,
+                             topk_group=cfg.topk_group, scaling=cfg.routed_scaling_factor, param_dtype=pdt, rngs=rngs)
+        # Experts stacked on a leading axis: [E, D, F] / [E, F, D].
+        self.w_gate = param(rngs, fan_in_normal((1,)), (e, d, f), ("experts", "embed", "expert_mlp"), pdt)
+        self.w_up = param(rngs, fan_in_normal((1,)), (e, d, f), ("experts", "embed", "expert_mlp"), pdt)
+        self.w_down = param(rngs, fan_in_normal((1,)), (e, f, d), ("experts", "expert_mlp", "embed"), pdt)
+        self.shared = (GatedMLP(d, f * cfg.num_shared_experts, param_dtype=pdt, rngs=rngs)
+                       if cfg.num_shared_experts else None)
+
+    def __call__(self, x, modality=None, *, per_gate: bool = False):
+        """x [B, S, D], modality [B, S] int or None -> (y [B, S, D], routing of the B*S tokens, per-gate routing).
+
+        The per-gate routing (every gate on every token, [R, B*S, ...]) is a diagnostic, computed only on request.
+        """
+        b, s, d = x.shape
+        tokens = x.reshape(b * s, d)
+        with jax.named_scope("router"):
+            routing = self.router(tokens, None if modality is None else modality.reshape(-1))
+        with jax.named_scope("routed_experts"):
+            plan = dispatch.sort_by_expert(routing.experts, self.num_experts)
+            xs = dispatch.permute(tokens, plan)  # [B*S*K, D]
+            dt = x.dtype
+            ys = experts.grouped_glu(xs, plan.group_sizes, self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
+                                     self.w_down[...].astype(dt), impl=self.impl)
+            y = dispatch.combine(ys, plan, routing.weights)
+        if self.shared is not None:
+            with jax.named_scope("shared_expert"):
+                y = y + self.shared(tokens)
+        gates = self.router.per_gate(tokens) if per_gate else None
+        return y.reshape(b, s, d), routing, gates

@@ -1,0 +1,1 @@
+"""One module per golden case kind; each exposes `run(case: GoldenCase) -> list[numerics.Comparison]`."""
