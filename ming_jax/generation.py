@@ -76,20 +76,21 @@ def last_real_index(attention_mask):
     return s - 1 - jnp.argmax(attention_mask[:, ::-1], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "with_features", "with_modality"), donate_argnames=("cache",))
-def _prefill(graphdef, state, input_ids, attention_mask, positions, modality, features, feature_index, cache, *,
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "with_features", "with_modality"))
+def _prefill(graphdef, state, input_ids, attention_mask, positions, modality, features, feature_index, *, max_len,
              with_features, with_modality):
     model = nnx.merge(graphdef, state)
+    cache = KVCache.create(model.cfg, input_ids.shape[0], max_len)  # made here: no second copy to donate
     x = model.embed_tokens(input_ids, features if with_features else None, feature_index if with_features else None)
     out = model(x, positions, attention_mask=attention_mask, modality=modality if with_modality else None,
                 cache=cache, logits_at=last_real_index(attention_mask))
     return out.logits, out.cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "pad_id", "return_logits"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "pad_id", "return_logits", "progress"),
                    donate_argnames=("cache",))
 def _decode(graphdef, state, first_logits, next_pos, cache, key, *, sampling: SamplingConfig, pad_id: int,
-            return_logits: bool):
+            return_logits: bool, progress=None):
     b, v = first_logits.shape
     n = sampling.max_new_tokens
     stops = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
@@ -124,18 +125,24 @@ def _decode(graphdef, state, first_logits, next_pos, cache, key, *, sampling: Sa
         out = model(x, pos3, cache=cache, logits_at=jnp.zeros((b,), jnp.int32))
         key, tok, tokens, done, step_logits, positions = emit(i, out.logits, key, tokens, done, step_logits,
                                                               positions, pos)
+        if progress is not None:  # host callback per step, e.g. a progress bar; absent from the graph otherwise
+            jax.debug.callback(progress, i + 1, jnp.sum(~done))
         return i + 1, tok, key, tokens, done, step_logits, positions, out.cache, pos + 1, state
 
     init = (jnp.int32(1), tok, key, tokens, done, step_logits, positions, cache, next_pos, state)
     _, _, _, tokens, done, step_logits, positions, cache, _, _ = jax.lax.while_loop(cond, body, init)
     is_stop = jnp.isin(tokens, stops) & (tokens != pad_id)
     first_stop = jnp.where(is_stop.any(1), jnp.argmax(is_stop, axis=1) + 1, n)
-    return Generated(tokens, first_stop.astype(jnp.int32), positions, step_logits)
+    # The final cache is returned so the donated input cache can back the loop's cache in place.
+    return Generated(tokens, first_stop.astype(jnp.int32), positions, step_logits), cache
 
 
 def generate(model: BailingMoeV2, prep: Prepared, sampling: SamplingConfig, *, seed: int = 0,
-             return_logits: bool = False, pad_id: int | None = None) -> Generated:
-    """Generate up to `sampling.max_new_tokens` tokens for each prompt row of `prep` (see `multimodal.prepare`)."""
+             return_logits: bool = False, pad_id: int | None = None, progress=None) -> Generated:
+    """Generate up to `sampling.max_new_tokens` tokens for each prompt row of `prep` (see `multimodal.prepare`).
+
+    `progress(step, rows_still_running)`, if given, is called from inside the jitted loop after every step.
+    """
     cfg = model.cfg
     b, s = prep.input_ids.shape
     if s + sampling.max_new_tokens > cfg.max_position_embeddings:
@@ -144,7 +151,6 @@ def generate(model: BailingMoeV2, prep: Prepared, sampling: SamplingConfig, *, s
     pad_id = cfg.pad_token_id if pad_id is None else pad_id
     pad_id = 0 if pad_id is None else pad_id
     graphdef, state = nnx.split(model)
-    cache = KVCache.create(cfg, b, s + sampling.max_new_tokens)
     with_features = prep.features is not None
     with_modality = prep.modality is not None
     d = cfg.hidden_size
@@ -152,11 +158,12 @@ def generate(model: BailingMoeV2, prep: Prepared, sampling: SamplingConfig, *, s
         graphdef, state, jnp.asarray(prep.input_ids), jnp.asarray(prep.attention_mask), jnp.asarray(prep.positions),
         jnp.asarray(prep.modality) if with_modality else jnp.zeros((b, s), jnp.int32),
         jnp.asarray(prep.features) if with_features else jnp.zeros((0, d), jnp.float32),
-        jnp.asarray(prep.feature_index) if with_features else jnp.zeros((0,), jnp.int32), cache,
-        with_features=with_features, with_modality=with_modality)
+        jnp.asarray(prep.feature_index) if with_features else jnp.zeros((0,), jnp.int32),
+        max_len=s + sampling.max_new_tokens, with_features=with_features, with_modality=with_modality)
     next_pos = jnp.asarray(prep.rope_deltas + s, jnp.int32)  # the release: cache slot + rope_deltas
-    return _decode(graphdef, state, logits, next_pos, cache, jax.random.key(seed), sampling=sampling,
-                   pad_id=int(pad_id), return_logits=return_logits)
+    generated, _ = _decode(graphdef, state, logits, next_pos, cache, jax.random.key(seed), sampling=sampling,
+                           pad_id=int(pad_id), return_logits=return_logits, progress=progress)
+    return generated
 
 
 def forward(model: BailingMoeV2, prep: Prepared, *, collect: bool = False):
@@ -176,3 +183,20 @@ def _forward(graphdef, state, input_ids, attention_mask, positions, modality, fe
 
 def as_numpy(tree):
     return jax.tree.map(np.asarray, tree)
+
+
+def pad_prompts(prompts, *, side: str = "left", pad_id: int = 0):
+    """Token id lists -> (ids [B, S] int32, attention_mask [B, S] bool), padded on `side` ("left" or "right")."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    prompts = [list(p) for p in prompts]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    s = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), s), pad_id, np.int32)
+    mask = np.zeros((len(prompts), s), bool)
+    for i, p in enumerate(prompts):
+        sl = slice(s - len(p), s) if side == "left" else slice(0, len(p))
+        ids[i, sl] = p
+        mask[i, sl] = True
+    return ids, mask

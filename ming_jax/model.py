@@ -182,7 +182,6 @@ class BailingMoeV2(nnx.Module):
                                   rngs=rngs)
         self.lm_head = (None if cfg.tie_word_embeddings else
                         param(rngs, fan_in_normal(), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt))
-        self.inv_freq = nnx.Cache(rotary.inv_frequencies(cfg.rotary_dim, cfg.rope_theta))
 
     # -- pieces usable on their own --
     def embed_tokens(self, input_ids, features=None, feature_index=None):
@@ -195,9 +194,10 @@ class BailingMoeV2(nnx.Module):
 
     def rotary(self, positions):
         """positions [3, B, T] -> cos, sin [B, T, rd]."""
+        inv_freq = rotary.inv_frequencies(self.cfg.rotary_dim, self.cfg.rope_theta)  # a compile-time constant
         if self.cfg.rope_type == "video_rope":
-            return rotary.video_rope_cos_sin(positions, self.inv_freq[...], self.cfg.mrope_section)
-        return rotary.rope_cos_sin(positions[0], self.inv_freq[...])
+            return rotary.video_rope_cos_sin(positions, inv_freq, self.cfg.mrope_section)
+        return rotary.rope_cos_sin(positions[0], inv_freq)
 
     def head(self, h):
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]

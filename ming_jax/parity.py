@@ -59,6 +59,9 @@ def main(argv):
     except UnsupportedKind as e:
         print(f"parity: {e}", file=sys.stderr)
         return 2
+    except FileNotFoundError as e:
+        print(f"parity: {e}", file=sys.stderr)
+        return 1
     print(f"case {path} ({golden.case_kind(path)}), dtype {_DTYPE.value}, tolerance "
           f"{numerics.TOLERANCES[_DTYPE.value]:g} relative max-abs (integers exact)")
     print(numerics.report(rows))

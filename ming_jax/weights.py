@@ -188,10 +188,14 @@ def _abbrev(names: Sequence[str], n: int = 12) -> str:
 
 
 def load_arrays(table: Table, tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]],
-                dtypes: Mapping[str, np.dtype] | None = None) -> dict[str, np.ndarray]:
-    """Official tensors -> {our path: numpy array}, shapes checked; `tensors` may be a lazy mapping."""
+                dtypes: Mapping[str, np.dtype] | None = None, names: Iterable[str] | None = None
+                ) -> dict[str, np.ndarray]:
+    """Official tensors -> {our path: numpy array}, shapes checked; `tensors` may be a lazy mapping.
+
+    `names` restricts the source to a subset (e.g. the LLM's tensors of an omni checkpoint); default: all of them.
+    """
     out: dict[str, np.ndarray] = {}
-    for a in table.plan(tensors.keys()):
+    for a in table.plan(tensors.keys() if names is None else names):
         if a.path not in shapes:
             raise WeightError(f"{a.official} maps to {a.path}, which the model does not have")
         full = tuple(shapes[a.path])
@@ -240,21 +244,28 @@ def param_arrays(model) -> dict[str, np.ndarray]:
     return {_dotted(p): np.asarray(v) for p, v in _flat(state)}
 
 
-def load_state_dict(model, table: Table, tensors: Mapping[str, np.ndarray]) -> None:
-    """Fill every `nnx.Param` of `model` from official tensors (strict). Dtypes follow the model's params."""
+def load_state_dict(model, table: Table, tensors: Mapping[str, np.ndarray], *, names: Iterable[str] | None = None,
+                    put: Callable[[str, np.ndarray], object] | None = None):
+    """Fill every `nnx.Param` of `model` from official tensors (strict) and return the filled model.
+
+    `model` may be abstract (from `nnx.eval_shape`): nothing of its own is allocated. Dtypes follow the model's
+    parameters; `put(path, array)` places each array (default: `jnp.asarray`, e.g. pass a sharded `device_put`).
+    """
     import jax.numpy as jnp
     from flax import nnx
 
-    state = nnx.state(model, nnx.Param)
-    leaves = dict(_flat(state))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    leaves = dict(_flat(params))
     shapes = {_dotted(p): tuple(v.shape) for p, v in leaves.items()}
-    arrays = load_arrays(table, tensors, shapes)
+    arrays = load_arrays(table, tensors, shapes, names=names)
     not_filled = sorted(set(shapes) - set(arrays))
     if not_filled:
         raise WeightError(f"parameters not filled by any official tensor: {_abbrev(not_filled)}")
     for p, v in leaves.items():
-        v.set_value(jnp.asarray(arrays[_dotted(p)], dtype=v.get_value().dtype))
-    nnx.update(model, state)
+        path = _dotted(p)
+        arr = arrays.pop(path).astype(v.get_value().dtype, copy=False)
+        v.set_value(put(path, arr) if put else jnp.asarray(arr))
+    return nnx.merge(graphdef, nnx.from_flat_state(list(leaves.items())), rest)
 
 
 def export_state_dict(model, table: Table) -> dict[str, np.ndarray]:

@@ -27,7 +27,7 @@ HF_GENERIC_KEYS = frozenset(
     prefix problem_type pruned_heads remove_invalid_values repetition_penalty return_dict return_dict_in_generate
     sep_token_id suppress_tokens task_specific_params temperature tf_legacy_loss tie_encoder_decoder
     tokenizer_class top_k top_p torch_dtype torchscript transformers_version typical_p use_bfloat16 use_cache
-    initializer_range output_router_logits
+    initializer_range output_router_logits tie_word_embeddings
     """.split()
 )
 

@@ -21,7 +21,7 @@ def param(rngs: nnx.Rngs, init: Init, shape: Sequence[int], axes: Sequence[str |
     shape = tuple(int(s) for s in shape)
     if len(axes) != len(shape):
         raise ValueError(f"parameter of shape {shape} given {len(axes)} axis names {tuple(axes)}")
-    return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=tuple(axes), eager_sharding=False)
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
 def ones(key, shape, dtype):
@@ -53,7 +53,7 @@ def normal(stddev: float) -> Init:
 
 def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
     meta = variable.get_metadata()
-    axes = meta.get("sharding_names", meta.get("out_sharding"))
+    axes = meta.get("out_sharding")
     return tuple(axes) if axes is not None else (None,) * variable.get_value().ndim
 
 

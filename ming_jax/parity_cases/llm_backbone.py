@@ -13,9 +13,7 @@ from ming_jax.tables.llm import llm_table
 
 def load_model(case: golden.GoldenCase) -> model_lib.BailingMoeV2:
     cfg = LLMConfig.from_official(case.config)
-    model = model_lib.create(cfg)
-    weights.load_state_dict(model, llm_table(cfg), case.weights)
-    return model
+    return weights.load_state_dict(model_lib.create_abstract(cfg), llm_table(cfg), case.weights)
 
 
 def sorted_topk(experts, weights_):

@@ -1,0 +1,33 @@
+"""LayerNorm with float32 statistics, as whisper (and the Qwen3-VL ViT) compute it in their reduced-dtype runs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ming_jax.layers.params import ones, param, zeros
+
+
+def layer_norm(x, scale, bias, eps: float):
+    """x [..., D], scale / bias [D] -> [..., D] in x's dtype.
+
+    Everything (statistics, affine) runs in float32 and is cast back once at the end: whisper's LayerNorm upcasts its
+    input, applies `nn.LayerNorm` in float32 and casts the result to the input dtype.
+    """
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, axis_name: str = "norm", param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, ones, (dim,), (axis_name,), param_dtype)
+        self.bias = param(rngs, zeros, (dim,), (axis_name,), param_dtype)
+
+    def __call__(self, x):
+        return layer_norm(x, self.scale[...], self.bias[...], self.eps)

@@ -1,0 +1,156 @@
+"""Generation: padded batches equal one-by-one runs (left and right padding, text and multimodal), the KV-cache
+decode equals a full forward, sampling filters, stop tokens, and bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ming_jax import generation, model as model_lib, multimodal, numerics
+from ming_jax.config import LLMConfig
+
+CFG = LLMConfig.tiny(num_layers=3, first_k_dense_replace=1)
+PROMPTS = [[5, 17, 300, 41, 8, 9, 77], [11, 12], [400, 2, 3, 99]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return model_lib.create(CFG, seed=7)
+
+
+def _single(model, ids, n):
+    prep = multimodal.prepare(CFG, np.asarray([ids]))
+    g = generation.generate(model, prep, generation.SamplingConfig(max_new_tokens=n), return_logits=True)
+    return generation.as_numpy(g)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_one_by_one(model, side):
+    n = 5
+    ids, mask = generation.pad_prompts(PROMPTS, side=side, pad_id=CFG.pad_token_id)
+    batch = generation.as_numpy(generation.generate(model, multimodal.prepare(CFG, ids, mask),
+                                                    generation.SamplingConfig(max_new_tokens=n), return_logits=True))
+    for i, p in enumerate(PROMPTS):
+        one = _single(model, p, n)
+        np.testing.assert_array_equal(batch.tokens[i], one.tokens[0])
+        numerics.assert_close(f"step_logits[{i}]", batch.step_logits[i], one.step_logits[0])
+    # Full forward of padded prompts: each row's real-token logits equal the unpadded forward.
+    _, out = generation.forward(model, multimodal.prepare(CFG, ids, mask))
+    for i, p in enumerate(PROMPTS):
+        _, single = generation.forward(model, multimodal.prepare(CFG, np.asarray([p])))
+        numerics.assert_close(f"logits[{i}]", np.asarray(out.logits)[i][mask[i]], np.asarray(single.logits)[0])
+
+
+def test_kv_cache_decode_equals_full_forward(model):
+    n = 6
+    g = _single(model, PROMPTS[0], n)
+    full = np.asarray(PROMPTS[0] + g.tokens[0, :-1].tolist())[None]
+    _, out = generation.forward(model, multimodal.prepare(CFG, full))
+    want = np.asarray(out.logits)[0, len(PROMPTS[0]) - 1:]
+    numerics.assert_close("step_logits_vs_forward", g.step_logits[0], want)
+
+
+def _mm_inputs(rng, d):
+    """A prompt with an image (grid 1x4x4 -> 4 tokens), an audio span and text, and its features."""
+    c = CFG
+    ids = [1, 2, c.image_start_token] + [c.image_patch_token] * 4 + [994, 5, 6] + [997] * 5 + [7, 8]
+    mm = multimodal.MultimodalInputs(
+        image_embeds=rng.normal(size=(4, d)).astype(np.float32), image_grid_thw=np.asarray([[1, 4, 4]]),
+        audio_embeds=rng.normal(size=(1, 5, d)).astype(np.float32), audio_lengths=np.asarray([[5]]),
+        audio_spans=np.asarray([[[10, 5]]]))
+    return ids, mm
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_multimodal_batch_with_text_row_equals_one_by_one(model, side):
+    rng = np.random.default_rng(0)
+    ids, mm = _mm_inputs(rng, CFG.hidden_size)
+    text = [9, 10, 11]
+    batch_ids, mask = generation.pad_prompts([ids, text], side=side, pad_id=CFG.pad_token_id)
+    shift = 0 if side == "right" else batch_ids.shape[1] - len(ids)
+    mm_b = multimodal.MultimodalInputs(
+        image_embeds=mm.image_embeds, image_grid_thw=mm.image_grid_thw,
+        audio_embeds=np.concatenate([mm.audio_embeds, np.zeros_like(mm.audio_embeds)]),
+        audio_lengths=np.asarray([[5], [0]]), audio_spans=np.asarray([[[10 + shift, 5]], [[0, 0]]]))
+    prep_b = multimodal.prepare(CFG, batch_ids, mask, mm_b)
+    prep_1 = multimodal.prepare(CFG, np.asarray([ids]), mm=mm)
+    np.testing.assert_array_equal(prep_b.positions[:, 0][:, mask[0]], prep_1.positions[:, 0])
+    sampling = generation.SamplingConfig(max_new_tokens=4)
+    gb = generation.as_numpy(generation.generate(model, prep_b, sampling, return_logits=True))
+    g1 = generation.as_numpy(generation.generate(model, prep_1, sampling, return_logits=True))
+    gt = _single(model, text, 4)
+    np.testing.assert_array_equal(gb.tokens[0], g1.tokens[0])
+    np.testing.assert_array_equal(gb.tokens[1], gt.tokens[0])
+    numerics.assert_close("mm_row_logits", gb.step_logits[0], g1.step_logits[0])
+    numerics.assert_close("text_row_logits", gb.step_logits[1], gt.step_logits[0])
+
+
+def test_stop_tokens_end_rows(model):
+    free = _single(model, PROMPTS[0], 6).tokens[0]
+    stop = int(free[2])
+    prep = multimodal.prepare(CFG, np.asarray([PROMPTS[0]]))
+    g = generation.as_numpy(generation.generate(
+        model, prep, generation.SamplingConfig(max_new_tokens=6, stop_tokens=(stop,)), pad_id=0))
+    first = int(np.argmax(free == stop))
+    assert g.lengths[0] == first + 1
+    np.testing.assert_array_equal(g.tokens[0, :first + 1], free[:first + 1])
+    assert (g.tokens[0, first + 1:] == 0).all()
+
+
+def test_sampling_filters():
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(4, 50)).astype(np.float32))
+    greedy = generation.sample(logits, None, generation.SamplingConfig())
+    key = jax.random.key(0)
+    for cfg in (generation.SamplingConfig(temperature=1.0, top_k=1), generation.SamplingConfig(temperature=2.0,
+                                                                                              top_p=1e-6)):
+        np.testing.assert_array_equal(generation.sample(logits, key, cfg), greedy)
+    top5 = np.argsort(-np.asarray(logits), -1)[:, :5]
+    for s in range(20):
+        tok = np.asarray(generation.sample(logits, jax.random.key(s), generation.SamplingConfig(temperature=1.5,
+                                                                                                  top_k=5)))
+        assert all(tok[i] in top5[i] for i in range(4))
+    # top_p keeps the smallest set of best tokens whose mass reaches p.
+    probs = np.asarray(jax.nn.softmax(logits, -1))
+    order = np.argsort(-probs, -1)
+    for s in range(20):
+        tok = np.asarray(generation.sample(logits, jax.random.key(s), generation.SamplingConfig(temperature=1.0,
+                                                                                                  top_p=0.5)))
+        for i in range(4):
+            csum = np.cumsum(probs[i, order[i]])
+            keep = order[i, : int(np.searchsorted(csum, 0.5) + 1)]
+            assert tok[i] in keep
+
+
+def test_decode_is_one_while_loop(model):
+    """No Python loop per token: the decode program is a single XLA while loop whatever max_new_tokens is."""
+    prep = multimodal.prepare(CFG, np.asarray([PROMPTS[1]]))
+    sampling = generation.SamplingConfig(max_new_tokens=9)
+    graphdef, state = __import__("flax").nnx.split(model)
+    from ming_jax.model import KVCache
+    cache = KVCache.create(CFG, 1, 16)
+    text = generation._decode.lower(graphdef, state, jnp.zeros((1, CFG.vocab_size)), jnp.asarray([2]), cache,
+                                    jax.random.key(0), sampling=sampling, pad_id=0, return_logits=False).as_text()
+    assert text.count("stablehlo.while") >= 1
+    del prep
+
+
+def test_bad_inputs_are_named(model):
+    with pytest.raises(ValueError, match=r"token id 1000 .*outside the vocabulary"):
+        multimodal.prepare(CFG, np.asarray([[1, 1000]]))
+    rng = np.random.default_rng(0)
+    ids, mm = _mm_inputs(rng, CFG.hidden_size)
+    with pytest.raises(ValueError, match="image features and image placeholder tokens do not match"):
+        multimodal.prepare(CFG, np.asarray([ids]), mm=multimodal.MultimodalInputs(
+            image_embeds=mm.image_embeds[:3], image_grid_thw=mm.image_grid_thw))
+    with pytest.raises(ValueError, match="needs 9 consecutive patch tokens"):
+        multimodal.prepare(CFG, np.asarray([ids]), mm=multimodal.MultimodalInputs(
+            image_embeds=mm.image_embeds, image_grid_thw=np.asarray([[1, 6, 6]])))
+    with pytest.raises(ValueError, match="outside the sequence"):
+        multimodal.prepare(CFG, np.asarray([ids]), mm=multimodal.MultimodalInputs(
+            audio_embeds=mm.audio_embeds, audio_lengths=mm.audio_lengths, audio_spans=np.asarray([[[15, 5]]])))
+    with pytest.raises(ValueError, match="exceeds the context"):
+        generation.generate(model, multimodal.prepare(CFG, np.asarray([[1, 2]])),
+                            generation.SamplingConfig(max_new_tokens=CFG.max_position_embeddings))
+    with pytest.raises(ValueError, match="padding side"):
+        generation.pad_prompts([[1]], side="middle")

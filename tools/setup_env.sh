@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create (once) and update the project virtualenv in .venv: jax (CPU), flax & co, and with `test` the PyTorch CPU
+# reference stack. torch is pinned to 2.13.0, the CPU build served from local disk; an unpinned torch would pull a
+# multi-GB CUDA build. Usage: source tools/setup_env.sh [test]
+set -euo pipefail
+_repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_py="${PYTHON:-python3}"
+if [ ! -x "$_repo/.venv/bin/python" ]; then
+  "$_py" -m venv "$_repo/.venv"
+fi
+# shellcheck disable=SC1091
+source "$_repo/.venv/bin/activate"
+python -m pip install -q --upgrade pip
+if [ "${1:-}" = "test" ]; then
+  python -m pip install -q "torch==2.13.0"
+  python -m pip install -q -e "$_repo[test]"
+  # libtpu lets the CPU machine compile our Pallas kernels and sharded programs for real TPU slices (no TPU needed).
+  _jax="$(python -c 'import jax; print(jax.__version__)')"
+  python -m pip install -q "jax[tpu]==${_jax}" || echo "setup: libtpu unavailable; TPU compile tests will skip"
+else
+  python -m pip install -q -e "$_repo"
+fi
