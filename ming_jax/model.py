@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ming_jax import ops
 from ming_jax.config.llm import LLMConfig
 from ming_jax.layers import rotary
-from ming_jax.layers.attention_core import attend
 from ming_jax.layers.mlp import GatedMLP
 from ming_jax.layers.norms import RMSNorm
 from ming_jax.layers.params import fan_in_normal, normal, param, zeros
@@ -82,6 +82,7 @@ class Attention(nnx.Module):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pdt = jnp.dtype(cfg.param_dtype)
         self.g = h // kv
+        self.attention_impl = cfg.attention_impl
         self.qkv = param(rngs, fan_in_normal(), (d, kv, self.g + 2, hd), ("embed", "kv_heads", "qkv", "head_dim"),
                          pdt)
         self.qkv_bias = (param(rngs, zeros, (kv, self.g + 2, hd), ("kv_heads", "qkv", "head_dim"), pdt)
@@ -92,7 +93,7 @@ class Attention(nnx.Module):
         self.out_bias = param(rngs, zeros, (d,), ("embed",), pdt) if cfg.use_bias else None
 
     def __call__(self, x, cos, sin, mask, kv_cache=None, start=None):
-        """x [B, T, D]; cos/sin [B, T, rd]; mask [B, 1, T, S] (S = T, or the cache length).
+        """x [B, T, D]; cos/sin [B, T, rd]; mask: `ops.AttentionMask` over S = T keys, or the cache length.
 
         With `kv_cache = (k [B, S_max, K, hd], v)` the new keys / values are written at slot `start` and attention
         reads the whole cache; returns (out [B, T, D], updated (k, v) or None).
@@ -109,7 +110,7 @@ class Attention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype), start, axis=1)
             kv_cache = (k_all, v_all)
             k, v = k_all.astype(dt), v_all.astype(dt)
-        o = attend(q, k, v, mask)  # [B, T, H, hd]
+        o = ops.attention(q, k, v, mask, impl=self.attention_impl)  # [B, T, H, hd]
         y = jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(dt))
         if self.out_bias is not None:
             y = y + self.out_bias[...].astype(dt)
@@ -208,26 +209,28 @@ class BailingMoeV2(nnx.Module):
                  logits_at=None, collect: bool = False) -> ModelOutput:
         """embeds [B, T, D] (from `embed_tokens`), positions [3, B, T] int.
 
-        attention_mask [B, T] bool marks real tokens (None: all real). modality [B, T] int picks each token's router
-        (None: text gate for all, as in decode steps). With `cache`, the T tokens go to slots cache.length ... and
-        attend to every valid earlier slot. logits_at [B] int: compute logits only at these positions (-> [B, V]).
+        attention_mask [B, T] bool marks real tokens (None: all real); without a cache it may also be int segment ids
+        (0 = padding, 1, 2, ... = documents packed in a row, attending only within themselves). modality [B, T] int
+        picks each token's router (None: text gate for all, as in decode steps). With `cache`, the T tokens go to
+        slots cache.length ... and attend to every valid earlier slot. logits_at [B] int: compute logits only at these
+        positions (-> [B, V]).
         """
         cfg = self.cfg
         b, t, _ = embeds.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
-        attention_mask = attention_mask.astype(bool)
+        segments = jnp.asarray(attention_mask).astype(jnp.int32)  # 0 = padding, 1.. = real (bool -> 0 / 1)
+        attention_mask = segments > 0
         cos, sin = self.rotary(positions)
         if cache is None:
             start = None
-            slots = jnp.arange(t)
-            mask = (slots[None, :] <= slots[:, None])[None, None] & attention_mask[:, None, None, :]
+            mask = ops.AttentionMask.self_attention(segments, causal=True)  # what kernels take (splash, cuDNN)
         else:
             start = cache.length
             q_slots = start + jnp.arange(t)
             valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, start, axis=1)
             k_slots = jnp.arange(cache.max_len)
-            mask = (k_slots[None, :] <= q_slots[:, None])[None, None] & valid[:, None, None, :]
+            mask = ops.AttentionMask(dense=(k_slots[None, :] <= q_slots[:, None])[None, None] & valid[:, None, None, :])
 
         x = embeds.astype(cfg.dtype)
         layer_outputs = []
@@ -245,13 +248,14 @@ class BailingMoeV2(nnx.Module):
         k_moe = v_moe = None
         if cfg.num_moe_layers:
 
-            @nnx.scan(in_axes=(0, nnx.Carry, None, None, None, None, 0, None), out_axes=(nnx.Carry, 0, 0, 0))
-            def run_moe(layer, x, cos, sin, mask, modality, kv, start):
+            def body(layer, x, cos, sin, mask, modality, kv, start):
                 x, kv, r = layer(x, cos, sin, mask, modality, kv, start, collect)
                 return x, kv, r, (x if collect else None)
 
-            if cfg.remat:
-                run_moe = nnx.remat(run_moe)
+            if cfg.remat:  # recompute each layer's activations in the backward pass instead of storing them
+                body = nnx.remat(body)
+            run_moe = nnx.scan(body, in_axes=(0, nnx.Carry, None, None, None, None, 0, None),
+                               out_axes=(nnx.Carry, 0, 0, 0))
             kv_in = None if cache is None else (cache.k_moe, cache.v_moe)
             x, kv_out, routing, ys = run_moe(self.moe_layers, x, cos, sin, mask, modality, kv_in, start)
             if cache is not None:

@@ -130,3 +130,23 @@ def test_group_limited_selection_stays_in_best_groups():
     chosen_groups = np.asarray(r.experts) // 4
     assert all(set(chosen_groups[i]) <= set(best[i]) for i in range(100))
     np.testing.assert_allclose(np.asarray(r.weights).sum(-1), 1.0, rtol=1e-6)
+
+
+def test_remat_changes_memory_not_gradients():
+    cfg = LLMConfig.tiny(num_layers=3)
+    rng = np.random.default_rng(5)
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)))
+    pos = jnp.broadcast_to(jnp.arange(9), (3, 2, 9))
+
+    def grads(remat):
+        m = model_lib.create(cfg.replace(remat=remat), seed=0)
+
+        def loss(m):
+            out = m(m.embed_tokens(ids), pos)
+            return jnp.mean(jax.nn.log_softmax(out.logits)[..., 0])
+
+        return nnx.grad(loss)(m)
+
+    g0, g1 = grads(False), grads(True)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1)):
+        numerics.assert_close(".".join(map(str, path)), b[...], a[...])
