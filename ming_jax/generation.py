@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from ming_jax.model import BailingMoeV2, KVCache
+from ming_jax import multimodal
 from ming_jax.multimodal import Prepared
 
 
@@ -138,18 +139,23 @@ def _decode(graphdef, state, first_logits, next_pos, cache, key, *, sampling: Sa
 
 
 def generate(model: BailingMoeV2, prep: Prepared, sampling: SamplingConfig, *, seed: int = 0,
-             return_logits: bool = False, pad_id: int | None = None, progress=None) -> Generated:
+             return_logits: bool = False, pad_id: int | None = None, progress=None, bucket: int = 64) -> Generated:
     """Generate up to `sampling.max_new_tokens` tokens for each prompt row of `prep` (see `multimodal.prepare`).
 
-    `progress(step, rows_still_running)`, if given, is called from inside the jitted loop after every step.
+    Prompts are left-padded to a multiple of `bucket` slots so that prompts of similar length share one compiled
+    program (padding slots are invisible to the result). `progress(step, rows_still_running)`, if given, is called
+    from inside the jitted loop after every step.
     """
     cfg = model.cfg
-    b, s = prep.input_ids.shape
-    if s + sampling.max_new_tokens > cfg.max_position_embeddings:
-        raise ValueError(f"prompt of {s} tokens + {sampling.max_new_tokens} new tokens exceeds the context of "
-                         f"{cfg.max_position_embeddings} positions")
+    n_ctx = int(prep.positions.max()) + 1 + sampling.max_new_tokens
+    if n_ctx > cfg.max_position_embeddings:
+        raise ValueError(f"prompt positions up to {int(prep.positions.max())} + {sampling.max_new_tokens} new tokens "
+                         f"exceed the context of {cfg.max_position_embeddings} positions")
     pad_id = cfg.pad_token_id if pad_id is None else pad_id
     pad_id = 0 if pad_id is None else pad_id
+    s = prep.input_ids.shape[1]
+    prep = multimodal.left_pad(prep, -(-s // bucket) * bucket, pad_id)
+    b, s = prep.input_ids.shape
     graphdef, state = nnx.split(model)
     with_features = prep.features is not None
     with_modality = prep.modality is not None

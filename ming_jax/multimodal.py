@@ -235,3 +235,26 @@ def _audio_plan(mm: MultimodalInputs, b: int, s: int):
     d = emb.shape[-1]
     return (np.concatenate(rows) if rows else np.zeros((0, d), emb.dtype),
             np.concatenate(dest) if dest else np.zeros((0,), np.int64), mask)
+
+
+def left_pad(prep: Prepared, length: int, pad_id: int = 0) -> Prepared:
+    """The same prompts with `length - S` extra padding slots on the left (e.g. to bucket shapes for jit).
+
+    Padding slots are masked out and get position 1 (as the release gives padding); `rope_deltas` shifts so that
+    decode positions (cache slot + rope_deltas) are unchanged, and feature destinations move with their tokens.
+    """
+    b, s = prep.input_ids.shape
+    p = length - s
+    if p < 0:
+        raise ValueError(f"cannot left-pad a length-{s} prompt to {length}")
+    if p == 0:
+        return prep
+    pad2 = lambda a, value: np.pad(a, ((0, 0), (p, 0)), constant_values=value)  # noqa: E731
+    index = None
+    if prep.feature_index is not None:
+        row, col = np.divmod(prep.feature_index, s)
+        index = (row * length + col + p).astype(np.int32)
+    return Prepared(pad2(prep.input_ids, pad_id), pad2(prep.attention_mask, False),
+                    np.pad(prep.positions, ((0, 0), (0, 0), (p, 0)), constant_values=1),
+                    (prep.rope_deltas - p).astype(np.int32),
+                    None if prep.modality is None else pad2(prep.modality, TEXT), prep.features, index)

@@ -149,7 +149,7 @@ def test_bad_inputs_are_named(model):
     with pytest.raises(ValueError, match="outside the sequence"):
         multimodal.prepare(CFG, np.asarray([ids]), mm=multimodal.MultimodalInputs(
             audio_embeds=mm.audio_embeds, audio_lengths=mm.audio_lengths, audio_spans=np.asarray([[[15, 5]]])))
-    with pytest.raises(ValueError, match="exceeds the context"):
+    with pytest.raises(ValueError, match="exceed the context"):
         generation.generate(model, multimodal.prepare(CFG, np.asarray([[1, 2]])),
                             generation.SamplingConfig(max_new_tokens=CFG.max_position_embeddings))
     with pytest.raises(ValueError, match="padding side"):

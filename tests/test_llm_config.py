@@ -65,3 +65,17 @@ def test_unsupported_official_features_raise():
         LLMConfig.from_official({k: v for k, v in raw.items() if k != "num_hidden_layers"})
     with pytest.raises(ConfigError, match="unknown field"):
         LLMConfig.tiny().replace(hidden=3)
+
+
+def test_full_preset_builds_abstractly_with_release_size():
+    """The 100B model is built with no memory (nnx.eval_shape); its size is the release's ~100B total / ~6B active
+    (active = attention, dense layer, routers, shared experts, top-8 experts per MoE layer, LM head)."""
+    from ming_jax import model as model_lib
+
+    cfg = LLMConfig.ming_flash_omni_2()
+    n = model_lib.param_count(model_lib.create_abstract(cfg))
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    inactive = cfg.num_moe_layers * (cfg.num_experts - cfg.num_experts_per_tok) * expert
+    active = n - inactive - cfg.vocab_size * cfg.hidden_size  # input embedding rows are looked up, not computed
+    assert 100e9 < n < 105e9, n
+    assert 5.0e9 < active < 6.5e9, active
