@@ -1,0 +1,1 @@
+"""Pallas kernels. One folder per op; kernels never import model code."""
