@@ -63,8 +63,9 @@ def _dense_reference(block: MoEBlock, x, modality):
     return out.reshape(x.shape)
 
 
-@pytest.mark.parametrize("impl", ["xla", "loop"])
+@pytest.mark.parametrize("impl", ["xla", "loop", "pallas"])
 def test_moe_block_matches_per_token_reference(impl):
+    """"pallas" runs the TPU kernels in the Pallas interpreter here."""
     cfg = LLMConfig.tiny(moe_impl=impl)
     block = MoEBlock(cfg, rngs=nnx.Rngs(1))
     rng = np.random.default_rng(1)

@@ -30,10 +30,10 @@ def grouped_glu(xs, group_sizes, w_gate, w_up, w_down, *, impl: str = "auto"):
     if impl == "pallas":
         from ming_jax.pallas import gmm as pgmm
 
-        interpret = jax.default_backend() != "tpu"
-        h = pgmm.gmm_glu(xs, w_gate, w_up, group_sizes, interpret=interpret)
+        interpret = jax.default_backend() != "tpu"  # off TPU the kernels run in the Pallas interpreter (tests)
+        h = pgmm.gmm_glu(xs, w_gate, w_up, group_sizes, interpret=interpret, implementation="pallas")
         return pgmm.gmm(h.astype(xs.dtype), w_down, group_sizes, preferred_element_type=xs.dtype,
-                        interpret=interpret)
+                        interpret=interpret, implementation="pallas")
     if impl == "loop":
         return _loop(xs, group_sizes, w_gate, w_up, w_down)
     raise ValueError(f"unknown grouped matmul impl {impl!r}")
