@@ -106,3 +106,20 @@ def load_llm(path: str, **overrides):
     prefix = llm_prefix(raw)
     names = [n for n in tensors if n.startswith((prefix + "model.", prefix + "lm_head."))]
     return weights.load_state_dict(model_lib.create_abstract(cfg), llm_table(cfg, prefix), tensors, names=names)
+
+
+def load_omni(path: str, *, dtype: str | None = None, param_dtype: str | None = None, deepstack: bool = False):
+    """Build the whole omni model (`ming_jax.omni.OmniModel`) from an official release folder: config.json read with
+    `OmniConfig.from_official`, every tensor of the folder's safetensors mapped by `omni_table` (strict: a tensor the
+    table does not know, or a parameter no tensor fills, raises `WeightError` naming it).
+
+    Host-memory assembly, like `load_llm`: for the full release use the converter and a sharded restore."""
+    from ming_jax import omni
+    from ming_jax.config.omni import OmniConfig
+
+    raw = read_config(path)
+    if "llm_config" not in raw:
+        raise CheckpointError(f"{path}/config.json is not an omni config (no llm_config section); "
+                              "for an LLM-only checkpoint use load_llm")
+    cfg = OmniConfig.from_official(raw, dtype=dtype, param_dtype=param_dtype)
+    return omni.load(cfg, SafetensorsFolder(path), deepstack=deepstack)
