@@ -36,6 +36,8 @@ from ming_jax.config.audio import AudioConfig, WhisperEncoderConfig
 from ming_jax.layers.attention_core import attend
 from ming_jax.layers.gelu_mlp import GeluMLP
 from ming_jax.layers.layernorm import LayerNorm
+from ming_jax.layers.linear import Linear
+from ming_jax.layers.norms import l2_normalize
 from ming_jax.layers.params import fan_in_normal, param, zeros
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -63,13 +65,6 @@ def conv1d(x, kernel, bias, *, stride: int, padding: int):
                                      dimension_numbers=("NWC", "WIO", "NWC"),
                                      preferred_element_type=jnp.float32)
     return (y + bias.astype(jnp.float32)).astype(x.dtype)
-
-
-def l2_normalize(x, eps: float = 1e-12):
-    """x / max(||x||_2, eps) over the last axis (torch `F.normalize`), computed in float32."""
-    xf = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True))
-    return (xf / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
 # --- encoder ----------------------------------------------------------------------------------------------------------
@@ -166,16 +161,6 @@ class WhisperEncoder(nnx.Module):
 # --- projector -------------------------------------------------------------------------------------------------------
 
 
-class _Dense(nnx.Module):
-    def __init__(self, dim: int, *, param_dtype, rngs: nnx.Rngs):
-        self.kernel = param(rngs, fan_in_normal(), (dim, dim), ("mlp", "embed"), param_dtype)
-        self.bias = param(rngs, zeros, (dim,), ("embed",), param_dtype)
-
-    def __call__(self, x):
-        dt = x.dtype
-        return jnp.einsum("btd,de->bte", x, self.kernel[...].astype(dt)) + self.bias[...].astype(dt)
-
-
 class AudioProjector(nnx.Module):
     """Encoder states [S, T', D] -> [S, L', H]: Conv1d(D, H, ds_kernel_size, ds_stride, padding k // 2), then
     (mlp_depth - 1) x [erf-GELU, Linear(H, H)]. With mlp_depth 1 it is the conv alone (no activation)."""
@@ -185,7 +170,8 @@ class AudioProjector(nnx.Module):
         k, d, h = cfg.ds_kernel_size, cfg.encoder.n_state, cfg.out_dim
         self.conv_kernel = param(rngs, fan_in_normal((0, 1)), (k, d, h), (None, "embed", "mlp"), param_dtype)
         self.conv_bias = param(rngs, zeros, (h,), ("mlp",), param_dtype)
-        self.linears = nnx.List([_Dense(h, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.mlp_depth - 1)])
+        self.linears = nnx.List([Linear(h, h, ("mlp", "embed"), param_dtype=param_dtype, rngs=rngs)
+                                 for _ in range(cfg.mlp_depth - 1)])
 
     def __call__(self, x):
         cfg = self.cfg

@@ -36,7 +36,8 @@ from ming_jax.config.omni import OmniConfig
 from ming_jax.model import BailingMoeV2, ModelOutput
 from ming_jax.processors.prompt import PromptInputs as OmniInputs
 from ming_jax.tables.omni import omni_table
-from ming_jax.vision import Grid, VisionProjector, VisionTransformer, as_grid, l2_normalize
+from ming_jax.layers.norms import l2_normalize
+from ming_jax.vision import Grid, VisionProjector, VisionTransformer, as_grid
 
 __all__ = ["OmniModel", "OmniInputs", "MediaFeatures", "OmniOutput", "create", "create_abstract", "load",
            "encode_media", "prepare", "forward", "generate"]

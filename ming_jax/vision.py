@@ -31,6 +31,8 @@ from ming_jax.config.vision import VisionConfig
 from ming_jax.layers.attention_core import attend, segment_mask
 from ming_jax.layers.gelu_mlp import GeluMLP, gelu_mlp
 from ming_jax.layers.layernorm import LayerNorm
+from ming_jax.layers.linear import Linear
+from ming_jax.layers.norms import l2_normalize
 from ming_jax.layers.params import fan_in_normal, normal, param, zeros
 from ming_jax.layers.rotary import apply_rotary, inv_frequencies
 
@@ -218,13 +220,6 @@ def segment_attention(q, k, v, layout: VisionLayout, impl: str = "grouped"):
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)  # [N, H, hd]
 
 
-def l2_normalize(x, eps: float = 1e-12):
-    """x / max(||x||_2, eps) over the last axis (torch `F.normalize`), the norm taken in float32."""
-    xf = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True))
-    return (xf / jnp.maximum(norm, eps)).astype(x.dtype)
-
-
 # --- modules ------------------------------------------------------------------------------------------------------
 
 
@@ -390,17 +385,6 @@ def vision_forward(model: VisionTransformer, pixel_values, grid: Grid):
 
 
 # --- into the language model --------------------------------------------------------------------------------------
-
-
-class Linear(nnx.Module):
-    def __init__(self, in_dim: int, out_dim: int, axes: tuple[str | None, str | None], *, param_dtype,
-                 rngs: nnx.Rngs):
-        self.kernel = param(rngs, fan_in_normal(), (in_dim, out_dim), axes, param_dtype)
-        self.bias = param(rngs, zeros, (out_dim,), (axes[1],), param_dtype)
-
-    def __call__(self, x):
-        dt = x.dtype
-        return jnp.einsum("...i,io->...o", x, self.kernel[...].astype(dt)) + self.bias[...].astype(dt)
 
 
 class VisionProjector(nnx.Module):

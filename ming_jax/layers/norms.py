@@ -24,3 +24,10 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x):
         return rms_norm(x, self.scale[...], self.eps)
+
+
+def l2_normalize(x, eps: float = 1e-12):
+    """x / max(||x||_2, eps) over the last axis (torch `F.normalize`), the norm taken in float32."""
+    xf = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True))
+    return (xf / jnp.maximum(norm, eps)).astype(x.dtype)
