@@ -1,81 +1,22 @@
 """Reading a released (PyTorch) checkpoint folder: config.json + safetensors shards (with or without an index).
 
-Tensors are read lazily, one at a time, through memory-mapped `safetensors` handles, so mapping a checkpoint onto
-our parameters never holds the whole source in memory. The name mapping itself is the component tables in
+Headers, index and byte ranges are checked up front (`ming_jax.safetensors_io`); tensors are then read lazily, one
+at a time, so mapping a checkpoint onto our parameters never holds the whole source in memory. The name mapping itself is the component tables in
 `ming_jax.tables`.
 """
 
 from __future__ import annotations
 
-import collections.abc
-import glob
 import json
 import os
 
-import numpy as np
-from safetensors import safe_open
-
 from ming_jax.config.llm import LLMConfig
-
-INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that is incomplete or inconsistent."""
+from ming_jax.safetensors_io import INDEX_FILE, CheckpointError, SourceCheckpoint, TensorMapping  # noqa: F401
 
 
-class SafetensorsFolder(collections.abc.Mapping):
-    """name -> numpy array over every shard of a folder; `index` (model.safetensors.index.json) when present."""
-
-    def __init__(self, path: str):
-        self.path = path
-        index_path = os.path.join(path, INDEX_FILE)
-        if os.path.exists(index_path):
-            with open(index_path) as f:
-                try:
-                    weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise CheckpointError(f"{index_path} is not a safetensors index ({e})") from None
-            missing = sorted({s for s in weight_map.values() if not os.path.exists(os.path.join(path, s))})
-            if missing:
-                raise CheckpointError(f"{index_path} names shard(s) that do not exist: {missing}")
-            self._where = dict(weight_map)
-        else:
-            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-            if not files:
-                raise CheckpointError(f"no *.safetensors files (and no {INDEX_FILE}) in {path}")
-            self._where = {}
-            for fpath in files:
-                for name in self._handle(os.path.basename(fpath)).keys():
-                    if name in self._where:
-                        raise CheckpointError(f"tensor {name} appears in both {self._where[name]} and {fpath}")
-                    self._where[name] = os.path.basename(fpath)
-        self._handles: dict[str, object] = {}
-
-    def _handle(self, shard: str):
-        if not hasattr(self, "_handles"):
-            self._handles = {}
-        if shard not in self._handles:
-            try:
-                self._handles[shard] = safe_open(os.path.join(self.path, shard), framework="np")
-            except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
-                raise CheckpointError(f"cannot read shard {shard} of {self.path}: {e}") from None
-        return self._handles[shard]
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._where:
-            raise KeyError(name)
-        handle = self._handle(self._where[name])
-        try:
-            return handle.get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {name} from shard {self._where[name]}: {e}") from None
-
-    def __iter__(self):
-        return iter(self._where)
-
-    def __len__(self):
-        return len(self._where)
+def release_tensors(path: str) -> TensorMapping:
+    """name -> numpy array over every shard of a release folder (checked: index, headers, byte ranges)."""
+    return TensorMapping(SourceCheckpoint(path))
 
 
 def read_config(path: str) -> dict:
@@ -102,7 +43,7 @@ def load_llm(path: str, **overrides):
 
     raw = read_config(path)
     cfg = LLMConfig.from_official(raw, **overrides)
-    tensors = SafetensorsFolder(path)
+    tensors = release_tensors(path)
     prefix = llm_prefix(raw)
     names = [n for n in tensors if n.startswith((prefix + "model.", prefix + "lm_head."))]
     return weights.load_state_dict(model_lib.create_abstract(cfg), llm_table(cfg, prefix), tensors, names=names)
@@ -122,4 +63,4 @@ def load_omni(path: str, *, dtype: str | None = None, param_dtype: str | None = 
         raise CheckpointError(f"{path}/config.json is not an omni config (no llm_config section); "
                               "for an LLM-only checkpoint use load_llm")
     cfg = OmniConfig.from_official(raw, dtype=dtype, param_dtype=param_dtype)
-    return omni.load(cfg, SafetensorsFolder(path), deepstack=deepstack)
+    return omni.load(cfg, release_tensors(path), deepstack=deepstack)

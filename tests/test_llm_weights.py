@@ -113,7 +113,7 @@ def test_checkpoint_folder_sharded_with_index(tmp_path, tiny_state, golden_dir):
 
     (tmp_path / "b.safetensors").unlink()
     with pytest.raises(official.CheckpointError, match="b.safetensors"):
-        official.SafetensorsFolder(str(tmp_path))
+        official.release_tensors(str(tmp_path))
 
 
 def test_corrupt_shard_is_reported(tmp_path, tiny_state):

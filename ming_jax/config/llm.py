@@ -64,7 +64,12 @@ class LLMConfig:
     dtype: str = "float32"  # activation / compute dtype
     param_dtype: str = "float32"
     moe_impl: str = "auto"  # grouped-matmul backend for the experts: "auto" | "xla" | "pallas" | "loop"
+    attention_impl: str = "auto"  # attention backend (`ming_jax.ops.attention`): "auto" | "xla" | "splash" | "cudnn"
     remat: bool = False
+    # Expert parallelism (ming_jax.moe.expert_parallel) under an active mesh: "auto" (when the mesh's experts axis is
+    # > 1; ragged exchange on TPU / GPU, padded on CPU), "off", or "ragged" / "padded" to force that exchange.
+    expert_parallel: str = "auto"
+    moe_capacity_factor: float | None = None  # expert-parallel path only: rows/expert <= factor x mean; None: dropless
 
     def __post_init__(self):
         problems = []
@@ -99,6 +104,12 @@ class LLMConfig:
             problems.append(f"dtype={self.dtype!r} / param_dtype={self.param_dtype!r} not supported")
         if self.moe_impl not in ("auto", "xla", "pallas", "loop"):
             problems.append(f"moe_impl={self.moe_impl!r} (auto, xla, pallas, loop)")
+        if self.expert_parallel not in ("auto", "off", "ragged", "padded"):
+            problems.append(f"expert_parallel={self.expert_parallel!r} (auto, off, ragged, padded)")
+        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+            problems.append(f"moe_capacity_factor={self.moe_capacity_factor} must be > 0 (None: dropless)")
+        if self.attention_impl not in ("auto", "xla", "splash", "cudnn"):
+            problems.append(f"attention_impl={self.attention_impl!r} (auto, xla, splash, cudnn)")
         if problems:
             raise ConfigError("LLMConfig: " + "; ".join(problems))
 

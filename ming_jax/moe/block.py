@@ -9,7 +9,7 @@ from flax import nnx
 from ming_jax.config.llm import LLMConfig
 from ming_jax.layers.mlp import GatedMLP
 from ming_jax.layers.params import fan_in_normal, param
-from ming_jax.moe import dispatch, experts
+from ming_jax.moe import dispatch, expert_parallel, experts
 from ming_jax.moe.router import Router, Routing
 
 
@@ -19,12 +19,15 @@ class MoEBlock(nnx.Module):
         pdt = jnp.dtype(cfg.param_dtype)
         self.num_experts = e
         self.impl = cfg.moe_impl
+        self.expert_parallel = cfg.expert_parallel
+        self.capacity_factor = cfg.moe_capacity_factor
         self.router = Router(d, e, cfg.num_routers, top_k=cfg.num_experts_per_tok, n_group=cfg.n_group,
                              topk_group=cfg.topk_group, scaling=cfg.routed_scaling_factor, param_dtype=pdt, rngs=rngs)
-        # Experts stacked on a leading axis: [E, D, F] / [E, F, D].
-        self.w_gate = param(rngs, fan_in_normal((1,)), (e, d, f), ("experts", "embed", "expert_mlp"), pdt)
-        self.w_up = param(rngs, fan_in_normal((1,)), (e, d, f), ("experts", "embed", "expert_mlp"), pdt)
-        self.w_down = param(rngs, fan_in_normal((1,)), (e, f, d), ("experts", "expert_mlp", "embed"), pdt)
+        # Experts stacked on a leading axis: [E, D, F] / [E, F, D]. Their model dim is "expert_embed", not "embed":
+        # dense weights may shard "embed" over the expert axis too, which an expert weight already uses for E.
+        self.w_gate = param(rngs, fan_in_normal((1,)), (e, d, f), ("experts", "expert_embed", "expert_mlp"), pdt)
+        self.w_up = param(rngs, fan_in_normal((1,)), (e, d, f), ("experts", "expert_embed", "expert_mlp"), pdt)
+        self.w_down = param(rngs, fan_in_normal((1,)), (e, f, d), ("experts", "expert_mlp", "expert_embed"), pdt)
         self.shared = (GatedMLP(d, f * cfg.num_shared_experts, param_dtype=pdt, rngs=rngs)
                        if cfg.num_shared_experts else None)
 
@@ -38,12 +41,20 @@ class MoEBlock(nnx.Module):
         with jax.named_scope("router"):
             routing = self.router(tokens, None if modality is None else modality.reshape(-1))
         with jax.named_scope("routed_experts"):
-            plan = dispatch.sort_by_expert(routing.experts, self.num_experts)
-            xs = dispatch.permute(tokens, plan)  # [B*S*K, D]
+            # Under a mesh whose `expert` axis splits the experts: one shard_map with the token exchange.
+            ep = expert_parallel.plan(self.num_experts, mode=self.expert_parallel,
+                                      capacity_factor=self.capacity_factor, impl=self.impl)
             dt = x.dtype
-            ys = experts.grouped_glu(xs, plan.group_sizes, self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
-                                     self.w_down[...].astype(dt), impl=self.impl)
-            y = dispatch.combine(ys, plan, routing.weights)
+            if ep is not None:
+                y = expert_parallel.routed_experts(tokens, routing.experts, routing.weights,
+                                                   self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
+                                                   self.w_down[...].astype(dt), ep)
+            else:
+                plan = dispatch.sort_by_expert(routing.experts, self.num_experts)
+                xs = dispatch.permute(tokens, plan)  # [B*S*K, D]
+                ys = experts.grouped_glu(xs, plan.group_sizes, self.w_gate[...].astype(dt),
+                                         self.w_up[...].astype(dt), self.w_down[...].astype(dt), impl=self.impl)
+                y = dispatch.combine(ys, plan, routing.weights)
         if self.shared is not None:
             with jax.named_scope("shared_expert"):
                 y = y + self.shared(tokens)
