@@ -27,7 +27,7 @@ REFERENCE_CONFIG = SHARED / "reference" / "config.json"
 
 def _need(path: Path):
     if not path.exists():
-        pytest.skip(f"shared data not found at {path} (set MING_SHARED)")
+        pytest.fail(f"shared data not found at {path} (set MING_SHARED)")
 
 
 def _random_official(cfg: AudioConfig, seed: int = 0) -> dict[str, np.ndarray]:

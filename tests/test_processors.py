@@ -34,7 +34,7 @@ def _tone(n: int, sr: int, seed: int, freqs=(440.0, 1234.0)) -> np.ndarray:
 def test_golden_preprocessing_case():
     case = GOLDEN / "preprocessing"
     if not case.is_dir():
-        pytest.skip(f"golden case not found at {case} (set MING_GOLDEN_DIR)")
+        pytest.fail(f"golden case not found at {case} (set MING_GOLDEN_DIR)")
     rows = parity.run_case(str(case))
     assert {r.name for r in rows} >= {"whisper_log_mel", "whisper_log_mel_len", "image_pixel_values",
                                       "image_grid_thw"}
@@ -301,7 +301,7 @@ def test_config_reads_the_shipped_preprocessor_config():
 
     path = GOLDEN.parent / "reference" / "preprocessor_config.json"
     if not path.is_file():
-        pytest.skip(f"{path} not found")
+        pytest.fail(f"{path} not found")
     cfg = ProcessorConfig.from_official(json.loads(path.read_text()))
     assert cfg == ProcessorConfig.ming_flash_omni_2()
     assert ProcessorConfig.from_official(cfg.to_official()) == cfg
