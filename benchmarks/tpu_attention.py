@@ -34,11 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from jax.experimental import topologies
-from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from benchmarks.tpu_aot import chip_info, one_chip_args
 from ming_jax import ops
 from ming_jax.layers.attention_core import attend
 from ming_jax.pallas.attention import kernel as splash_kernel
@@ -52,7 +50,6 @@ _KV_HEADS = flags.DEFINE_integer("kv_heads", 4, "KV heads.")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dim.")
 _JSON = flags.DEFINE_string("json", "", "JSON results path (default: <tmpdir>/ming_jax_tpu_attention.json).")
 
-_CORES_PER_DEVICE = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}  # megacore chips expose two TensorCores as one device
 _LANES, _SUBLANES = 128, 8
 
 
@@ -175,17 +172,10 @@ def programs() -> list[Program]:
 # ----------------------------------------------------------------------------------------------------- compile
 
 
-def _chip(topology: str) -> pltpu.TpuInfo:
-    name = topology.split(":")[0]
-    return pltpu.get_tpu_info_for_chip(pltpu.ChipVersion(name), _CORES_PER_DEVICE.get(name, 1))
-
-
 def compile_program(topology: str, prog: Program) -> dict:
     """AOT-compile `prog` for one chip of `topology`; return cost analysis, kernel model and memory plan."""
-    topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
-    one_chip = NamedSharding(Mesh(np.array(topo.devices[:1]), ("chip",)), PartitionSpec())
-    args = [jax.ShapeDtypeStruct(s, dt, sharding=one_chip) for s, dt in prog.shapes]
-    info = _chip(topology)
+    args = one_chip_args(topology, prog.shapes)
+    info = chip_info(topology)
     row = dict(topology=topology, op=prog.op, impl=prog.impl, seq=prog.t, useful_flops=prog.useful_flops,
                measured_ms=None)
     t0 = time.time()

@@ -26,12 +26,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
-from jax.experimental import topologies
-from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from benchmarks.tpu_aot import chip_info, one_chip_args
 from ming_jax.pallas import gmm as ours
 
 _TOPOLOGIES = flags.DEFINE_list("topologies", ["v5p:2x2x1", "v6e:2x2"], "TPU topologies to compile for.")
@@ -45,7 +42,6 @@ _D_FF = flags.DEFINE_integer("d_ff", 1024, "Expert FFN width.")
 _EXPERTS = flags.DEFINE_integer("experts", 256, "Experts.")
 
 # TensorCores behind one JAX device (megacore chips expose two cores as one device).
-_CORES_PER_DEVICE = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,23 +114,16 @@ SECTIONS = {"gmm": gmm_programs}
 # ----------------------------------------------------------------------------------------------------- compile
 
 
-def _chip(topology: str) -> pltpu.TpuInfo:
-    name = topology.split(":")[0]
-    return pltpu.get_tpu_info_for_chip(pltpu.ChipVersion(name), _CORES_PER_DEVICE.get(name, 1))
-
-
 def compile_program(topology: str, prog: Program) -> dict:
     """AOT-compile `prog` for one chip of `topology`; return its cost analysis and memory plan."""
-    topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
-    one_chip = NamedSharding(Mesh(np.array(topo.devices[:1]), ("chip",)), PartitionSpec())
-    args = [jax.ShapeDtypeStruct(s, dt, sharding=one_chip) for s, dt in prog.shapes]
+    args = one_chip_args(topology, prog.shapes)
     t0 = time.time()
     compiled = jax.jit(prog.fn).lower(*args).compile()
     seconds = time.time() - t0
     cost = compiled.cost_analysis()
     mem = compiled.memory_analysis()
     flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    info = _chip(topology)
+    info = chip_info(topology)
     cores = info.num_cores
     peak, bw = info.bf16_ops_per_second * cores, info.mem_bw_bytes_per_second * cores
     live = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
