@@ -7,12 +7,13 @@ output + temporaries + code - donated (aliased) bytes <= the chip's HBM (Google'
 XLA's plan is static; fragmentation and the runtime's own reservations are not in it, so keep some headroom.
 
   python -m ming_jax.aot --preset ming-flash-omni-2.0 --topology v5p:4x4x4 --mesh fsdp=16,expert=4 --step train
-  python -m ming_jax.aot --topology v6e:8x8 --mesh expert=64 --rules ep_tp --step decode --batch 256 --max_len 8192
+  python -m ming_jax.aot --topology v6e:8x8 --mesh expert=64 --rules ep_tp --step decode --batch 256 --seq 8192
 
 Train step: bf16 parameters, optax AdamW with float32 first and second moments (the update is computed in float32
-and rounded into the bf16 parameters), per-layer remat, token cross-entropy in sequence chunks (no [B, T, V] logits); params and optimizer state
-donated.
-Decode step: one token per sequence against a preallocated KV cache (donated), logits of that token.
+and rounded into the bf16 parameters), per-layer remat, token cross-entropy in sequence chunks (no [B, T, V]
+logits); parameters and optimizer state donated. Decode step: one token per sequence against a preallocated KV
+cache of `--seq` slots (donated), logits of that token. Both run the MoE layers expert-parallel when the mesh has
+an expert axis > 1 (ragged all-to-all and the compiled Pallas grouped matmuls on TPU).
 """
 
 from __future__ import annotations

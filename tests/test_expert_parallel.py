@@ -82,7 +82,7 @@ def test_exchange_layout_moves_every_kept_row_there_and_back(n, e, capacity):
     # Row r of source s is tagged 1000 * (s + 1) + r.
     operands = [1000 * (s + 1) + np.arange(rows_in[s]) for s in range(n)]
     recv = simulate_ragged_all_to_all(operands, [np.zeros(buf, int) for _ in range(n)],
-                                      *[[getattr(la, f"fwd_{k}") for la in lay]
+                                      *[[getattr(la, f"go_{k}") for la in lay]
                                         for k in ("input_offsets", "send_sizes", "output_offsets", "recv_sizes")])
     start = np.cumsum(counts, 1) - counts
     for j in range(n):
@@ -92,7 +92,7 @@ def test_exchange_layout_moves_every_kept_row_there_and_back(n, e, capacity):
         np.testing.assert_array_equal(recv[j][:len(expect)], expect)
         np.testing.assert_array_equal(lay[j].local_group_sizes, kept[:, j * el:(j + 1) * el].sum(0))
     back = simulate_ragged_all_to_all(recv, [np.zeros(r, int) for r in rows_in],
-                                      *[[getattr(la, f"bwd_{k}") for la in lay]
+                                      *[[getattr(la, f"back_{k}") for la in lay]
                                         for k in ("input_offsets", "send_sizes", "output_offsets", "recv_sizes")])
     for s in range(n):
         keep = np.concatenate([np.arange(counts[s, g]) < kept[s, g] for g in range(e)])

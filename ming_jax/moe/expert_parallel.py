@@ -3,12 +3,15 @@
 The router and the shared expert stay outside (ordinary GSPMD-sharded code); only the routed part is manual:
 
   per device (E experts over n devices of the `expert` axis, E_l = E / n local experts, t local tokens, K per token)
+    all-gather this layer's local expert weights over the FSDP axes (their transpose: a reduce-scatter)
     sort the t*K (token, expert) pairs by expert                                     dispatch.sort_by_expert
     counts [n, E] = all_gather(rows per expert)                                      one tiny collective
-    exchange the rows: expert g's rows go to device g // E_l                          ragged all-to-all #1
-    grouped GLU on the received rows, grouped by local expert                         experts.grouped_glu
-    send the results back to where they came from                                    ragged all-to-all #2
+    send the rows: expert g's rows go to device g // E_l                              ragged all-to-all "go"
+    grouped GLU on the received rows, grouped by local expert                         ops.grouped_glu
+    send the results back to where they came from                                    ragged all-to-all "back"
     weighted combine per token (float32), psum over the tensor axes of expert_mlp   dispatch.combine
+Autodiff goes through all of it (the transpose of each exchange is the exchange the other way). With one shard on
+the expert axis and no capacity limit ("auto" mode) the rows are already local and no exchange is emitted.
 
 Receive layout: on device j, the rows of its local expert e come first for e = 0, 1, ..., and within one expert by
 source device s = 0, 1, ... (each source's rows in token order). So the received rows are already grouped by local
@@ -23,16 +26,17 @@ is a cumsum of it, computed locally (`exchange_layout`):
 
   `jax.lax.ragged_all_to_all` takes one slice per (destination device, its local expert) = E slices, entry
   i = j * E_l + e addressing device j (i // E_l, as the primitive requires):
-    forward (sender s = me):   input_offsets = start[me, :]   send_sizes = kept[me, :]   output_offsets = pos[me, :]
-                               recv_sizes[i = s * E_l + e] = kept[s, me * E_l + e]   (from source s, my expert e)
-    backward (sender me):      input_offsets[s * E_l + e] = pos[s, me * E_l + e]     send_sizes = kept[s, me*E_l+e]
-                               output_offsets[s * E_l + e] = start[s, me * E_l + e]  recv_sizes = kept[me, :]
+    go   (sender me):   input_offsets = start[me, :]   send_sizes = kept[me, :]   output_offsets = pos[me, :]
+                        recv_sizes[i = s * E_l + e] = kept[s, me * E_l + e]   (from source s, for my expert e)
+    back (sender me):   input_offsets[s * E_l + e] = pos[s, me * E_l + e]     send_sizes = kept[s, me * E_l + e]
+                        output_offsets[s * E_l + e] = start[s, me * E_l + e]  recv_sizes = kept[me, :]
   (`output_offsets` are positions on the *receiver*; since all offsets derive from the gathered counts no extra
   all-to-all of offsets is needed.)
 
-XLA:CPU has no ragged all-to-all: `padded_ragged_all_to_all` has the primitive's exact semantics built from a dense
-`all_to_all` of fixed-size per-peer chunks plus a gather and a scatter (rows carry their destination index). It is
-the CPU path and the reference the ragged path is tested against where both run.
+XLA:CPU has no ragged all-to-all: `padded_ragged_all_to_all` implements the primitive's documented semantics with
+a dense `all_to_all` of fixed-size per-peer chunks plus a gather and a scatter (rows carry their destination
+index). "auto" uses the ragged primitive on TPU / GPU and the padded one elsewhere. Tests check the layout and the
+padded exchange against a plain simulation of the documented semantics, and compile the ragged one for TPU.
 
 Buffers are static: dropless (the default), a device may receive at most n * t * min(K, E_l) rows (every token of
 every source choosing it); with a capacity factor c each expert keeps at most ceil(c * n * t * K / E) rows and the
@@ -61,16 +65,17 @@ MODES = ("auto", "off", "ragged", "padded")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ExchangeLayout:
-    """Offsets of the two ragged exchanges of one device (see the module docstring), all [E] int32."""
+    """Offsets of one device's two ragged exchanges, "go" (to the experts) and "back" (see the module docstring),
+    all [E] int32."""
 
-    fwd_input_offsets: jax.Array
-    fwd_send_sizes: jax.Array
-    fwd_output_offsets: jax.Array
-    fwd_recv_sizes: jax.Array
-    bwd_input_offsets: jax.Array
-    bwd_send_sizes: jax.Array
-    bwd_output_offsets: jax.Array
-    bwd_recv_sizes: jax.Array
+    go_input_offsets: jax.Array
+    go_send_sizes: jax.Array
+    go_output_offsets: jax.Array
+    go_recv_sizes: jax.Array
+    back_input_offsets: jax.Array
+    back_send_sizes: jax.Array
+    back_output_offsets: jax.Array
+    back_recv_sizes: jax.Array
     local_group_sizes: jax.Array  # [E_l] rows of each local expert in the receive buffer
 
 
@@ -94,9 +99,9 @@ def exchange_layout(counts, me, capacity: int | None = None) -> ExchangeLayout:
     mine = lambda a: jax.lax.dynamic_slice_in_dim(a, me * el, el, axis=1).reshape(-1)  # noqa: E731  [n*E_l]
     row = lambda a: jax.lax.dynamic_index_in_dim(a, me, axis=0, keepdims=False)  # noqa: E731  [E]
     return ExchangeLayout(
-        fwd_input_offsets=row(start), fwd_send_sizes=row(kept), fwd_output_offsets=row(pos), fwd_recv_sizes=mine(kept),
-        bwd_input_offsets=mine(pos), bwd_send_sizes=mine(kept), bwd_output_offsets=mine(start),
-        bwd_recv_sizes=row(kept), local_group_sizes=jax.lax.dynamic_slice_in_dim(total, me * el, el))
+        go_input_offsets=row(start), go_send_sizes=row(kept), go_output_offsets=row(pos), go_recv_sizes=mine(kept),
+        back_input_offsets=mine(pos), back_send_sizes=mine(kept), back_output_offsets=mine(start),
+        back_recv_sizes=row(kept), local_group_sizes=jax.lax.dynamic_slice_in_dim(total, me * el, el))
 
 
 # --- the exchange ---------------------------------------------------------------------------------------------------
@@ -271,13 +276,13 @@ def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, ep: ExpertParal
             lay = exchange_layout(counts, me, capacity)
             with jax.named_scope("dispatch_exchange"):
                 recv = _exchange(ep.exchange, xs, jnp.zeros((rows, xs.shape[1]), xs.dtype),
-                                 (lay.fwd_input_offsets, lay.fwd_send_sizes, lay.fwd_output_offsets,
-                                  lay.fwd_recv_sizes), axis=ep.axis, n=n, max_rows_per_peer=per_peer)
+                                 (lay.go_input_offsets, lay.go_send_sizes, lay.go_output_offsets,
+                                  lay.go_recv_sizes), axis=ep.axis, n=n, max_rows_per_peer=per_peer)
             out = _grouped_glu(recv, lay.local_group_sizes, w_gate, w_up, w_down, ep)  # [rows, D]
             with jax.named_scope("return_exchange"):
                 ys = _exchange(ep.exchange, out, jnp.zeros_like(xs),
-                               (lay.bwd_input_offsets, lay.bwd_send_sizes, lay.bwd_output_offsets,
-                                lay.bwd_recv_sizes), axis=ep.axis, n=n, max_rows_per_peer=per_peer)
+                               (lay.back_input_offsets, lay.back_send_sizes, lay.back_output_offsets,
+                                lay.back_recv_sizes), axis=ep.axis, n=n, max_rows_per_peer=per_peer)
         y = dispatch.combine(ys, plan_, weights)  # [t, D]; dropped rows are zeros
         if ep.mlp_axes:  # tensor-parallel expert_mlp: every rank holds a partial sum over its F slice
             y = jax.lax.psum(y, ep.mlp_axes)
