@@ -153,6 +153,8 @@ class MemoryPlan:
     capacity: float
     compile_s: float
     note: str = ""
+    attention: str = "xla"
+    capacity_factor: float = 0.0  # 0: dropless
 
     @property
     def total(self) -> int:
@@ -167,6 +169,29 @@ class MemoryPlan:
         return (f"{self.topology:<11} {self.step:<6} {self.mesh:<34} {self.rules:<8} {g(self.argument)} "
                 f"{g(self.temp)} {g(self.output)} {g(self.alias)} {g(self.total)} / {self.capacity / 1e9:4.0f} GB  "
                 f"{'fits' if self.fits else 'DOES NOT FIT'}  ({self.compile_s:.0f}s)")
+
+    @property
+    def chips(self) -> int:
+        """64 for "v5p:4x4x4"; times the slices for "v5p:4x4x4 x2"."""
+        topo, _, slices = self.topology.partition(" x")
+        return math.prod(int(d) for d in topo.split(":")[1].split("x")) * (int(slices) if slices else 1)
+
+    def markdown(self) -> str:
+        g = lambda b: f"{b / 1e9:.1f}"  # noqa: E731
+        cf = f"{self.capacity_factor:g}" if self.capacity_factor else "dropless"
+        return (f"| {self.topology} | {self.chips} | {self.step} | {self.batch} x {self.seq} | {self.mesh} | "
+                f"{self.rules} | {self.attention} | {cf} | {g(self.argument)} | {g(self.temp)} | {g(self.total)} | "
+                f"{self.capacity / 1e9:.0f} | {'yes' if self.fits else '**no**'} |")
+
+    MARKDOWN_HEADER = ("| topology | chips | step | batch x seq | mesh | rules | attention | experts | args | temp | "
+                       "total | HBM | fits |\n|---|---:|---|---|---|---|---|---|---:|---:|---:|---:|---|")
+
+    @classmethod
+    def load(cls, path: str) -> list["MemoryPlan"]:
+        """Plans written by `--json` (derived keys dropped, fields added since default)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        with open(path) as fh:
+            return [cls(**{k: v for k, v in d.items() if k in names}) for d in json.load(fh)]
 
     @staticmethod
     def header() -> str:
@@ -224,7 +249,8 @@ def compile_step(cfg: LLMConfig, topology: str, mesh_spec: str, rules_name: str,
     plan = MemoryPlan(topology + (f" x{num_slices}" if num_slices > 1 else ""), step, shape, rules_name, batch, seq,
                       int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
                       int(m.alias_size_in_bytes), int(m.generated_code_size_in_bytes),
-                      HBM_BYTES[chip_of(topology)] * 1.0, time.perf_counter() - t0)
+                      HBM_BYTES[chip_of(topology)] * 1.0, time.perf_counter() - t0,
+                      attention=cfg.attention_impl, capacity_factor=cfg.moe_capacity_factor or 0.0)
     return plan, compiled
 
 
@@ -236,6 +262,12 @@ def main(argv):
 
     del argv
     f = flags.FLAGS
+    if f.table:  # render earlier --json results, compile nothing
+        print(MemoryPlan.MARKDOWN_HEADER)
+        for path in f.table:
+            for plan in MemoryPlan.load(path):
+                print(plan.markdown())
+        return 0
     overrides = dict(remat=True, attention_impl=f.attention_impl)
     if f.layers:
         overrides["num_layers"] = f.layers
@@ -295,10 +327,11 @@ def _define_flags():
     flags.DEFINE_integer("seq", 0, "Train sequence length / decode KV-cache length (default 4096 / 8192).")
     flags.DEFINE_integer("layers", 0, "Override the number of layers (0: the preset's).")
     flags.DEFINE_float("capacity_factor", 0.0, "Expert capacity factor (0: dropless).")
-    flags.DEFINE_enum("attention_impl", "xla", ["xla", "auto", "splash"],
-                      "Attention backend. 'xla' by default: the splash kernel is not wrapped for a mesh (a Mosaic "
-                      "call cannot be auto-partitioned), so it only compiles on one chip.")
+    flags.DEFINE_enum("attention_impl", "auto", ["xla", "auto", "splash"],
+                      "Attention backend: 'auto' compiles the splash kernel for TPU (in a shard_map under the mesh; "
+                      "decode steps against the cache use XLA attention), 'xla' the reference everywhere.")
     flags.DEFINE_string("json", "", "Write the memory plans here as JSON.")
+    flags.DEFINE_multi_string("table", [], "Print the plans of these --json files as a markdown table and exit.")
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def _prefill(graphdef, state, input_ids, attention_mask, positions, modality, fe
     cache = KVCache.create(model.cfg, input_ids.shape[0], max_len)  # made here: no second copy to donate
     x = model.embed_tokens(input_ids, features if with_features else None, feature_index if with_features else None)
     out = model(x, positions, attention_mask=attention_mask, modality=modality if with_modality else None,
-                cache=cache, logits_at=last_real_index(attention_mask))
+                cache=cache, logits_at=last_real_index(attention_mask), prefill=True)
     return out.logits, out.cache
 
 

@@ -60,6 +60,33 @@ class KVCache:
 KV_CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class CacheSlot:
+    """One layer's view of a stacked cache: the [L, B, S_max, K, hd] key / value stacks and which layer to use.
+
+    Writes go into the stacks with one dynamic_update_slice (no per-layer copy of the cache: inside the layer scan
+    the stacks are the loop carry, updated in place). `attend_cache=False` marks a prefill of an empty cache: the
+    new tokens attend only to each other, with the kernel-friendly causal + segment mask.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array  # [] int32
+    attend_cache: bool = dataclasses.field(default=True, metadata=dict(static=True))
+
+    def write(self, k_new, v_new, start) -> "CacheSlot":
+        """k_new / v_new [B, T, K, hd] -> slots start .. start+T-1 of this layer."""
+        at = (self.layer, jnp.int32(0), start, jnp.int32(0), jnp.int32(0))
+        put = lambda stack, new: jax.lax.dynamic_update_slice(stack, new.astype(stack.dtype)[None], at)  # noqa: E731
+        return dataclasses.replace(self, k=put(self.k, k_new), v=put(self.v, v_new))
+
+    def read(self, dtype):
+        """This layer's whole cache: k, v [B, S_max, K, hd]."""
+        get = lambda stack: jax.lax.dynamic_index_in_dim(stack, self.layer, 0, keepdims=False).astype(dtype)  # noqa: E731
+        return get(self.k), get(self.v)
+
+
 # --- attention ----------------------------------------------------------------------------------------------------
 
 
@@ -95,8 +122,10 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask, kv_cache=None, start=None):
         """x [B, T, D]; cos/sin [B, T, rd]; mask: `ops.AttentionMask` over S = T keys, or the cache length.
 
-        With `kv_cache = (k [B, S_max, K, hd], v)` the new keys / values are written at slot `start` and attention
-        reads the whole cache; returns (out [B, T, D], updated (k, v) or None).
+        With `kv_cache = CacheSlot(k [L, B, S_max, K, hd], v, layer, attend_cache)` the new keys / values are written
+        into layer `layer` of the stacks at slot `start` (in place: the stacks are a loop carry / donated buffer);
+        queries then read that layer's whole cache, or with `attend_cache=False` (prefill of an empty cache) only the
+        T new keys. Returns (out [B, T, D], the updated CacheSlot or None).
         """
         dt = x.dtype
         qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(dt))
@@ -106,10 +135,9 @@ class Attention(nnx.Module):
         q = rotary.apply_rotary(self.q_norm(q), cos, sin)
         k = rotary.apply_rotary(self.k_norm(k), cos, sin)
         if kv_cache is not None:
-            k_all = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype), start, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype), start, axis=1)
-            kv_cache = (k_all, v_all)
-            k, v = k_all.astype(dt), v_all.astype(dt)
+            kv_cache = kv_cache.write(k, v, start)
+            if kv_cache.attend_cache:
+                k, v = kv_cache.read(dt)
         o = ops.attention(q, k, v, mask, impl=self.attention_impl)  # [B, T, H, hd]
         y = jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(dt))
         if self.out_bias is not None:
@@ -206,14 +234,16 @@ class BailingMoeV2(nnx.Module):
 
     # -- forward --
     def __call__(self, embeds, positions, *, attention_mask=None, modality=None, cache: KVCache | None = None,
-                 logits_at=None, collect: bool = False) -> ModelOutput:
+                 logits_at=None, collect: bool = False, prefill: bool = False) -> ModelOutput:
         """embeds [B, T, D] (from `embed_tokens`), positions [3, B, T] int.
 
         attention_mask [B, T] bool marks real tokens (None: all real); without a cache it may also be int segment ids
         (0 = padding, 1, 2, ... = documents packed in a row, attending only within themselves). modality [B, T] int
         picks each token's router (None: text gate for all, as in decode steps). With `cache`, the T tokens go to
-        slots cache.length ... and attend to every valid earlier slot. logits_at [B] int: compute logits only at these
-        positions (-> [B, V]).
+        slots cache.length ... and attend to every valid earlier slot; with `prefill=True` the cache starts over
+        instead (the T tokens go to slots 0 .. T-1, whatever it held) and attention runs on the T tokens alone with
+        the causal + segment mask, so the attention kernels (splash, cuDNN) serve the prompt. logits_at [B] int:
+        compute logits only at these positions (-> [B, V]).
         """
         cfg = self.cfg
         b, t, _ = embeds.shape
@@ -222,9 +252,13 @@ class BailingMoeV2(nnx.Module):
         segments = jnp.asarray(attention_mask).astype(jnp.int32)  # 0 = padding, 1.. = real (bool -> 0 / 1)
         attention_mask = segments > 0
         cos, sin = self.rotary(positions)
+        if cache is None or prefill:
+            mask = ops.AttentionMask.self_attention(segments, causal=True)  # what kernels take (splash, cuDNN)
         if cache is None:
             start = None
-            mask = ops.AttentionMask.self_attention(segments, causal=True)  # what kernels take (splash, cuDNN)
+        elif prefill:  # the cache starts over: slots 0 .. T-1, nothing earlier is valid
+            start = jnp.zeros((), jnp.int32)
+            valid = jnp.zeros_like(cache.valid).at[:, :t].set(attention_mask)
         else:
             start = cache.length
             q_slots = start + jnp.arange(t)
@@ -232,15 +266,17 @@ class BailingMoeV2(nnx.Module):
             k_slots = jnp.arange(cache.max_len)
             mask = ops.AttentionMask(dense=(k_slots[None, :] <= q_slots[:, None])[None, None] & valid[:, None, None, :])
 
+        def slot(k_stack, v_stack, layer):
+            return None if cache is None else CacheSlot(k_stack, v_stack, jnp.asarray(layer, jnp.int32),
+                                                        attend_cache=not prefill)
+
         x = embeds.astype(cfg.dtype)
         layer_outputs = []
-        new_dense_k, new_dense_v = [], []
+        k_dense, v_dense = (None, None) if cache is None else (cache.k_dense, cache.v_dense)
         for i, layer in enumerate(self.dense_layers):
-            kv = None if cache is None else (cache.k_dense[i], cache.v_dense[i])
-            x, kv, _ = layer(x, cos, sin, mask, None, kv, start)
+            x, kv, _ = layer(x, cos, sin, mask, None, slot(k_dense, v_dense, i), start)
             if cache is not None:
-                new_dense_k.append(kv[0])
-                new_dense_v.append(kv[1])
+                k_dense, v_dense = kv.k, kv.v
             if collect:
                 layer_outputs.append(x)
 
@@ -248,16 +284,19 @@ class BailingMoeV2(nnx.Module):
         k_moe = v_moe = None
         if cfg.num_moe_layers:
 
-            def body(layer, x, cos, sin, mask, modality, kv, start):
-                x, kv, r = layer(x, cos, sin, mask, modality, kv, start, collect)
-                return x, kv, r, (x if collect else None)
+            def body(layer, carry, cos, sin, mask, modality, start, index):
+                x, kv = carry  # kv: the whole (k, v) MoE stacks, carried so that each layer updates them in place
+                x, kv, r = layer(x, cos, sin, mask, modality, None if kv is None else slot(*kv, index), start,
+                                 collect)
+                return (x, None if kv is None else (kv.k, kv.v)), r, (x if collect else None)
 
             if cfg.remat:  # recompute each layer's activations in the backward pass instead of storing them
                 body = nnx.remat(body)
-            run_moe = nnx.scan(body, in_axes=(0, nnx.Carry, None, None, None, None, 0, None),
-                               out_axes=(nnx.Carry, 0, 0, 0))
+            run_moe = nnx.scan(body, in_axes=(0, nnx.Carry, None, None, None, None, None, 0),
+                               out_axes=(nnx.Carry, 0, 0))
             kv_in = None if cache is None else (cache.k_moe, cache.v_moe)
-            x, kv_out, routing, ys = run_moe(self.moe_layers, x, cos, sin, mask, modality, kv_in, start)
+            (x, kv_out), routing, ys = run_moe(self.moe_layers, (x, kv_in), cos, sin, mask, modality, start,
+                                               jnp.arange(cfg.num_moe_layers, dtype=jnp.int32))
             if cache is not None:
                 k_moe, v_moe = kv_out
             if collect:
@@ -270,10 +309,8 @@ class BailingMoeV2(nnx.Module):
             logits = self.head(h)
         new_cache = None
         if cache is not None:
-            stack = lambda xs, old: jnp.stack(xs) if xs else old  # noqa: E731
-            new_cache = KVCache(stack(new_dense_k, cache.k_dense), stack(new_dense_v, cache.v_dense),
-                                cache.k_moe if k_moe is None else k_moe, cache.v_moe if v_moe is None else v_moe,
-                                valid, cache.length + t)
+            new_cache = KVCache(k_dense, v_dense, cache.k_moe if k_moe is None else k_moe,
+                                cache.v_moe if v_moe is None else v_moe, valid, start + t)
         if collect and routing is not None:
             return ModelOutput(logits, h, new_cache, jnp.stack(layer_outputs), routing[0], routing[1])
         return ModelOutput(logits, h, new_cache, jnp.stack(layer_outputs) if collect else None)
