@@ -37,9 +37,9 @@ class KVCache:
     padded prompts share one layout. Dense and MoE layers keep separate stacks to match the parameter layout.
     """
 
-    k_dense: jax.Array  # [Ld, B, S_max, K, hd]
+    k_dense: jax.Array  # [Ld, B, K, S_max, hd]
     v_dense: jax.Array
-    k_moe: jax.Array  # [Lm, B, S_max, K, hd]
+    k_moe: jax.Array  # [Lm, B, K, S_max, hd]
     v_moe: jax.Array
     valid: jax.Array  # [B, S_max] bool
     length: jax.Array  # [] int32: next slot to write
@@ -47,7 +47,7 @@ class KVCache:
     @classmethod
     def create(cls, cfg: LLMConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = jnp.dtype(dtype or cfg.dtype)
-        shape = lambda n: (n, batch, max_len, cfg.num_kv_heads, cfg.head_dim)  # noqa: E731
+        shape = lambda n: (n, batch, cfg.num_kv_heads, max_len, cfg.head_dim)  # noqa: E731
         z = lambda n: jnp.zeros(shape(n), dtype)  # noqa: E731
         return cls(z(cfg.num_dense_layers), z(cfg.num_dense_layers), z(cfg.num_moe_layers), z(cfg.num_moe_layers),
                    jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
@@ -57,13 +57,15 @@ class KVCache:
         return self.valid.shape[1]
 
 
-KV_CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+# KV heads before slots: with slots second-minor the TPU compiler keeps the stacks' layout through the layer loop
+# and updates them in place; with [.., S_max, K, hd] it copies the whole stack in and out of the loop to relayout it.
+KV_CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class CacheSlot:
-    """One layer's view of a stacked cache: the [L, B, S_max, K, hd] key / value stacks and which layer to use.
+    """One layer's view of a stacked cache: the [L, B, K, S_max, hd] key / value stacks and which layer to use.
 
     Writes go into the stacks with one dynamic_update_slice (no per-layer copy of the cache: inside the layer scan
     the stacks are the loop carry, updated in place). `attend_cache=False` marks a prefill of an empty cache: the
@@ -77,13 +79,15 @@ class CacheSlot:
 
     def write(self, k_new, v_new, start) -> "CacheSlot":
         """k_new / v_new [B, T, K, hd] -> slots start .. start+T-1 of this layer."""
-        at = (self.layer, jnp.int32(0), start, jnp.int32(0), jnp.int32(0))
-        put = lambda stack, new: jax.lax.dynamic_update_slice(stack, new.astype(stack.dtype)[None], at)  # noqa: E731
+        at = (self.layer, jnp.int32(0), jnp.int32(0), start, jnp.int32(0))
+        put = lambda stack, new: jax.lax.dynamic_update_slice(  # noqa: E731
+            stack, new.swapaxes(1, 2).astype(stack.dtype)[None], at)
         return dataclasses.replace(self, k=put(self.k, k_new), v=put(self.v, v_new))
 
     def read(self, dtype):
         """This layer's whole cache: k, v [B, S_max, K, hd]."""
-        get = lambda stack: jax.lax.dynamic_index_in_dim(stack, self.layer, 0, keepdims=False).astype(dtype)  # noqa: E731
+        get = lambda stack: jax.lax.dynamic_index_in_dim(  # noqa: E731
+            stack, self.layer, 0, keepdims=False).swapaxes(1, 2).astype(dtype)
         return get(self.k), get(self.v)
 
 

@@ -77,7 +77,7 @@ def test_prefill_mode_equals_the_dense_cache_path(model, side):
         np.testing.assert_array_equal(got.cache.valid, want.cache.valid)
         assert int(got.cache.length) == t
         for field in ("k_dense", "v_dense", "k_moe", "v_moe"):  # the written slots of real tokens
-            g, w = np.asarray(getattr(got.cache, field)), np.asarray(getattr(want.cache, field))
+            g, w = (np.asarray(getattr(c.cache, field)).swapaxes(2, 3) for c in (got, want))  # [L, B, S, K, hd]
             numerics.assert_close(f"{name}: {field}", g[:, np.asarray(want.cache.valid)],
                                   w[:, np.asarray(want.cache.valid)])
 

@@ -179,7 +179,7 @@ def test_inputs_caches_and_activation_constraints():
         sharding.shard_inputs(np.zeros((6, 5), np.int32), mesh, rules)
     cache = jax.eval_shape(lambda: model_lib.KVCache.create(cfg, 8, 32))
     cs = sharding.kv_cache_shardings(mesh, rules, cache)
-    assert cs.k_moe.spec == P(None, ("data", "fsdp", "expert"), None, "tensor")
+    assert cs.k_moe.spec == P(None, ("data", "fsdp", "expert"), "tensor")  # [L, B, K, S, hd]
     assert cs.valid.spec == P(("data", "fsdp", "expert")) and cs.length.spec == P()
 
     x = jnp.ones((8, 4, 16))
