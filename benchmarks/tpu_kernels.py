@@ -8,8 +8,9 @@ for ONE chip of the topology. Caveats that matter when reading the table:
     (pltpu.get_tpu_info_for_chip): a lower bound on run time, not a measurement.
   * XLA's ragged_dot on TPU lowers to dense per-expert work: its flops show the waste.
 
-Sections: `gmm` (MoE expert FFN at Ling-flash shapes: ours vs jax's megablox vs XLA ragged_dot). Add a section by
-adding a function to SECTIONS that returns Programs.
+Sections: `gmm` (MoE expert FFN at Ling-flash shapes: ours vs jax's megablox vs XLA ragged_dot, and the permute in
+front of it: an XLA gather + our kernel vs the gather fused into our kernel's loads). Add a section by adding a
+function to SECTIONS that returns Programs.
 
   JAX_PLATFORMS=cpu python -m benchmarks.tpu_kernels --topologies=v5p:2x2x1,v6e:2x2 --json=/tmp/tpu_kernels.json
 """
@@ -32,7 +33,7 @@ from benchmarks.tpu_aot import chip_info, one_chip_args
 from ming_jax.pallas import gmm as ours
 
 _TOPOLOGIES = flags.DEFINE_list("topologies", ["v5p:2x2x1", "v6e:2x2"], "TPU topologies to compile for.")
-_SECTIONS = flags.DEFINE_list("sections", ["gmm"], "Benchmark sections to run.")
+_SECTIONS = flags.DEFINE_list("sections", ["gmm", "combine"], "Benchmark sections to run.")
 _ONLY = flags.DEFINE_list("only", [], "Run only programs whose name contains one of these substrings.")
 _JSON = flags.DEFINE_string("json", "", "JSON results path (default: <tmpdir>/ming_jax_tpu_kernels.json).")
 _TOKENS = flags.DEFINE_integer("tokens", 8192, "Tokens per chip.")
@@ -105,10 +106,67 @@ def gmm_programs() -> list[Program]:
             # instead of saving them, trading 4 MDF for two [M, F] residuals per layer.
             Program("ffn_fwd_bwd", impl, train, (x, wg, wg, wd, gs, x), 16 * m * d * f),
         ]
+    return progs + gather_programs()
+
+
+def gather_programs() -> list[Program]:
+    """The MoE permute in front of gate/up: from the unsorted tokens x [T, D] and rows [T*k] (sorted row r is token
+    rows[r]). "xla_gather": x[rows] (an XLA gather writing the [T*k, D] copy) then our kernel; "fused_gather": our
+    kernel reads the token rows itself (gmm_glu(x, rows=rows)). Forward of gate/up, and the whole expert FFN's
+    gradients (x, three weights) with the down projection after it."""
+    t, m, d, f, e = _TOKENS.value, _TOKENS.value * _TOP_K.value, _D_MODEL.value, _D_FF.value, _EXPERTS.value
+    bf16 = jnp.bfloat16
+    xt, wg, wd, gs, rows, dy = ((t, d), bf16), ((e, d, f), bf16), ((e, f, d), bf16), ((e,), jnp.int32), \
+        ((m,), jnp.int32), ((m, d), bf16)
+    glus = {
+        "xla_gather": lambda x, a, b, s, r: ours.gmm_glu(x[r], a, b, s, implementation="pallas"),
+        "fused_gather": lambda x, a, b, s, r: ours.gmm_glu(x, a, b, s, rows=r, implementation="pallas"),
+    }
+    progs = []
+    for impl, glu in glus.items():
+
+        def train(x, w_gate, w_up, w_down, sizes, r, d_y, glu=glu):
+            def loss(x, w_gate, w_up, w_down):
+                y = ours.gmm(glu(x, w_gate, w_up, sizes, r), w_down, sizes, implementation="pallas")
+                return jnp.sum(y.astype(jnp.float32) * d_y.astype(jnp.float32))
+
+            return jax.grad(loss, argnums=(0, 1, 2, 3))(x, w_gate, w_up, w_down)
+
+        progs += [
+            Program("glu_fwd", impl, glu, (xt, wg, wg, gs, rows), 4 * m * d * f),
+            Program("ffn_fwd_bwd", impl, train, (xt, wg, wg, wd, gs, rows, dy), 16 * m * d * f),
+        ]
     return progs
 
 
-SECTIONS = {"gmm": gmm_programs}
+def combine_programs() -> list[Program]:
+    """The weighted un-permute after the down projection, y[t] = sum_k w[t, k] * ys[slot of (t, k)], as XLA ops:
+    "scatter" (`dispatch.combine`) puts the [T*k, D] rows back in token order with a scatter, then reduces;
+    "gather" scatters only the T*k int32 slots and gathers the rows. Forward, and the gradients of ys and the
+    weights."""
+    from ming_jax.moe import dispatch
+
+    t, k, d = _TOKENS.value, _TOP_K.value, _D_MODEL.value
+    shapes = (((t * k, d), jnp.bfloat16), ((t * k,), jnp.int32), ((t, k), jnp.float32))
+
+    def scatter(ys, order, w):
+        return dispatch.combine(ys, dispatch.DispatchPlan(order, jnp.zeros((1,), jnp.int32), k), w)
+
+    def gather(ys, order, w):
+        slot = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=order.dtype), unique_indices=True)
+        return jnp.einsum("tkd,tk->td", ys[slot].reshape(t, k, d).astype(jnp.float32), w).astype(ys.dtype)
+
+    progs = []
+    for impl, fn in (("scatter", scatter), ("gather", gather)):
+        def both(ys, order, w, fn=fn):
+            return jax.grad(lambda ys, w: jnp.sum(fn(ys, order, w).astype(jnp.float32)), argnums=(0, 1))(ys, w)
+
+        progs += [Program("combine_fwd", impl, fn, shapes, 2 * t * k * d),
+                  Program("combine_fwd_bwd", impl, both, shapes, 6 * t * k * d)]
+    return progs
+
+
+SECTIONS = {"gmm": gmm_programs, "combine": combine_programs}
 
 
 # ----------------------------------------------------------------------------------------------------- compile

@@ -24,6 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 from ming_jax import numerics
 from ming_jax.pallas import gmm as G
 from ming_jax.pallas.gmm import metadata
+from ming_jax.pallas.gmm.vjp import gather_rows
 
 EXAMPLES = settings(max_examples=5, deadline=None, derandomize=True)
 
@@ -237,6 +238,150 @@ def test_tpu_interpreter_forward_and_vjp():
     _check_case(case, np.array([7, 0, 0, case.m - 40] + [0] * (case.e - 4), np.int32), seed=3, interpret=params)
 
 
+# ------------------------------------------------------------------------------------------ fused row gather
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherCase:
+    """gmm_glu(x, rows=r) over unsorted tokens x [T, D]; M = T * top_k + pad sorted rows (pad rows past the routed
+    ones are extra rows that group_sizes may or may not cover)."""
+
+    name: str
+    dtype: str
+    t: int
+    top_k: int
+    pad: int
+    d: int
+    f: int
+    e: int
+    tiles: G.BlockSizes
+
+    @property
+    def m(self) -> int:
+        return self.t * self.top_k + self.pad
+
+
+GATHER_CASES = [
+    # float32: M = 157 (not a multiple of tm = 32), 2 k tiles (tiles_k > 1 slices the gathered rows), 2 n tiles in
+    # the forward / recompute (f = 256) and in the input gradient (d = 256), so the double buffer restarts per n tile.
+    GatherCase("f32_gather", "float32", t=50, top_k=3, pad=7, d=256, f=256, e=5, tiles=G.BlockSizes(32, 128, 128)),
+    # bf16: one k tile, 2 n tiles, M = 170 in 64-row tiles, top-4.
+    GatherCase("bf16_gather", "bfloat16", t=40, top_k=4, pad=10, d=256, f=256, e=6, tiles=G.BlockSizes(64, 256, 128)),
+]
+
+
+def _gather_rows_and_sizes(case: GatherCase, kind: str, seed: int):
+    """MoE-like rows (each token once per routed expert, sorted by expert) and group sizes of one `kind`:
+    'routed' (all T*K routed rows, the pad rows are padding), 'skewed' (one expert takes all but 3 rows, the others
+    one each, some empty), 'partial' (only part of the rows routed: padding past sum(group_sizes) < M)."""
+    rng = np.random.default_rng(seed)
+    t, k, e, m = case.t, case.top_k, case.e, case.m
+    experts = np.stack([rng.choice(e, size=k, replace=False) for _ in range(t)])  # [T, K] distinct per token
+    if kind == "skewed":
+        sizes = np.zeros(e, np.int32)
+        sizes[0], sizes[2], sizes[e - 1] = 1, 1, 1
+        sizes[1] = m - 3
+        rows = rng.integers(0, t, size=m)
+    else:
+        order = np.argsort(experts.reshape(-1), kind="stable")
+        sizes = np.bincount(experts.reshape(-1), minlength=e).astype(np.int32)
+        sizes[e // 2] = 0 if kind == "partial" else sizes[e // 2]  # an empty expert; its rows become padding
+        if kind == "partial":
+            sizes[0] = max(0, sizes[0] - 5)
+        rows = np.concatenate([order // k, rng.integers(0, t, size=case.pad)])
+        rows[rows.size - 1], rows[rows.size - 2] = -7, t + 100  # padding rows may hold any index: clamped, unused
+    return jnp.asarray(rows, jnp.int32), jnp.asarray(sizes, jnp.int32)
+
+
+@functools.cache
+def _gather_compiled(case: GatherCase, interpret):
+    def fused(x, w_gate, w_up, gs, rows, d_h):
+        h, pullback = jax.vjp(lambda a, b, c: G.gmm_glu(a, b, c, gs, rows=rows, tiling=case.tiles,
+                                                        interpret=interpret), x, w_gate, w_up)
+        return h, pullback(d_h.astype(h.dtype))
+
+    def ref(x, w_gate, w_up, gs, rows, d_h):
+        h, pullback = jax.vjp(lambda a, b, c: G.reference.gmm_glu(gather_rows(a, rows), b, c, gs), x, w_gate, w_up)
+        return h, pullback(d_h.astype(h.dtype))
+
+    return jax.jit(fused), jax.jit(ref)
+
+
+def _check_gather_case(case: GatherCase, kind: str, seed: int, interpret=True):
+    fused, ref = _gather_compiled(case, interpret)
+    dt = jnp.dtype(case.dtype)
+    k = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(k[0], (case.t, case.d), jnp.float32).astype(dt)
+    w_gate = (jax.random.normal(k[1], (case.e, case.d, case.f)) / np.sqrt(case.d)).astype(dt)
+    w_up = (jax.random.normal(k[2], (case.e, case.d, case.f)) / np.sqrt(case.d)).astype(dt)
+    d_h = jax.random.normal(k[3], (case.m, case.f), jnp.float32).astype(dt)
+    rows, gs = _gather_rows_and_sizes(case, kind, seed)
+    h, (dx, dwg, dwu) = fused(x, w_gate, w_up, gs, rows, d_h)
+    h_ref, (dx_ref, dwg_ref, dwu_ref) = ref(x, w_gate, w_up, gs, rows, d_h)
+    assert h.shape == (case.m, case.f) and dx.shape == x.shape and dx.dtype == x.dtype
+    for name, ours, want in (("h", h, h_ref), ("dx", dx, dx_ref), ("dw_gate", dwg, dwg_ref), ("dw_up", dwu, dwu_ref)):
+        _check(f"{case.name}.{kind}.{name}", ours, want, case.dtype)
+    used = int(min(int(gs.sum()), case.m))
+    assert not np.any(_f32(h)[used:]), f"{case.name}.{kind}: padding rows of h are not zero"
+    assert not np.any(_f32(dwg)[np.asarray(gs) == 0]), f"{case.name}.{kind}: empty expert has a weight gradient"
+
+
+@pytest.mark.parametrize("kind", ["routed", "skewed", "partial"])
+@pytest.mark.parametrize("case", GATHER_CASES, ids=lambda c: c.name)
+def test_fused_gather_matches_gather_then_reference(case, kind):
+    """gmm_glu(x, rows=r) and its gradients for x, w_gate, w_up equal the reference on x[r] (tolerances: numerics
+    TOLERANCES, relative max-abs 1e-4 float32 / 2e-2 bfloat16)."""
+    _check_gather_case(case, kind, seed=len(kind))
+
+
+def test_fused_gather_tpu_interpreter():
+    """TPU memory semantics (uninitialised VMEM reads NaN, DMAs and semaphores simulated, races detected): the
+    per-row DMAs, the double buffer and the semaphore waits leave the same results."""
+    params = pltpu.InterpretParams(out_of_bounds_reads="uninitialized", detect_races=True)
+    _check_gather_case(GATHER_CASES[0], "partial", seed=5, interpret=params)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_fused_gather_kernels_directly(impl):
+    """The kernel entry points: grouped_matmul / tgmm with lhs_rows equal the same kernels on the gathered rows."""
+    from ming_jax.pallas.gmm import kernel as K
+
+    case = GATHER_CASES[0]
+    rows, gs = _gather_rows_and_sizes(case, "routed", 1)
+    x = jax.random.normal(jax.random.key(1), (case.t, case.d), jnp.float32)
+    w = jax.random.normal(jax.random.key(2), (case.e, case.d, case.f), jnp.float32) / 16
+    dy = jax.random.normal(jax.random.key(3), (case.m, case.f), jnp.float32)
+    xs = gather_rows(x, rows)
+    if impl == "xla":  # the XLA path of gmm_glu gathers first
+        h = G.gmm_glu(x, w, w, gs, rows=rows, implementation="xla")
+        _check("xla_gather.h", h, G.reference.gmm_glu(xs, w, w, gs), "float32")
+        return
+    kw = dict(block=case.tiles, interpret=True)
+    (y,) = K.grouped_matmul((x,), (w,), gs, terms=(((0, 0),),), out_dtypes=(jnp.float32,), lhs_rows=rows, **kw)
+    (y_ref,) = K.grouped_matmul((xs,), (w,), gs, terms=(((0, 0),),), out_dtypes=(jnp.float32,), **kw)
+    _check("kernel_gather.y", y, y_ref, "float32")
+    (dw,) = K.transposed_grouped_matmul(x, (dy,), gs, out_dtype=jnp.float32, lhs_rows=rows, **kw)
+    (dw_ref,) = K.transposed_grouped_matmul(xs, (dy,), gs, out_dtype=jnp.float32, **kw)
+    _check("kernel_gather.dw", dw, dw_ref, "float32")
+
+
+def test_fused_gather_bad_input_raises_naming_the_problem():
+    x = jnp.zeros((10, 256), jnp.float32)
+    w = jnp.zeros((4, 256, 128), jnp.float32)
+    gs = jnp.zeros((4,), jnp.int32)
+    with pytest.raises(ValueError, match="rows must be a 1-D int32"):
+        G.gmm_glu(x, w, w, gs, rows=jnp.zeros((20,), jnp.int64 if jax.config.x64_enabled else jnp.float32))
+    with pytest.raises(ValueError, match="rows must be a 1-D int32"):
+        G.gmm_glu(x, w, w, gs, rows=jnp.zeros((4, 5), jnp.int32))
+    with pytest.raises(ValueError, match="rows must be a 1-D int32"):
+        G.gmm_glu(x, w, w, gs, rows=jnp.zeros((0,), jnp.int32))
+    with pytest.raises(ValueError, match="unsorted"):
+        G.gmm_glu(jnp.zeros((0, 256), jnp.float32), w, w, gs, rows=jnp.zeros((4,), jnp.int32))
+    with pytest.raises(ValueError, match="multiple of"):  # K = 320 in k tiles of 256: gathered rows cannot be sliced
+        G.gmm_glu(jnp.zeros((10, 320), jnp.float32), jnp.zeros((4, 320, 128)), jnp.zeros((4, 320, 128)), gs,
+                  rows=jnp.zeros((20,), jnp.int32), tiling=G.BlockSizes(16, 256, 128), interpret=True)
+
+
 # ------------------------------------------------------------------------------------------ implementations
 
 
@@ -366,3 +511,43 @@ def test_tpu_aot_compile_ling_flash_expert_ffn(topology):
     useful = 20 * m * d * f  # 2 flops x (2 glu fwd + 2 recompute + 2 dx + 2 tgmm + 1 dlhs + 1 tgmm) x M D F
     assert useful <= cost["flops"] <= 1.01 * useful, cost["flops"]
     assert args - (m * d * 2) <= cost["bytes accessed"] <= 8 * (args + grads), cost["bytes accessed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2"])
+def test_tpu_aot_compile_ling_flash_fused_gather(topology):
+    """The fused permute at full Ling-flash shapes (8192 tokens, top-8): the gate/up kernels read token rows of the
+    unsorted x [T, D]; forward and the whole FFN's gradients Mosaic-compile for one chip, and the forward holds no
+    [T*K, D] permuted copy of x in HBM."""
+    _need_libtpu()
+    d, f, e = (LING_FLASH[k] for k in ("d", "f", "e"))
+    t, top_k = 8192, 8
+    m = t * top_k
+    bf16 = jnp.bfloat16
+    shapes = [((t, d), bf16), ((e, d, f), bf16), ((e, d, f), bf16), ((e, f, d), bf16), ((e,), jnp.int32),
+              ((m,), jnp.int32), ((m, d), bf16)]
+    args = _tpu_abstract(topology, shapes)
+    permuted_bytes = m * d * 2
+
+    def fwd(x, w_gate, w_up, gs, rows):
+        return G.gmm_glu(x, w_gate, w_up, gs, rows=rows)
+
+    lowered = jax.jit(fwd).lower(*args[:3], args[4], args[5])
+    assert len(re.findall(r"custom_call @tpu_custom_call", lowered.as_text())) == 1
+    mem = lowered.compile().memory_analysis()
+    assert mem.temp_size_in_bytes < permuted_bytes // 2, f"fwd temp {mem.temp_size_in_bytes / 2**20:.0f} MiB"
+
+    def train(x, w_gate, w_up, w_down, gs, rows, d_y):
+        def loss(x, w_gate, w_up, w_down):
+            y = G.gmm(G.gmm_glu(x, w_gate, w_up, gs, rows=rows), w_down, gs)
+            return jnp.sum(y.astype(jnp.float32) * d_y.astype(jnp.float32))
+
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(x, w_gate, w_up, w_down)
+
+    lowered = jax.jit(train).lower(*args)
+    kernels = re.findall(r"custom_call @tpu_custom_call", lowered.as_text())
+    assert len(kernels) == 6, f"expected the 6 Pallas kernels, lowered {len(kernels)}"
+    compiled = lowered.compile()
+    cost = compiled.cost_analysis()
+    useful = 20 * m * d * f
+    assert useful <= cost["flops"] <= 1.01 * useful + 4 * m * d, cost["flops"]  # + the segment sum of d_x

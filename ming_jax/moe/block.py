@@ -10,7 +10,7 @@ from ming_jax.config.llm import LLMConfig
 from ming_jax.layers.mlp import GatedMLP
 from ming_jax.layers.params import fan_in_normal, param
 from ming_jax.moe import dispatch, expert_parallel, experts
-from ming_jax.moe.router import Router, Routing
+from ming_jax.moe.router import Router
 
 
 class MoEBlock(nnx.Module):
@@ -51,9 +51,10 @@ class MoEBlock(nnx.Module):
                                                    self.w_down[...].astype(dt), ep)
             else:
                 plan = dispatch.sort_by_expert(routing.experts, self.num_experts)
-                xs = dispatch.permute(tokens, plan)  # [B*S*K, D]
-                ys = experts.grouped_glu(xs, plan.group_sizes, self.w_gate[...].astype(dt),
-                                         self.w_up[...].astype(dt), self.w_down[...].astype(dt), impl=self.impl)
+                # The permute is fused into the gate/up kernel's loads (impl "pallas"): no [B*S*K, D] copy.
+                ys = experts.grouped_glu(tokens, plan.group_sizes, self.w_gate[...].astype(dt),
+                                         self.w_up[...].astype(dt), self.w_down[...].astype(dt), impl=self.impl,
+                                         rows=plan.order // plan.top_k)  # [B*S*K, D] in expert order
                 y = dispatch.combine(ys, plan, routing.weights)
         if self.shared is not None:
             with jax.named_scope("shared_expert"):

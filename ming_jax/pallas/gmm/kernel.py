@@ -19,6 +19,15 @@ Design notes (ideas from jax's megablox and tokamax's ragged_dot, re-derived her
   so the pipeline fetches each expert's weights once per n tile instead of once per row tile; the defaults aim for it.
 * M, K and N need not divide the tiles: edge blocks overhang the array; overhanging rows belong to no group (never
   stored, masked out of tgmm sums) and overhanging k columns are zeroed before the dot.
+* Fused row gather (`lhs_rows`): the lhs stays unsorted in HBM ([T, K], e.g. the MoE tokens) and row r of the sorted
+  layout is lhs[lhs_rows[r]], so the permuted [M, K] copy is never written. Each step copies its tile's rows with one
+  DMA per row (per k block) into a two-slot VMEM landing buffer of the full contraction width and re-lays them into
+  a dense tile once, so its k tiles only index that tile. (A DMA may not start a row inside a (sublane, lane) memory
+  tile, so the lhs is read as [T, 1, K] and rows land on an untiled axis; see `_RowGather`.) The rows of the next
+  gathering step of the same n tile (tgmm: (n, k) tile) are in flight while the current step computes; the first one
+  of each n tile fetches its own rows and waits, since the n axis (and tgmm's k axis) is "parallel" and a megacore
+  split must never find a DMA for another core's tile in flight. Steps with nothing to compute (padding, empty groups)
+  fetch nothing; tile rows past M read a clamped (valid) row whose result is masked like any row a step does not own.
 """
 
 from __future__ import annotations
@@ -210,6 +219,7 @@ class _GmmPlan:
     n_rhs: int
     n_extra: int
     transpose_rhs: bool
+    gather_from: int = 0  # T, the rows of the unsorted lhs, when the kernel gathers them (lhs_rows); 0 otherwise
 
     @property
     def tiles_k(self) -> int:
@@ -220,19 +230,137 @@ class _GmmPlan:
         return pl.cdiv(self.n, self.block.tn)
 
 
-def _gmm_kernel(plan: _GmmPlan, terms, epilogue, precision):
-    """Kernel body for grid (n tile, schedule step, k tile); refs: 3 scalar-prefetch, inputs, outputs, accumulators."""
+def _row_chunk(tm: int) -> int:
+    """Rows per relayout chunk: a whole bf16 sublane tile (16) when it divides tm, else the largest divisor <= 16."""
+    return next(c for c in (16, 8, 4, 2, 1) if tm % c == 0)
+
+
+class _RowGather:
+    """Gathers a tile's lhs rows from HBM with one DMA per row (per k block) into a two-slot VMEM landing buffer.
+
+    A DMA may not start a row inside a TPU (sublane, lane) memory tile, so a lone row can only move between arrays
+    whose row axis is a leading (untiled) one: the lhs is passed as [T, 1, K] and lands in a [2, kb, tm, 1, tk]
+    buffer (kb k blocks per slot). `unpack` then re-lays a slot out into the dense [kb, tm, tk] tile the MXU reads,
+    16 rows at a time, once per step (the k tiles of the step index that tile).
+
+    Row i of the tile at `tile` is sorted row r = tile * tm + i, read from lhs[rows[r]]; r is clamped to M - 1 (rows
+    past M are masked downstream) and rows[r] to [0, T - 1], so no copy can leave the arrays. Every copy into one slot
+    signals that slot's DMA semaphore; `wait` waits for them one (equal-sized) descriptor at a time.
+    """
+
+    def __init__(self, rows_ref, lhs_refs, landing, sems, *, m: int, t: int, tm: int, tk: int, k_blocks):
+        self.rows_ref, self.lhs_refs, self.landing, self.sems = rows_ref, lhs_refs, landing, sems
+        self.m, self.t, self.tm, self.tk = m, t, tm, tk
+        self.k_blocks = k_blocks  # [(first lhs column, landing k index)] to copy per row; the column may be traced
+
+    def _copies(self, slot, i, src_row):
+        for lhs_ref, buf in zip(self.lhs_refs, self.landing):
+            for col, kk in self.k_blocks:
+                yield pltpu.make_async_copy(
+                    lhs_ref.at[src_row, :, pl.ds(col, self.tk)], buf.at[slot, kk, i], self.sems.at[slot]
+                )  # [1, tk] -> [1, tk]
+
+    def start(self, tile, slot):
+        row0 = tile * self.tm
+
+        def body(i, carry):
+            src_row = jnp.clip(self.rows_ref[jnp.minimum(row0 + i, self.m - 1)], 0, self.t - 1)
+            for copy in self._copies(slot, i, src_row):
+                copy.start()
+            return carry
+
+        lax.fori_loop(0, self.tm, body, 0)
+
+    def wait(self, slot):
+        def body(i, carry):
+            for copy in self._copies(slot, i, 0):
+                copy.wait()
+            return carry
+
+        lax.fori_loop(0, self.tm, body, 0)
+
+    def unpack(self, slot, tiles):
+        """Landing slot [kb, tm, 1, tk] -> dense tiles [kb, tm, tk] (one per lhs)."""
+        chunk = _row_chunk(self.tm)
+
+        def body(c, carry):
+            r0 = pl.multiple_of(c * chunk, chunk)
+            for buf, tile in zip(self.landing, tiles):
+                for _, kk in self.k_blocks:
+                    tile[kk, pl.ds(r0, chunk), :] = buf[slot, kk, pl.ds(r0, chunk)].reshape(chunk, self.tk)
+            return carry
+
+        lax.fori_loop(0, self.tm // chunk, body, 0)
+
+    def double_buffered(self, *, first: jax.Array, slot: jax.Array, next_step: jax.Array, has_next: jax.Array,
+                        tile_ids_ref, step, tiles):
+        """At the first k tile of a step that fetches: land its rows in `slot` and unpack them into `tiles`. `first`:
+        no earlier step of this grid row fetched, so nothing was prefetched for this one; otherwise the previous
+        fetching step put these rows in flight. `has_next`: a later step of this grid row fetches (`next_step`, the
+        first such); its rows go in flight into the other slot before this step waits on its own."""
+
+        @pl.when(first)
+        def _own():
+            self.start(tile_ids_ref[step], slot)
+
+        @pl.when(has_next)
+        def _prefetch():
+            self.start(tile_ids_ref[next_step], 1 - slot)
+
+        self.wait(slot)
+        self.unpack(slot, tiles)
+
+
+def _fetch_chain(sched: metadata.GroupSchedule) -> tuple[jax.Array, jax.Array]:
+    """For tgmm, whose schedule interleaves steps of empty groups (which gather nothing): per step, its rank among
+    the steps that gather (slot = rank % 2; rank 0 fetches its own rows) and the next step that gathers (max_steps
+    when none). Steps past num_steps never gather."""
+    length = sched.group_ids.shape[0]
+    step = jnp.arange(length, dtype=jnp.int32)
+    g = sched.group_ids
+    fetches = (sched.offsets[g + 1] > sched.offsets[g]) & (step < sched.num_steps)
+    rank = (jnp.cumsum(fetches) - fetches).astype(jnp.int32)
+    at = jnp.where(fetches, step, length)
+    first_from = lax.cummin(at, reverse=True)  # first fetching step >= s
+    nxt = jnp.concatenate([first_from[1:], jnp.full((1,), length, jnp.int32)]).astype(jnp.int32)
+    return rank, nxt
+
+
+def _gather_scratch(n_lhs: int, kb: int, tm: int, tk: int, dtype) -> list:
+    """Landing buffers, dense tiles (one each per lhs) and the two DMA semaphores of a `_RowGather`."""
+    return (
+        [pltpu.VMEM((2, kb, tm, 1, tk), dtype) for _ in range(n_lhs)]
+        + [pltpu.VMEM((kb, tm, tk), dtype) for _ in range(n_lhs)]
+        + [pltpu.SemaphoreType.DMA((2,))]
+    )
+
+
+def _gather_scratch_bytes(n_lhs: int, kb: int, tm: int, tk: int, itemsize: int) -> int:
+    # The landing buffer's size-1 sublane axis pads to a full packed row pair for 16-bit types (measured: a bf16
+    # [tm, 1, tk] buffer takes twice its nominal VMEM), so count 4 bytes per element there.
+    return n_lhs * kb * tm * tk * (2 * max(itemsize, 4) + itemsize)
+
+
+def _gmm_kernel(plan: _GmmPlan, terms, epilogue, precision, max_steps: int):
+    """Kernel body for grid (n tile, schedule step, k tile); refs: 3 scalar-prefetch (+ lhs_rows when gathering),
+    inputs, outputs, accumulators (+ gather scratch and DMA semaphores)."""
     tm, tk, tn = plan.block.tm, plan.block.tk, plan.block.tn
     k_rem = plan.k % tk
     dims = (((1,), (1,)), ((), ())) if plan.transpose_rhs else (((1,), (0,)), ((), ()))
     n_in = plan.n_lhs + plan.n_rhs + plan.n_extra
+    n_acc = len(terms)
+    gather = plan.gather_from > 0
 
     def kernel(offsets_ref, group_ids_ref, tile_ids_ref, *refs):
+        if gather:
+            rows_ref, refs = refs[0], refs[1:]
+            landing, tiles = refs[-1 - 2 * plan.n_lhs : -1 - plan.n_lhs], refs[-1 - plan.n_lhs : -1]
+            sems, refs = refs[-1], refs[: -1 - 2 * plan.n_lhs]
         lhs_refs = refs[: plan.n_lhs]
         rhs_refs = refs[plan.n_lhs : plan.n_lhs + plan.n_rhs]
         extra_refs = refs[plan.n_lhs + plan.n_rhs : n_in]
-        out_refs = refs[n_in : -len(terms)]
-        acc_refs = refs[-len(terms) :]
+        out_refs = refs[n_in:-n_acc]
+        acc_refs = refs[-n_acc:]
         step, k_i = pl.program_id(1), pl.program_id(2)
         group = group_ids_ref[step]
         is_padding = group >= plan.num_groups
@@ -249,9 +377,29 @@ def _gmm_kernel(plan: _GmmPlan, terms, epilogue, precision):
                 x = jnp.where(col < plan.k, x, jnp.zeros_like(x))
             return x
 
+        if gather:
+            gatherer = _RowGather(rows_ref, lhs_refs, landing, sems, m=plan.m, t=plan.gather_from, tm=tm, tk=tk,
+                                  k_blocks=[(kk * tk, kk) for kk in range(plan.tiles_k)])
+            num_steps = pl.num_programs(1)  # at the top level: the generic interpreter substitutes it only here
+
+            # Real steps are a prefix of the schedule (padding is its tail group), so the fetching steps are
+            # 0, 1, ..., and step s + 1 fetches iff it exists and is real.
+            nxt = jnp.minimum(step + 1, max_steps - 1)
+
+            @pl.when((k_i == 0) & jnp.logical_not(is_padding))
+            def _gather():
+                gatherer.double_buffered(
+                    first=step == 0, slot=lax.rem(step, 2), next_step=nxt,
+                    has_next=(step + 1 < num_steps) & (group_ids_ref[nxt] < plan.num_groups),
+                    tile_ids_ref=tile_ids_ref, step=step, tiles=tiles,
+                )
+
         @pl.when(jnp.logical_not(is_padding))
         def _accumulate():
-            xs = [load_k_masked(r, 1) for r in lhs_refs]  # [tm, tk]
+            if gather:  # K % tk == 0 here: no overhanging columns
+                xs = [tile[k_i] for tile in tiles]  # [tm, tk]
+            else:
+                xs = [load_k_masked(r, 1) for r in lhs_refs]  # [tm, tk]
             ws = [load_k_masked(r, 1 if plan.transpose_rhs else 0) for r in rhs_refs]  # [tk, tn] / [tn, tk]
             for acc, products in zip(acc_refs, terms):
                 total = acc[...]  # [tm, tn] f32
@@ -275,10 +423,12 @@ def _gmm_kernel(plan: _GmmPlan, terms, epilogue, precision):
 
 def _gmm_block_specs(plan: _GmmPlan, n_out: int):
     """Index maps. Padding steps compute nothing, so their input blocks are pinned (k block and, for lhs and extras,
-    the first padding row tile): consecutive padding steps then issue no DMAs. Outputs follow the real tile."""
+    the first padding row tile): consecutive padding steps then issue no DMAs. Outputs follow the real tile. A gathered
+    lhs stays in HBM (pl.ANY): the kernel copies its rows itself."""
     tm, tk, tn = plan.block.tm, plan.block.tk, plan.block.tn
     last_k, last_tile, g_max = plan.tiles_k - 1, metadata.num_row_tiles(plan.m, tm) - 1, plan.num_groups
 
+    # Index maps get (grid indices, scalar-prefetch refs): offsets, group ids, tile ids (, lhs_rows when gathering).
     def input_tile_and_k(step, k_i, offsets, group_ids, tile_ids):
         real = group_ids[step] < g_max
         # lax.div, not //: floor division lowers through `sign`, whose Mosaic rule queries the local device kind
@@ -286,23 +436,24 @@ def _gmm_block_specs(plan: _GmmPlan, n_out: int):
         pad_tile = jnp.minimum(lax.div(offsets[g_max], jnp.int32(tm)), last_tile)
         return jnp.where(real, tile_ids[step], pad_tile), jnp.where(real, k_i, last_k)
 
-    def lhs_map(n_i, step, k_i, offsets, group_ids, tile_ids):
+    def lhs_map(n_i, step, k_i, offsets, group_ids, tile_ids, *_):
         return input_tile_and_k(step, k_i, offsets, group_ids, tile_ids)
 
-    def rhs_map(n_i, step, k_i, offsets, group_ids, tile_ids):
+    def rhs_map(n_i, step, k_i, offsets, group_ids, tile_ids, *_):
         _, kb = input_tile_and_k(step, k_i, offsets, group_ids, tile_ids)
         g = jnp.minimum(group_ids[step], g_max - 1)
         return (g, n_i, kb) if plan.transpose_rhs else (g, kb, n_i)
 
-    def extra_map(n_i, step, k_i, offsets, group_ids, tile_ids):
+    def extra_map(n_i, step, k_i, offsets, group_ids, tile_ids, *_):
         return input_tile_and_k(step, k_i, offsets, group_ids, tile_ids)[0], n_i
 
-    def out_map(n_i, step, k_i, offsets, group_ids, tile_ids):
+    def out_map(n_i, step, k_i, offsets, group_ids, tile_ids, *_):
         return tile_ids[step], n_i
 
     rhs_block = (None, tn, tk) if plan.transpose_rhs else (None, tk, tn)
+    lhs_spec = pl.BlockSpec(memory_space=pl.ANY) if plan.gather_from else pl.BlockSpec((tm, tk), lhs_map)
     in_specs = (
-        [pl.BlockSpec((tm, tk), lhs_map)] * plan.n_lhs
+        [lhs_spec] * plan.n_lhs
         + [pl.BlockSpec(rhs_block, rhs_map)] * plan.n_rhs
         + [pl.BlockSpec((tm, tn), extra_map)] * plan.n_extra
     )
@@ -310,28 +461,62 @@ def _gmm_block_specs(plan: _GmmPlan, n_out: int):
 
 
 def _gmm_cost(plan: _GmmPlan, itemsize: int, extra_itemsize: int, out_itemsizes, n_products: int, transc: int):
-    """(CostEstimate, bytes of one set of pipeline blocks). HBM model: lhs streamed once per n tile; weights once per
-    (group, n tile) when the contraction is one block, else once per schedule step (worst case)."""
+    """(CostEstimate, bytes of one set of pipeline blocks, scratch bytes). HBM model: lhs streamed (or its rows
+    gathered) once per n tile; weights once per (group, n tile) when the contraction is one block, else once per
+    schedule step (worst case). A gathered lhs is no pipeline block: its two [tm, K] row slots are scratch."""
     m, k, n = plan.m, plan.k, plan.n
     tm, tk, tn = plan.block.tm, plan.block.tk, plan.block.tn
     weight_reads = plan.num_groups if plan.tiles_k == 1 else metadata.max_steps(m, tm, plan.num_groups + 1)
+    gather = plan.gather_from > 0
     cost = pl.CostEstimate(
         flops=2 * m * k * n * n_products,
         transcendentals=transc * m * n,
         bytes_accessed=(
             plan.n_lhs * m * k * itemsize * plan.tiles_n
+            + (4 * m if gather else 0)  # lhs_rows (scalar prefetch, read once)
             + plan.n_rhs * weight_reads * k * n * itemsize
             + plan.n_extra * m * n * extra_itemsize
             + m * n * sum(out_itemsizes)
         ),
     )
     block_bytes = (
-        plan.n_lhs * tm * tk * itemsize
+        (0 if gather else plan.n_lhs * tm * tk * itemsize)
         + plan.n_rhs * tk * tn * itemsize
         + plan.n_extra * tm * tn * extra_itemsize
         + tm * tn * sum(out_itemsizes)
     )
-    return cost, block_bytes
+    scratch_bytes = _gather_scratch_bytes(plan.n_lhs, plan.tiles_k, tm, tk, itemsize) if gather else 0
+    return cost, block_bytes, scratch_bytes
+
+
+def _check_rows(lhs_rows, lhs_shape, what: str) -> int:
+    """Validate a gather index for an unsorted lhs of `lhs_shape` ([T, K]); returns M, the sorted rows."""
+    if not hasattr(lhs_rows, "dtype") or lhs_rows.dtype != jnp.int32 or lhs_rows.ndim != 1 or lhs_rows.shape[0] < 1:
+        got = f"{lhs_rows.dtype} {lhs_rows.shape}" if hasattr(lhs_rows, "dtype") else type(lhs_rows).__name__
+        raise ValueError(
+            f"{what} lhs_rows must be a 1-D int32 [M] array (M >= 1 sorted rows, row r read from lhs[lhs_rows[r]]), "
+            f"got {got}"
+        )
+    if len(lhs_shape) != 2 or lhs_shape[0] < 1:
+        raise ValueError(f"{what} with lhs_rows: lhs must be [T, K] with T >= 1 unsorted rows, got {lhs_shape}")
+    return lhs_rows.shape[0]
+
+
+def _gather_default(block: BlockSizes, k: int) -> BlockSizes:
+    """Default tiles for a gathered lhs: tk must divide K, so shrink it to the largest 128-multiple divisor of K, or
+    take all of K in one k tile when there is none."""
+    if k % block.tk == 0:
+        return block
+    tk = next((c for c in range(block.tk // 128 * 128, 0, -128) if k % c == 0), k)
+    return dataclasses.replace(block, tk=tk)
+
+
+def _check_gather_tiles(k: int, tk: int, what: str):
+    if k % tk:
+        raise ValueError(
+            f"{what} with lhs_rows gathers whole rows and slices k tiles out of them: K={k} must be a multiple of "
+            f"tk={tk} (or use one k tile, tk >= K)"
+        )
 
 
 def grouped_matmul(
@@ -347,6 +532,7 @@ def grouped_matmul(
     block: BlockSizes | None = None,
     interpret=False,
     transcendentals_per_out: int = 0,
+    lhs_rows: jax.Array | None = None,
 ) -> tuple[jax.Array, ...]:
     """Grouped matmuls with float32 accumulators and a fused epilogue; returns one [M, N] array per epilogue output.
 
@@ -354,12 +540,16 @@ def grouped_matmul(
     terms[a] lists the (lhs index, rhs index) products summed into accumulator a; the epilogue maps the accumulators
     (and the `extras`, [M, N] row-aligned arrays read at the output tile) to the outputs, cast to `out_dtypes`.
     Rows at or past sum(group_sizes) come out as zeros.
+    lhs_rows: optional int32 [M] fused gather; then every lhs is unsorted [T, K] (any T >= 1) and row r of the sorted
+    layout is lhs[lhs_rows[r]] (values clamped to [0, T - 1]). The kernel copies those rows from HBM itself, so the
+    sorted [M, K] copy never exists. Needs K % tk == 0 (or one k tile).
     """
     lhs, rhs, extras = tuple(lhs), tuple(rhs), tuple(extras)
     dtype = _check_operands(lhs, rhs, group_sizes)
-    m, k = lhs[0].shape
-    if any(a.shape != (m, k) for a in lhs):
+    t, k = lhs[0].shape
+    if any(a.shape != (t, k) for a in lhs):
         raise ValueError(f"all lhs must share one [M, K] shape, got {[a.shape for a in lhs]}")
+    m = t if lhs_rows is None else _check_rows(lhs_rows, lhs[0].shape, "grouped_matmul")
     num_groups = rhs[0].shape[0]
     n = rhs[0].shape[1] if transpose_rhs else rhs[0].shape[2]
     want = (num_groups, n, k) if transpose_rhs else (num_groups, k, n)
@@ -369,49 +559,71 @@ def grouped_matmul(
         raise ValueError(f"group_sizes must be [{num_groups}] (one per rhs group), got {group_sizes.shape}")
     if any(e.shape != (m, n) or e.dtype != extras[0].dtype for e in extras):
         raise ValueError(f"epilogue extras must be [{m}, {n}] of one dtype, got {[(e.shape, e.dtype) for e in extras]}")
-    block = (block or get_default(m, k, n, kind="gmm", num_rhs=len(rhs), itemsize=dtype.itemsize)).fit(m, k, n)
-    plan = _GmmPlan(m, k, n, num_groups, block, len(lhs), len(rhs), len(extras), transpose_rhs)
+    if block is None:
+        block = get_default(m, k, n, kind="gmm", num_rhs=len(rhs), itemsize=dtype.itemsize)
+        block = block if lhs_rows is None else _gather_default(block, k)
+    block = block.fit(m, k, n)
+    gather_from = 0 if lhs_rows is None else t
+    plan = _GmmPlan(m, k, n, num_groups, block, len(lhs), len(rhs), len(extras), transpose_rhs, gather_from)
     tm, tn = block.tm, block.tn
+    if gather_from:
+        _check_gather_tiles(k, block.tk, "grouped_matmul")
 
     sched = metadata.make_schedule(group_sizes, m=m, tm=tm, tail_group=True, visit_empty=False)
+    max_steps = sched.group_ids.shape[0]
     in_specs, out_specs = _gmm_block_specs(plan, len(out_dtypes))
     out_itemsizes = [jnp.dtype(dt).itemsize for dt in out_dtypes]
     extra_itemsize = extras[0].dtype.itemsize if extras else 0
-    n_products = sum(len(t) for t in terms)
-    cost, block_bytes = _gmm_cost(plan, dtype.itemsize, extra_itemsize, out_itemsizes, n_products,
-                                  transcendentals_per_out)
+    n_products = sum(len(products) for products in terms)
+    cost, block_bytes, gather_bytes = _gmm_cost(plan, dtype.itemsize, extra_itemsize, out_itemsizes, n_products,
+                                                transcendentals_per_out)
+    scratch = [pltpu.VMEM((tm, tn), jnp.float32) for _ in terms]
+    prefetch = [sched.offsets, sched.group_ids, sched.tile_ids]
+    if gather_from:
+        scratch += _gather_scratch(len(lhs), plan.tiles_k, tm, block.tk, dtype)
+        prefetch.append(lhs_rows)
     call = pl.pallas_call(
-        _gmm_kernel(plan, terms, epilogue, _dot_precision(dtype)),
+        _gmm_kernel(plan, terms, epilogue, _dot_precision(dtype), max_steps),
         out_shape=[jax.ShapeDtypeStruct((m, n), dt) for dt in out_dtypes],
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
+            num_scalar_prefetch=len(prefetch),
             in_specs=in_specs,
             out_specs=out_specs,
             grid=(plan.tiles_n, sched.num_steps, plan.tiles_k),
-            scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32) for _ in terms],
+            scratch_shapes=scratch,
         ),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary", "arbitrary"),
-            vmem_limit_bytes=_vmem_limit(block_bytes, len(terms) * tm * tn * 4),
+            vmem_limit_bytes=_vmem_limit(block_bytes, len(terms) * tm * tn * 4 + gather_bytes),
         ),
         interpret=resolve_interpret(interpret),
         cost_estimate=cost,
-        name="ming_gmm",
+        name="ming_gmm_gather" if gather_from else "ming_gmm",
     )
-    return tuple(call(sched.offsets, sched.group_ids, sched.tile_ids, *lhs, *rhs, *extras))
+    if gather_from:  # rows on a leading (untiled) axis, so one row is one DMA (see _RowGather)
+        lhs = tuple(a.reshape(t, 1, k) for a in lhs)
+    return tuple(call(*prefetch, *lhs, *rhs, *extras))
 
 
-def _tgmm_kernel(n_out: int, tm: int, dtype):
+def _tgmm_kernel(n_out: int, tm: int, dtype, gather: dict | None, max_steps: int):
     """Kernel body for grid (n tile, k tile, schedule step): accumulate lhs^T @ rhs over a group's row tiles, store
-    when the group ends; rows outside the group (other groups, or overhanging past M) are zeroed on both sides."""
+    when the group ends; rows outside the group (other groups, or overhanging past M) are zeroed on both sides.
+    gather (lhs_rows given): dict(m, t, tk): the lhs rows come from the unsorted [T, 1, K] lhs in HBM, per (n, k)
+    tile double-buffered across the steps of non-empty groups."""
     precision = _dot_precision(dtype)
 
-    def kernel(offsets_ref, group_ids_ref, tile_ids_ref, lhs_ref, *refs):
+    def kernel(offsets_ref, group_ids_ref, tile_ids_ref, *refs):
+        if gather:
+            rows_ref, rank_ref, next_ref, lhs_ref, refs = refs[0], refs[1], refs[2], refs[3], refs[4:]
+            (landing,), (tile,), sems, refs = refs[-3:-2], refs[-2:-1], refs[-1], refs[:-3]
+        else:
+            lhs_ref, refs = refs[0], refs[1:]
         rhs_refs = refs[:n_out]
         out_refs = refs[n_out : 2 * n_out]
         acc_refs = refs[2 * n_out :]
-        step = pl.program_id(2)
-        last = pl.num_programs(2) - 1
+        k_i, step = pl.program_id(1), pl.program_id(2)
+        num_steps = pl.num_programs(2)
+        last = num_steps - 1
         group = group_ids_ref[step]
         first_visit = (step == 0) | (group_ids_ref[jnp.maximum(step - 1, 0)] != group)
         last_visit = (step == last) | (group_ids_ref[jnp.minimum(step + 1, last)] != group)
@@ -422,20 +634,37 @@ def _tgmm_kernel(n_out: int, tm: int, dtype):
             for acc in acc_refs:
                 acc[...] = jnp.zeros_like(acc)
 
+        if gather:
+            tk = gather["tk"]
+            gatherer = _RowGather(rows_ref, (lhs_ref,), (landing,), sems, m=gather["m"], t=gather["t"], tm=tm, tk=tk,
+                                  k_blocks=[(pl.multiple_of(k_i * tk, tk), 0)])
+
+            # Empty groups' steps (visited to store zeros) fetch nothing and may sit between fetching steps: the
+            # chain follows the precomputed fetch ranks and next fetching steps instead of step parity.
+            rank, nxt = rank_ref[step], next_ref[step]
+
+            @pl.when(end > start)
+            def _gather():
+                gatherer.double_buffered(
+                    first=rank == 0, slot=lax.rem(rank, 2), next_step=jnp.minimum(nxt, max_steps - 1),
+                    has_next=nxt < num_steps, tile_ids_ref=tile_ids_ref, step=step, tiles=(tile,),
+                )
+
         @pl.when(end > start)
         def _accumulate():
             row0 = tile_ids_ref[step] * tm
 
-            def own_rows(ref):
+            def own_rows(x):
                 # Rows of other groups and overhanging rows past M (garbage, maybe NaN) must add nothing.
-                x = ref[...].astype(jnp.float32)
+                x = x.astype(jnp.float32)
                 rows = lax.broadcasted_iota(jnp.int32, x.shape, 0) + row0
                 return jnp.where((rows >= start) & (rows < end), x, 0.0).astype(dtype)
 
-            x = own_rows(lhs_ref)  # [tm, tk]
+            x = own_rows(tile[0] if gather else lhs_ref[...])  # [tm, tk]
             for acc, r in zip(acc_refs, rhs_refs):
                 acc[...] += lax.dot_general(
-                    x, own_rows(r), (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+                    x, own_rows(r[...]), (((0,), (0,)), ((), ())), precision=precision,
+                    preferred_element_type=jnp.float32,
                 )  # [tk, tn]
 
         @pl.when(last_visit)
@@ -454,63 +683,86 @@ def transposed_grouped_matmul(
     out_dtype,
     block: BlockSizes | None = None,
     interpret=False,
+    lhs_rows: jax.Array | None = None,
 ) -> tuple[jax.Array, ...]:
     """tgmm: out_t[g] = lhs[rows of g]^T @ rhs_t[rows of g] -> one [G, K, N] array per rhs (float32 accumulation).
 
     lhs [M, K], each rhs [M, N]; rows at or past sum(group_sizes) contribute nothing; empty groups give zeros.
+    lhs_rows: optional int32 [M] fused gather, as in `grouped_matmul`: lhs is then the unsorted [T, K] and sorted row
+    r is lhs[lhs_rows[r]] (values clamped to [0, T - 1]). Needs K % tk == 0 (or one k tile).
     """
     rhs = tuple(rhs)
     dtype = _check_operands((lhs,), rhs, group_sizes)
-    m, k = lhs.shape
+    t, k = lhs.shape
+    m = t if lhs_rows is None else _check_rows(lhs_rows, lhs.shape, "transposed_grouped_matmul")
     n = rhs[0].shape[1]
     if any(r.shape != (m, n) for r in rhs):
         raise ValueError(f"tgmm rhs must all be [{m}, {n}] like lhs rows, got {[r.shape for r in rhs]}")
     if group_sizes.ndim != 1:
         raise ValueError(f"group_sizes must be 1-D [G], got {group_sizes.shape}")
     num_groups = group_sizes.shape[0]
-    block = (block or get_default(m, k, n, kind="tgmm", num_rhs=len(rhs), itemsize=dtype.itemsize)).fit(m, k, n)
+    if block is None:
+        block = get_default(m, k, n, kind="tgmm", num_rhs=len(rhs), itemsize=dtype.itemsize)
+        block = block if lhs_rows is None else _gather_default(block, k)
+    block = block.fit(m, k, n)
     tm, tk, tn = block.tm, block.tk, block.tn
     tiles_k, tiles_n = pl.cdiv(k, tk), pl.cdiv(n, tn)
     n_out = len(rhs)
+    gather = None
+    if lhs_rows is not None:
+        _check_gather_tiles(k, tk, "transposed_grouped_matmul")
+        gather = dict(m=m, t=t, tk=tk)
 
     sched = metadata.make_schedule(group_sizes, m=m, tm=tm, tail_group=False, visit_empty=True)
-    kernel = _tgmm_kernel(n_out, tm, dtype)
+    kernel = _tgmm_kernel(n_out, tm, dtype, gather, sched.group_ids.shape[0])
 
-    def lhs_map(n_i, k_i, step, offsets, group_ids, tile_ids):
+    def lhs_map(n_i, k_i, step, offsets, group_ids, tile_ids, *_):
         return tile_ids[step], k_i
 
-    def rhs_map(n_i, k_i, step, offsets, group_ids, tile_ids):
+    def rhs_map(n_i, k_i, step, offsets, group_ids, tile_ids, *_):
         return tile_ids[step], n_i
 
-    def out_map(n_i, k_i, step, offsets, group_ids, tile_ids):
+    def out_map(n_i, k_i, step, offsets, group_ids, tile_ids, *_):
         return group_ids[step], k_i, n_i
 
     itemsize = dtype.itemsize
     out_itemsize = jnp.dtype(out_dtype).itemsize
-    block_bytes = tm * tk * itemsize + n_out * (tm * tn * itemsize + tk * tn * out_itemsize)
+    lhs_block_bytes = 0 if gather else tm * tk * itemsize
+    block_bytes = lhs_block_bytes + n_out * (tm * tn * itemsize + tk * tn * out_itemsize)
+    gather_bytes = _gather_scratch_bytes(1, 1, tm, tk, itemsize) if gather else 0
     cost = pl.CostEstimate(
         flops=2 * m * k * n * n_out,
         transcendentals=0,
         bytes_accessed=(
-            m * k * itemsize * tiles_n + n_out * m * n * itemsize * tiles_k + n_out * num_groups * k * n * out_itemsize
+            m * k * itemsize * tiles_n  # lhs tiles, or its gathered rows, once per n tile
+            + (4 * m if gather else 0)
+            + n_out * m * n * itemsize * tiles_k
+            + n_out * num_groups * k * n * out_itemsize
         ),
     )
+    lhs_spec = pl.BlockSpec(memory_space=pl.ANY) if gather else pl.BlockSpec((tm, tk), lhs_map)
+    scratch = [pltpu.VMEM((tk, tn), jnp.float32) for _ in rhs]
+    prefetch = [sched.offsets, sched.group_ids, sched.tile_ids]
+    if gather:
+        scratch += _gather_scratch(1, 1, tm, tk, dtype)
+        prefetch += [lhs_rows, *_fetch_chain(sched)]
+        lhs = lhs.reshape(t, 1, k)  # rows on a leading (untiled) axis, so one row is one DMA (see _RowGather)
     call = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct((num_groups, k, n), out_dtype) for _ in rhs],
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
-            in_specs=[pl.BlockSpec((tm, tk), lhs_map)] + [pl.BlockSpec((tm, tn), rhs_map) for _ in rhs],
+            num_scalar_prefetch=len(prefetch),
+            in_specs=[lhs_spec] + [pl.BlockSpec((tm, tn), rhs_map) for _ in rhs],
             out_specs=[pl.BlockSpec((None, tk, tn), out_map) for _ in rhs],
             grid=(tiles_n, tiles_k, sched.num_steps),
-            scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32) for _ in rhs],
+            scratch_shapes=scratch,
         ),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary"),
-            vmem_limit_bytes=_vmem_limit(block_bytes, n_out * tk * tn * 4),
+            vmem_limit_bytes=_vmem_limit(block_bytes, n_out * tk * tn * 4 + gather_bytes),
         ),
         interpret=resolve_interpret(interpret),
         cost_estimate=cost,
-        name="ming_tgmm",
+        name="ming_tgmm_gather" if gather else "ming_tgmm",
     )
-    return tuple(call(sched.offsets, sched.group_ids, sched.tile_ids, lhs, *rhs))
+    return tuple(call(*prefetch, lhs, *rhs))

@@ -6,6 +6,9 @@ Backward passes (float32 accumulation throughout):
            d_gate = d_h * up * silu'(gate), d_up = d_h * silu(gate) from its epilogue (the [M, F] pre-activations
            never reach HBM), then d_x = d_gate @ w_gate^T + d_up @ w_up^T in one kernel with one accumulator, and
            d_w_gate, d_w_up = tgmm(x, (d_gate, d_up)) in one kernel sharing each x tile.
+  gmm_glu(x, ..., rows=r): the permute x[r] is fused into the loads of the kernels that read x (forward, recompute,
+           tgmm), which gather token rows of the unsorted x themselves; the residual is the unsorted x. d_x leaves the
+           input-gradient kernel in sorted order [M, D] and is summed onto the T tokens (float32 segment sum).
 Cotangents are cast to the operand dtype before they enter the MXU (bf16 models backpropagate in bf16).
 
 Implementations ("implementation=" argument, the fallback list of the kernel folder convention):
@@ -133,34 +136,40 @@ def gmm(
 # --------------------------------------------------------------------------------------------------- gmm_glu
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _glu_pallas(x, w_gate, w_up, group_sizes, tiling: GmmTiling, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _glu_pallas(x, w_gate, w_up, group_sizes, rows, tiling: GmmTiling, interpret):
     (h,) = kernel.grouped_matmul(
         (x,), (w_gate, w_up), group_sizes, terms=_GATE_UP, epilogue=kernel.epilogue_glu, out_dtypes=(x.dtype,),
-        block=tiling.fwd, interpret=interpret, transcendentals_per_out=1,
+        block=tiling.fwd, interpret=interpret, transcendentals_per_out=1, lhs_rows=rows,
     )
     return h
 
 
-def _glu_pallas_fwd(x, w_gate, w_up, group_sizes, tiling, interpret):
-    return _glu_pallas(x, w_gate, w_up, group_sizes, tiling, interpret), (x, w_gate, w_up, group_sizes)
+def _glu_pallas_fwd(x, w_gate, w_up, group_sizes, rows, tiling, interpret):
+    h = _glu_pallas(x, w_gate, w_up, group_sizes, rows, tiling, interpret)
+    return h, (x, w_gate, w_up, group_sizes, rows)  # with rows: the unsorted x, never a sorted copy
 
 
 def _glu_pallas_bwd(tiling, interpret, residuals, d_h):
-    x, w_gate, w_up, group_sizes = residuals
+    x, w_gate, w_up, group_sizes, rows = residuals
     d_gate, d_up = kernel.grouped_matmul(
         (x,), (w_gate, w_up), group_sizes, terms=_GATE_UP, epilogue=kernel.epilogue_glu_bwd,
         extras=(d_h.astype(x.dtype),), out_dtypes=(x.dtype, x.dtype), block=tiling.fwd, interpret=interpret,
-        transcendentals_per_out=1,
+        transcendentals_per_out=1, lhs_rows=rows,
     )  # [M, F] each
     (d_x,) = kernel.grouped_matmul(
         (d_gate, d_up), (w_gate, w_up), group_sizes, terms=_SUM_TWO, out_dtypes=(x.dtype,), transpose_rhs=True,
         block=tiling.dlhs, interpret=interpret,
-    )  # [M, D]
+    )  # [M, D] in sorted order
     d_w_gate, d_w_up = kernel.transposed_grouped_matmul(
-        x, (d_gate, d_up), group_sizes, out_dtype=w_gate.dtype, block=tiling.drhs, interpret=interpret
+        x, (d_gate, d_up), group_sizes, out_dtype=w_gate.dtype, block=tiling.drhs, interpret=interpret,
+        lhs_rows=rows,
     )  # [G, D, F] each
-    return d_x, d_w_gate, d_w_up, None
+    if rows is not None:  # back to the unsorted rows: a token's copies sum (padding rows of d_x are exact zeros)
+        t = x.shape[0]
+        d_x = jax.ops.segment_sum(d_x.astype(jnp.float32), jnp.clip(rows, 0, t - 1), num_segments=t)
+        d_x = d_x.astype(x.dtype)
+    return d_x, d_w_gate, d_w_up, None, None
 
 
 _glu_pallas.defvjp(_glu_pallas_fwd, _glu_pallas_bwd)
@@ -172,12 +181,31 @@ def _glu_xla(x, w_gate, w_up, group_sizes):
     return (jax.nn.silu(gate) * up).astype(x.dtype)
 
 
+def gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """x[rows] with the kernels' index rule (values clamped to [0, T - 1]): the sorted [M, D] copy the fused
+    kernels avoid, for the XLA path and as the reference."""
+    return x[jnp.clip(rows, 0, x.shape[0] - 1)]
+
+
+def _check_rows(x, rows):
+    """rows gathers the sorted layout out of an unsorted x [T, D]: int32 [M], M >= 1."""
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"with rows, x must be the unsorted [T, D] with T >= 1, got shape {x.shape}")
+    if not hasattr(rows, "dtype") or rows.dtype != jnp.int32 or rows.ndim != 1 or rows.shape[0] == 0:
+        got = f"{rows.dtype} {rows.shape}" if hasattr(rows, "dtype") else type(rows).__name__
+        raise ValueError(
+            "rows must be a 1-D int32 [M] array (M >= 1 rows of the expert-sorted layout, row r = x[rows[r]]; "
+            f"group_sizes partition those M rows), got {got}"
+        )
+
+
 def gmm_glu(
     x: jax.Array,
     w_gate: jax.Array,
     w_up: jax.Array,
     group_sizes: jax.Array,
     *,
+    rows: jax.Array | None = None,
     tiling: BlockSizes | GmmTiling | None = None,
     interpret=False,
     implementation: str = "auto",
@@ -186,16 +214,37 @@ def gmm_glu(
 
     Same row/group contract as `gmm` (padding rows give 0). The SiLU-times-up epilogue runs on the float32
     accumulators inside the kernel, so the gate and up pre-activations are never written to HBM.
+
+    rows: optional int32 [M] fused permute. x is then the unsorted [T, D] (e.g. the tokens) and row r of the
+    expert-sorted layout is x[rows[r]] (values clamped to [0, T - 1]; a token may appear in several rows, e.g. once
+    per routed expert); the result is [M, F] in sorted order. The Pallas kernels copy those rows out of x themselves
+    (forward, backward recompute and weight gradient), so the sorted [M, D] copy of x never exists; d_x comes out of
+    the input-gradient kernel in sorted order and is summed back onto the T rows (float32). The XLA path gathers
+    x[rows] first, so both agree. With the Pallas kernels D must be a multiple of the k tile (or fit one k tile).
     """
-    _check(x, {"w_gate": w_gate, "w_up": w_up}, group_sizes, implementation)
+    if rows is not None:
+        _check_rows(x, rows)
+        m = rows.shape[0]
+    else:
+        m = None
+    _check(x if m is None else jax.ShapeDtypeStruct((m, x.shape[1]), x.dtype), {"w_gate": w_gate, "w_up": w_up},
+           group_sizes, implementation)
     if w_gate.shape != w_up.shape:
         raise ValueError(f"w_gate {w_gate.shape} and w_up {w_up.shape} must have the same [G, D, F] shape")
     tiling = GmmTiling.coerce(tiling)
     with jax.named_scope("gmm_glu"):
+        if rows is None:
+            return _dispatch(
+                implementation,
+                interpret,
+                lambda a, wg, wu, gs: _glu_pallas(a, wg, wu, gs, None, tiling, interpret),
+                _glu_xla,
+                x, w_gate, w_up, group_sizes,
+            )
         return _dispatch(
             implementation,
             interpret,
-            lambda a, wg, wu, gs: _glu_pallas(a, wg, wu, gs, tiling, interpret),
-            _glu_xla,
-            x, w_gate, w_up, group_sizes,
+            lambda a, wg, wu, gs, r: _glu_pallas(a, wg, wu, gs, r, tiling, interpret),
+            lambda a, wg, wu, gs, r: _glu_xla(gather_rows(a, r), wg, wu, gs),
+            x, w_gate, w_up, group_sizes, rows,
         )
