@@ -5,10 +5,11 @@ Cases (one MoE block: router + routed experts + shared expert, forward and forwa
   ep1            1-device mesh, expert_parallel="auto": the EP code path with no exchange (its overhead must be < 5%)
   ep1_padded     1-device mesh, forced padded exchange: what the exchange machinery costs with nothing to exchange
   ep8            mesh expert=8 on 8 host devices, padded exchange (XLA:CPU has no ragged all-to-all)
-Timings interleave the cases round by round and report medians, so load drift on a shared host hits all alike.
+Timings interleave the cases round by round, in a shuffled order each round, and report medians, so load
+drift on a shared host hits all alike.
 On CPU, 8 "devices" share the host's cores: ep8 shows the exchange's cost, not a speedup.
 
-  JAX_PLATFORMS=cpu python benchmarks/expert_parallel.py --json=/tmp/expert_parallel.json
+  JAX_PLATFORMS=cpu python -m benchmarks.expert_parallel --json=/tmp/expert_parallel.json
 """
 
 from __future__ import annotations
@@ -97,12 +98,14 @@ def run() -> dict:
         numerics.assert_close(f"{name}_y", _call(f, args, ctx), ref)
         _call(g, args, ctx)
     times = {(name, kind): [] for name in cases for kind in ("fwd", "fwd_bwd")}
+    order = np.random.default_rng(0)
     for _ in range(_ROUNDS.value):
-        for name, (f, g, args, ctx) in cases.items():
-            for kind, fn in (("fwd", f), ("fwd_bwd", g)):
-                t0 = time.perf_counter()
-                _call(fn, args, ctx)
-                times[(name, kind)].append(time.perf_counter() - t0)
+        for i in order.permutation(len(times)):  # a fresh order each round: no case always follows another
+            name, kind = list(times)[i]
+            f, g, args, ctx = cases[name]
+            t0 = time.perf_counter()
+            _call(f if kind == "fwd" else g, args, ctx)
+            times[(name, kind)].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = [dict(case=name, pass_=kind, median_ms=1e3 * med[(name, kind)],
                  ratio_vs_plain=med[(name, kind)] / med[("plain", kind)]) for name, kind in times]

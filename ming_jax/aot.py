@@ -179,8 +179,9 @@ class MemoryPlan:
     def markdown(self) -> str:
         g = lambda b: f"{b / 1e9:.1f}"  # noqa: E731
         cf = f"{self.capacity_factor:g}" if self.capacity_factor else "dropless"
+        rules = self.rules + (" (row-major cache)" if self.note == "cache layout default" else "")
         return (f"| {self.topology} | {self.chips} | {self.step} | {self.batch} x {self.seq} | {self.mesh} | "
-                f"{self.rules} | {self.attention} | {cf} | {g(self.argument)} | {g(self.temp)} | {g(self.total)} | "
+                f"{rules} | {self.attention} | {cf} | {g(self.argument)} | {g(self.temp)} | {g(self.total)} | "
                 f"{self.capacity / 1e9:.0f} | {'yes' if self.fits else '**no**'} |")
 
     MARKDOWN_HEADER = ("| topology | chips | step | batch x seq | mesh | rules | attention | experts | args | temp | "
@@ -204,9 +205,14 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def lower_step(cfg: LLMConfig, mesh, rules: sharding.ShardingRules, step: str, *, batch: int, seq: int):
+def lower_step(cfg: LLMConfig, mesh, rules: sharding.ShardingRules, step: str, *, batch: int, seq: int,
+               cache_layout: str = "auto"):
     """The jitted step lowered for `mesh` from abstract, sharded arguments. seq: training sequence length, or the
-    KV-cache length for decode."""
+    KV-cache length for decode. cache_layout (decode): "auto" lets the compiler choose the KV cache's memory layout
+    (`compiled.input_formats` then says which; allocate the cache in it, e.g. by jitting `KVCache.create` with
+    that format as out_shardings); "default": row-major. With "default" the TPU compiler gives the layer loop's
+    carried cache another tiled layout and copies the MoE stacks in and out of the loop (one cache-sized
+    temporary)."""
     from ming_jax import model as model_lib
 
     abstract = model_lib.create_abstract(cfg)
@@ -230,26 +236,34 @@ def lower_step(cfg: LLMConfig, mesh, rules: sharding.ShardingRules, step: str, *
         if step == "decode":
             cache = jax.eval_shape(lambda: model_lib.KVCache.create(cfg, batch, seq))
             c_shard = sharding.kv_cache_shardings(mesh, rules, cache)
-            fn = jax.jit(make_decode_step(graphdef), out_shardings=(
-                sharding.named_sharding(mesh, rules, ("batch", "act_vocab")), c_shard), donate_argnums=(1,))
-            return fn.lower(a_params, _abstract(cache, c_shard), tokens((batch,)), tokens((batch,)))
+            if cache_layout == "auto":  # the compiler picks the cache's layout (in = out, so the donation holds)
+                from jax.experimental.layout import Format, Layout
+
+                c_shard = jax.tree.map(lambda s: Format(Layout.AUTO, s), c_shard)
+            t = tokens((batch,))
+            fn = jax.jit(make_decode_step(graphdef), in_shardings=(p_shard, c_shard, t.sharding, t.sharding),
+                         out_shardings=(sharding.named_sharding(mesh, rules, ("batch", "act_vocab")), c_shard),
+                         donate_argnums=(1,))
+            return fn.lower(a_params, cache, t, t)
     raise ValueError(f"step={step!r} (train or decode)")
 
 
 def compile_step(cfg: LLMConfig, topology: str, mesh_spec: str, rules_name: str, step: str, *, batch: int, seq: int,
-                 num_slices: int = 1, devices: Sequence | None = None) -> tuple[MemoryPlan, object]:
+                 num_slices: int = 1, devices: Sequence | None = None,
+                 cache_layout: str = "auto") -> tuple[MemoryPlan, object]:
     """Compile one step for a topology; -> (its memory plan, the compiled executable)."""
     devices = topology_devices(topology, num_slices) if devices is None else devices
     mesh = sharding.make_mesh(mesh_spec, devices)
     rules = sharding.ShardingRules.preset(rules_name)
     t0 = time.perf_counter()
-    compiled = lower_step(cfg, mesh, rules, step, batch=batch, seq=seq).compile()
+    compiled = lower_step(cfg, mesh, rules, step, batch=batch, seq=seq, cache_layout=cache_layout).compile()
     m = compiled.memory_analysis()
     shape = ",".join(f"{a}={s}" for a, s in mesh.shape.items() if s > 1) or "1 chip"
     plan = MemoryPlan(topology + (f" x{num_slices}" if num_slices > 1 else ""), step, shape, rules_name, batch, seq,
                       int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
                       int(m.alias_size_in_bytes), int(m.generated_code_size_in_bytes),
                       HBM_BYTES[chip_of(topology)] * 1.0, time.perf_counter() - t0,
+                      note=f"cache layout {cache_layout}" if step == "decode" else "",
                       attention=cfg.attention_impl, capacity_factor=cfg.moe_capacity_factor or 0.0)
     return plan, compiled
 
@@ -286,7 +300,7 @@ def main(argv):
     for mesh_spec in f.mesh:
         try:
             plan, _ = compile_step(cfg, f.topology, mesh_spec, f.rules, f.step, batch=batch, seq=seq,
-                                   num_slices=f.num_slices, devices=devices)
+                                   num_slices=f.num_slices, devices=devices, cache_layout=f.cache_layout)
         except Exception as e:  # one bad mesh must not hide the others' results
             print(f"{mesh_spec}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
             continue
@@ -330,6 +344,8 @@ def _define_flags():
     flags.DEFINE_enum("attention_impl", "auto", ["xla", "auto", "splash"],
                       "Attention backend: 'auto' compiles the splash kernel for TPU (in a shard_map under the mesh; "
                       "decode steps against the cache use XLA attention), 'xla' the reference everywhere.")
+    flags.DEFINE_enum("cache_layout", "auto", ["auto", "default"],
+                      "Decode: KV cache memory layout chosen by the compiler ('auto') or row-major ('default').")
     flags.DEFINE_string("json", "", "Write the memory plans here as JSON.")
     flags.DEFINE_multi_string("table", [], "Print the plans of these --json files as a markdown table and exit.")
 
