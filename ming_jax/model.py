@@ -57,8 +57,9 @@ class KVCache:
         return self.valid.shape[1]
 
 
-# KV heads before slots: with slots second-minor the TPU compiler keeps the stacks' layout through the layer loop
-# and updates them in place; with [.., S_max, K, hd] it copies the whole stack in and out of the loop to relayout it.
+# KV heads before slots. Either order compiles; on TPU the layer loop carries the stacks in a tiled layout of the
+# compiler's choosing, so a row-major cache is relaid out at loop entry / exit: allocate it in the layout the compiled
+# step reports (`ming_jax.aot`, --cache_layout auto) to avoid that (docs/scaling.md).
 KV_CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
 
 
@@ -126,7 +127,7 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask, kv_cache=None, start=None):
         """x [B, T, D]; cos/sin [B, T, rd]; mask: `ops.AttentionMask` over S = T keys, or the cache length.
 
-        With `kv_cache = CacheSlot(k [L, B, S_max, K, hd], v, layer, attend_cache)` the new keys / values are written
+        With `kv_cache = CacheSlot(k [L, B, K, S_max, hd], v, layer, attend_cache)` the new keys / values are written
         into layer `layer` of the stacks at slot `start` (in place: the stacks are a loop carry / donated buffer);
         queries then read that layer's whole cache, or with `attend_cache=False` (prefill of an empty cache) only the
         T new keys. Returns (out [B, T, D], the updated CacheSlot or None).
