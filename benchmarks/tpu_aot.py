@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+import time
 from typing import Sequence
 
 import jax
@@ -23,3 +27,13 @@ def one_chip_args(topology: str, shapes: Sequence[tuple]) -> list[jax.ShapeDtype
     topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
     one_chip = NamedSharding(Mesh(np.array(topo.devices[:1]), ("chip",)), PartitionSpec())
     return [jax.ShapeDtypeStruct(s, dt, sharding=one_chip) for s, dt in shapes]
+
+
+def write_results(path: str, default_name: str, rows: list[dict], note: str) -> str:
+    """Write {meta, rows} as JSON to `path` (empty: <tmpdir>/default_name); meta records the date and jax's version.
+    -> the path."""
+    path = path or os.path.join(tempfile.gettempdir(), default_name)
+    with open(path, "w") as fh:
+        meta = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, note=note)
+        json.dump(dict(meta=meta, rows=rows), fh, indent=1)
+    return path

@@ -24,9 +24,7 @@ work is MODELLED from the kernel's own block grid (the non-empty (q tile, kv til
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 import time
 from typing import Callable
 
@@ -36,7 +34,7 @@ import numpy as np
 from absl import app, flags
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-from benchmarks.tpu_aot import chip_info, one_chip_args
+from benchmarks.tpu_aot import chip_info, one_chip_args, write_results
 from ming_jax import ops
 from ming_jax.layers.attention_core import attend
 from ming_jax.pallas.attention import kernel as splash_kernel
@@ -237,12 +235,9 @@ def main(argv):
             rows.append(row)
             print(f"compiled {topology} S={prog.t} {prog.op} {prog.impl} in {row['compile_s']} s", flush=True)
     print(format_table(rows))
-    path = _JSON.value or os.path.join(tempfile.gettempdir(), "ming_jax_tpu_attention.json")
-    meta = dict(jax=jax.__version__, date="2026-11-23",
-                note="static AOT cost analysis for one chip plus a block-grid model of the splash kernels; "
-                     "run time not measured (no TPU)")
-    with open(path, "w") as fh:
-        json.dump(dict(meta=meta, rows=rows), fh, indent=1)
+    path = write_results(_JSON.value, "ming_jax_tpu_attention.json", rows,
+                         note="static AOT cost analysis for one chip plus a block-grid model of the splash kernels; "
+                              "run time not measured (no TPU)")
     print(f"wrote {path}")
 
 

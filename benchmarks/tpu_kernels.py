@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
-import os
-import tempfile
 import time
 from typing import Callable
 
@@ -29,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks.tpu_aot import chip_info, one_chip_args
+from benchmarks.tpu_aot import chip_info, one_chip_args, write_results
 from ming_jax.pallas import gmm as ours
 
 _TOPOLOGIES = flags.DEFINE_list("topologies", ["v5p:2x2x1", "v6e:2x2"], "TPU topologies to compile for.")
@@ -227,10 +224,8 @@ def main(argv):
                 rows.append(row)
                 print(f"compiled {topology} {prog.op} {prog.impl} in {row['compile_s']} s", flush=True)
     print(format_table(rows))
-    path = _JSON.value or os.path.join(tempfile.gettempdir(), "ming_jax_tpu_kernels.json")
-    meta = dict(jax=jax.__version__, note="static AOT cost analysis, one chip; run time not measured (no TPU)")
-    with open(path, "w") as fh:
-        json.dump(dict(meta=meta, rows=rows), fh, indent=1)
+    path = write_results(_JSON.value, "ming_jax_tpu_kernels.json", rows,
+                         note="static AOT cost analysis, one chip; run time not measured (no TPU)")
     print(f"wrote {path}")
 
 

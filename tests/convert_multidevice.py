@@ -65,11 +65,7 @@ def main(ckpt_dir, case_dir):
     check(model, own, reference)
 
     x = case.inputs
-    mm = multimodal.MultimodalInputs(
-        image_embeds=x.get("query_embeds_image"), video_embeds=x.get("query_embeds_video"),
-        audio_embeds=x.get("query_embeds_audio"), audio_lengths=x.get("query_embeds_audio_lengths"),
-        audio_spans=x.get("placeholder_audio_loc_lens"), image_grid_thw=x.get("image_grid_thw"),
-        video_grid_thw=x.get("image_grid_thw_video"))
+    mm = llm_backbone.multimodal_inputs(x)
     rows = llm_backbone.forward_rows(model, multimodal.prepare(cfg, x["input_ids"], mm=mm), "", case.outputs)
     logits = [r for r in rows if r.name == "logits"]
     assert logits and all(r.ok for r in rows), numerics.report(rows)

@@ -213,11 +213,7 @@ def test_converted_llm_reproduces_golden_logits(golden_dir, tmp_path):
     model = checkpoint.load_llm(dst)
     case = golden.load_case(str(golden_dir / "llm_backbone"))
     x = case.inputs
-    mm = multimodal.MultimodalInputs(
-        image_embeds=x.get("query_embeds_image"), video_embeds=x.get("query_embeds_video"),
-        audio_embeds=x.get("query_embeds_audio"), audio_lengths=x.get("query_embeds_audio_lengths"),
-        audio_spans=x.get("placeholder_audio_loc_lens"), image_grid_thw=x.get("image_grid_thw"),
-        video_grid_thw=x.get("image_grid_thw_video"))
+    mm = llm_backbone.multimodal_inputs(x)
     rows = llm_backbone.forward_rows(model, multimodal.prepare(model.cfg, x["input_ids"], mm=mm), "", case.outputs)
     assert "logits" in {r.name for r in rows}
     bad = [r.row() for r in rows if not r.ok]

@@ -3,45 +3,29 @@ ragged all-to-all against a plain simulation of `jax.lax.ragged_all_to_all`'s do
 experts / MoE block / a 2-layer model under meshes (ep=8), (dp=2, ep=4), (fsdp=2, ep=2, tp=2): outputs and
 gradients, uniform and skewed routing, capacity-factor drops, ep=1.
 
-XLA_FLAGS must give 8 host devices before jax starts: this file sets it on import. When another test module already
-started jax with fewer devices (a whole-suite run), the tests here are run again in a subprocess by
-`test_suite_in_subprocess`, and their in-process copies are skipped, saying so.
+Needs 8 host devices: `tests/multidevice.py` asks for them on import, and runs this file again in a subprocess when
+another module started jax first (a whole-suite run).
 """
 
-import os
+import multidevice  # first: asks for 8 host devices before jax starts
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+from ming_jax import model as model_lib, numerics, sharding
+from ming_jax.config import LLMConfig
+from ming_jax.moe import dispatch, expert_parallel as ep_lib, experts
+from ming_jax.moe.block import MoEBlock
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from ming_jax import model as model_lib, numerics, sharding  # noqa: E402
-from ming_jax.config import LLMConfig  # noqa: E402
-from ming_jax.moe import dispatch, expert_parallel as ep_lib, experts  # noqa: E402
-from ming_jax.moe.block import MoEBlock  # noqa: E402
-
-IN_PROCESS = jax.device_count() >= 8
-multi = pytest.mark.skipif(not IN_PROCESS, reason="jax started with < 8 devices in this process: "
-                                                   "test_suite_in_subprocess runs this test with 8")
+multi = multidevice.multi
 MESHES = ["expert=8", "data=2,expert=4", "fsdp=2,expert=2,tensor=2"]
 RULES = sharding.ShardingRules.preset("ep_fsdp")
 
 
-@pytest.mark.skipif(IN_PROCESS, reason="8 devices in this process: the tests ran in-process")
-def test_suite_in_subprocess():
-    env = dict(os.environ, XLA_FLAGS=_FLAG, JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+test_suite_in_subprocess = multidevice.suite_in_subprocess(__file__)
 
 
 # --- the ragged all-to-all, simulated -----------------------------------------------------------------------------

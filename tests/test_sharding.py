@@ -1,42 +1,27 @@
 """Meshes and sharding rules: mesh specs, the no-axis-twice check, every parameter of every model covered by every
 preset, a reviewable layout of the key parameters per preset, sharded init, inputs, caches and constraints.
 
-Needs 8 host devices (set on import; see tests/test_expert_parallel.py for the subprocess fallback used when another
-module started jax first).
+Needs 8 host devices: `tests/multidevice.py` asks for them on import, and runs this file again in a subprocess when
+another module started jax first (a whole-suite run).
 """
 
-import os
+import multidevice  # first: asks for 8 host devices before jax starts
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+from ming_jax import model as model_lib, numerics, omni, sharding
+from ming_jax.config import LLMConfig
+from ming_jax.config.omni import OmniConfig
+from ming_jax.sharding import MeshSpec, ShardingError, ShardingRules
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from ming_jax import model as model_lib, numerics, omni, sharding  # noqa: E402
-from ming_jax.config import LLMConfig  # noqa: E402
-from ming_jax.config.omni import OmniConfig  # noqa: E402
-from ming_jax.sharding import MeshSpec, ShardingError, ShardingRules  # noqa: E402
-
-IN_PROCESS = jax.device_count() >= 8
-multi = pytest.mark.skipif(not IN_PROCESS, reason="jax started with < 8 devices in this process: "
-                                                   "test_suite_in_subprocess runs this test with 8")
+multi = multidevice.multi
 
 
-@pytest.mark.skipif(IN_PROCESS, reason="8 devices in this process: the tests ran in-process")
-def test_suite_in_subprocess():
-    env = dict(os.environ, XLA_FLAGS=_FLAG, JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+test_suite_in_subprocess = multidevice.suite_in_subprocess(__file__)
 
 
 # --- mesh specs ---------------------------------------------------------------------------------------------------

@@ -62,15 +62,20 @@ def decode_rows(model, prep, prefix: str, want: dict) -> list[numerics.Compariso
     return rows
 
 
-def run(case: golden.GoldenCase) -> list[numerics.Comparison]:
-    model = load_model(case)
-    cfg, x, want = model.cfg, case.inputs, case.outputs
-    mm = multimodal.MultimodalInputs(
+def multimodal_inputs(inputs: dict) -> multimodal.MultimodalInputs:
+    """The case's media features, from its input tensors by their official names (absent ones stay None)."""
+    x = inputs
+    return multimodal.MultimodalInputs(
         image_embeds=x.get("query_embeds_image"), video_embeds=x.get("query_embeds_video"),
         audio_embeds=x.get("query_embeds_audio"), audio_lengths=x.get("query_embeds_audio_lengths"),
         audio_spans=x.get("placeholder_audio_loc_lens"), image_grid_thw=x.get("image_grid_thw"),
         video_grid_thw=x.get("image_grid_thw_video"))
-    mm_prep = multimodal.prepare(cfg, x["input_ids"], mm=mm)
+
+
+def run(case: golden.GoldenCase) -> list[numerics.Comparison]:
+    model = load_model(case)
+    cfg, x, want = model.cfg, case.inputs, case.outputs
+    mm_prep = multimodal.prepare(cfg, x["input_ids"], mm=multimodal_inputs(x))
     text_prep = multimodal.prepare(cfg, x["text_input_ids"])
     rows = forward_rows(model, mm_prep, "", want)
     rows += forward_rows(model, text_prep, "text_", want)
