@@ -59,8 +59,10 @@ def release_config(min_bytes: float):
 
 def official_tensors(cfg):
     """Every official tensor (name, bf16, shape) of `cfg`, derived from the table and our parameter shapes."""
-    from ming_jax import convert, model as model_lib, weights
-    from ming_jax.tables.llm import llm_table
+    from ming_jax.checkpoint import convert, safetensors
+    from ming_jax.models import llm as model_lib
+    from ming_jax import weights
+    from ming_jax.weights.llm import llm_table
 
     shapes = weights.param_shapes(model_lib.create_abstract(cfg))
     out = []
@@ -68,13 +70,13 @@ def official_tensors(cfg):
         for v in rule.instances():
             full = shapes[rule.path(v)]
             shape = rule.transform.to_official(convert._dummy(full[len(rule.slot(v)):])).shape
-            out.append(convert.OutTensor(rule.name(v), np.dtype(ml_dtypes.bfloat16), tuple(shape)))
+            out.append(safetensors.OutTensor(rule.name(v), np.dtype(ml_dtypes.bfloat16), tuple(shape)))
     return out
 
 
 def build_release(path: str, cfg) -> tuple[int, int, int]:
     """Write the shards (streamed, one tensor at a time); returns (bytes, tensors, largest tensor bytes)."""
-    from ming_jax import convert
+    from ming_jax.checkpoint import safetensors
 
     tensors = official_tensors(cfg)
     pool = np.random.default_rng(0).standard_normal(64 << 20, np.float32).astype(ml_dtypes.bfloat16)  # 128 MB
@@ -89,7 +91,7 @@ def build_release(path: str, cfg) -> tuple[int, int, int]:
             pool[start:start + n]
         return flat.reshape(t.shape)
 
-    convert.write_sharded(path, tensors, fetch, SHARD_BYTES)
+    safetensors.write_sharded(path, tensors, fetch, SHARD_BYTES)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg.to_official(), f)
     return sum(t.nbytes for t in tensors), len(tensors), max(t.nbytes for t in tensors)

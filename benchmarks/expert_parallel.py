@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from ming_jax import numerics, sharding  # noqa: E402
+from ming_jax.parity import numerics  # noqa: E402
+from ming_jax import sharding
 from ming_jax.config import LLMConfig  # noqa: E402
 from ming_jax.moe.block import MoEBlock  # noqa: E402
 

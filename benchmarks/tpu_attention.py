@@ -2,7 +2,7 @@
 
 Three implementations of causal grouped-query attention (32 query heads, 4 KV heads, head 128, bf16, batch 1, one
 chip), forward and forward + backward, at S = 4096 and 32768:
-  ours          `ming_jax.ops.attention` ("auto" -> splash): KV heads not repeated, 512 tiles, causal + segment ids
+  ours          `ming_jax.pallas.attention.api.attention` ("auto" -> splash): KV heads not repeated, 512 tiles, causal + segment ids
                 (the padding information the model has), the three splash kernels (fwd, dq, dkv);
   splash_plain  jax's splash as a first-time caller would wire it: KV heads repeated to 32 with jnp.repeat, jax's
                 default 128 tiles, causal mask only (no segment ids, so padding is not masked);
@@ -35,8 +35,8 @@ from absl import app, flags
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from benchmarks.tpu_aot import chip_info, one_chip_args, write_results
-from ming_jax import ops
-from ming_jax.layers.attention_core import attend
+from ming_jax.pallas.attention import api as ops
+from ming_jax.pallas.attention.reference import attend
 from ming_jax.pallas.attention import kernel as splash_kernel
 
 _TOPOLOGIES = flags.DEFINE_list("topologies", ["v5p:2x2x1", "v6e:2x2"], "TPU topologies to compile for.")

@@ -15,10 +15,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ming_jax import checkpoint, golden, model as model_lib, multimodal, numerics, sharding, weights
+from ming_jax.checkpoint import restore as checkpoint
+from ming_jax.parity import golden, numerics
+from ming_jax.models import llm as model_lib, inputs as multimodal
+from ming_jax import sharding, weights
 from ming_jax.config.llm import LLMConfig
-from ming_jax.parity_cases import llm_backbone
-from ming_jax.tables.llm import llm_table
+from ming_jax.parity.cases import llm_backbone
+from ming_jax.weights.llm import llm_table
 
 
 def check(model, shardings, reference):

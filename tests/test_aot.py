@@ -14,7 +14,8 @@ if importlib.util.find_spec("libtpu") is None:
 
 import numpy as np  # noqa: E402
 
-from ming_jax import aot, sharding  # noqa: E402
+from ming_jax.aot import compile as aot  # noqa: E402
+from ming_jax import sharding
 from ming_jax.config import LLMConfig  # noqa: E402
 
 # Reduced Ling-flash: every feature (dense + MoE layers, groups, MultiRouter, video rope), bf16, widths that tile
@@ -54,7 +55,7 @@ def test_reduced_model_train_and_decode_compile_for_tpu_with_expert_parallelism(
 def _param_shapes():
     from flax import nnx
 
-    from ming_jax import model as model_lib
+    from ming_jax.models import llm as model_lib
 
     return [v.shape for _, v in nnx.to_flat_state(nnx.state(model_lib.create_abstract(REDUCED), nnx.Param))]
 

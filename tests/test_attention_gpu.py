@@ -1,4 +1,4 @@
-"""cuDNN flash attention through `ming_jax.ops.attention` against the reference `attend` (NVIDIA GPU only).
+"""cuDNN flash attention through `ming_jax.pallas.attention.api.attention` against the reference `attend` (NVIDIA GPU only).
 
 Marked `gpu`: CI deselects them (`-m "not gpu"`); on a machine without a GPU backend they skip with that reason.
 cuDNN takes bfloat16 / float16 only, so tolerances are numerics' bfloat16 row; the reference sees the same rounded
@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ming_jax import numerics, ops
-from ming_jax.layers.attention_core import attend
+from ming_jax.parity import numerics
+from ming_jax.pallas.attention import api as ops
+from ming_jax.pallas.attention.reference import attend
 
 pytestmark = [
     pytest.mark.gpu,

@@ -1,9 +1,9 @@
-"""Attention kernels and backend dispatch (ming_jax.pallas.attention, ming_jax.ops).
+"""Attention kernels and backend dispatch (ming_jax.pallas.attention, ming_jax.pallas.attention.api).
 
 * Splash attention run by the Pallas interpreter on CPU against `attend` (the project's reference) on fresh random
   inputs: forward and gradients, causal / packed segments / padding / GQA and MQA without repeated KV heads / the
   ViT's block-diagonal mask / lengths that are not tile multiples, float32 and bfloat16, tolerances from
-  `ming_jax.numerics`. Segment layouts are traced arguments, so hypothesis examples re-run one compiled program.
+  `ming_jax.parity.numerics`. Segment layouts are traced arguments, so hypothesis examples re-run one compiled program.
 * The dispatcher: what "auto" and forced choices resolve to, errors for what a backend cannot express, the model
   running on splash, packed sequences in the model, the grouped-matmul entries.
 * Ahead-of-time Mosaic compiles of the attention forward + backward for one v5p and one v6e chip at Ling-flash
@@ -26,12 +26,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.extend import core as jex_core
 
-from ming_jax import model as model_lib
-from ming_jax import numerics, ops
+from ming_jax.models import llm as model_lib
+from ming_jax.parity import numerics
+from ming_jax.pallas.attention import api as ops
 from ming_jax.config.base import ConfigError
 from ming_jax.config.llm import LLMConfig
-from ming_jax.layers.attention_core import attend, causal_mask, segment_mask
-from ming_jax.moe import experts
+from ming_jax.pallas.attention.reference import attend, causal_mask, segment_mask
+from ming_jax.pallas import gmm
 from ming_jax.pallas import attention as pa
 
 
@@ -328,13 +329,13 @@ def test_grouped_matmul_entries_forward():
     wg, wu = jax.random.normal(k2, (e, d, f)), jax.random.normal(k3, (e, d, f))
     wd = jax.random.normal(k4, (e, f, d))
     sizes = jnp.asarray([10, 0, 14], jnp.int32)
-    _check("glu", ops.grouped_glu(xs, sizes, wg, wu, wd, impl="xla"),
-           experts.grouped_glu(xs, sizes, wg, wu, wd, impl="loop"), "float32")
+    _check("glu", gmm.grouped_glu(xs, sizes, wg, wu, wd, implementation="xla"),
+           gmm.reference.grouped_glu(xs, sizes, wg, wu, wd), "float32")
     rows = np.repeat(np.arange(e), np.asarray(sizes))
     want = np.einsum("md,mdf->mf", np.asarray(xs), np.asarray(wg)[rows])
-    _check("gmm", ops.grouped_matmul(xs, wg, sizes, impl="xla"), want, "float32")
-    with pytest.raises(ValueError, match="known"):
-        ops.grouped_glu(xs, sizes, wg, wu, wd, impl="cuda")
+    _check("gmm", gmm.gmm(xs, wg, sizes, implementation="xla"), want, "float32")
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        gmm.grouped_glu(xs, sizes, wg, wu, wd, implementation="cuda")
 
 
 # --------------------------------------------------------------------------------------- TPU ahead-of-time

@@ -13,12 +13,13 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from ming_jax import numerics, parity, weights
-from ming_jax.audio import AudioTower, clip_layout, encode_audio, sinusoids
+from ming_jax.parity import numerics, run as parity
+from ming_jax import weights
+from ming_jax.models.audio import AudioTower, clip_layout, encode_audio, sinusoids
 from ming_jax.config.audio import AudioConfig, WhisperEncoderConfig
 from ming_jax.config.base import ConfigError
-from ming_jax.layers.params import logical_axes
-from ming_jax.tables.audio import audio_table
+from ming_jax.sharding import logical_axes
+from ming_jax.weights.audio import audio_table
 
 SHARED = Path(os.environ.get("MING_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 GOLDEN = SHARED / "golden" / "audio_encoder"

@@ -1,4 +1,4 @@
-"""The converter (`ming_jax.convert`), our checkpoint format and its loaders (`ming_jax.checkpoint`).
+"""The converter (`ming_jax.checkpoint.convert`), our checkpoint format and its loaders (`ming_jax.checkpoint`).
 
 Round trips torch -> orbax -> torch on every golden case with weights and on a synthetic omni release holding the
 complete official name set at tiny sizes; the converted checkpoints restore with plain orbax and with our loaders
@@ -21,16 +21,22 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from ming_jax import checkpoint, convert, golden, multimodal, numerics, omni, weights
-from ming_jax.audio import encode_audio
+from ming_jax.checkpoint import convert, export
+from ming_jax.checkpoint import manifest as mf
+from ming_jax.checkpoint import restore as checkpoint
+from ming_jax.parity import golden, numerics
+from ming_jax.models import inputs as multimodal
+from ming_jax.gen import omni
+from ming_jax import weights
+from ming_jax.models.audio import encode_audio
 from ming_jax.config.audio import AudioConfig
 from ming_jax.config.llm import LLMConfig
 from ming_jax.config.omni import OmniConfig
 from ming_jax.config.vision import VisionConfig
-from ming_jax.parity_cases import llm_backbone
-from ming_jax.tables.llm import llm_table
-from ming_jax.tables.omni import omni_table
-from ming_jax.vision import as_grid, vision_forward
+from ming_jax.parity.cases import llm_backbone
+from ming_jax.weights.llm import llm_table
+from ming_jax.models.registry import omni_table
+from ming_jax.models.vision import as_grid, vision_forward
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = ["llm_backbone", "vision_encoder", "audio_encoder", "full_mm_forward"]
@@ -126,7 +132,7 @@ def test_golden_round_trip_is_bit_exact(golden_dir, tmp_path, case):
     manifest = convert.convert(src, str(tmp_path / "ckpt"), **QUIET)
     assert manifest.components
     size = os.path.getsize(golden_dir / case / "weights.safetensors")
-    convert.export_official(str(tmp_path / "ckpt"), str(tmp_path / "back"), max_shard_bytes=size // 3, **QUIET)
+    export.export_official(str(tmp_path / "ckpt"), str(tmp_path / "back"), max_shard_bytes=size // 3, **QUIET)
     back = read_release(tmp_path / "back")
     assert len(set(json.load(open(tmp_path / "back" / convert.INDEX_FILE))["weight_map"].values())) > 1
     assert_same_tensors(back, load_file(golden_dir / case / "weights.safetensors"))
@@ -140,7 +146,7 @@ def test_synthetic_omni_round_trip_and_skips(omni_release, omni_converted, tmp_p
     assert {f["name"] for f in manifest.skipped["folders"]} == {"talker", "mlp"}
     assert all(p["dtype"] == "bfloat16" for p in manifest.params.values())
     assert not os.path.exists(dst + ".partial")
-    convert.export_official(dst, str(tmp_path / "back"), max_shard_bytes=2 << 20, **QUIET)
+    export.export_official(dst, str(tmp_path / "back"), max_shard_bytes=2 << 20, **QUIET)
     assert_same_tensors(read_release(tmp_path / "back"), tensors)
     for shard in set(json.load(open(tmp_path / "back" / convert.INDEX_FILE))["weight_map"].values()):
         assert os.path.getsize(tmp_path / "back" / shard) < (2 << 20) + 4096  # size-limited (+ header)
@@ -243,7 +249,7 @@ def test_dtype_option_casts(golden_dir, tmp_path):
     assert {p["dtype"] for p in manifest.params.values()} == {"bfloat16"}
     model = checkpoint.load_audio(dst)
     assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype(ml_dtypes.bfloat16)}
-    convert.export_official(dst, str(tmp_path / "back"), **QUIET)
+    export.export_official(dst, str(tmp_path / "back"), **QUIET)
     src = load_file(golden_dir / "audio_encoder" / "weights.safetensors")
     assert_same_tensors(read_release(tmp_path / "back"), {k: v.astype(ml_dtypes.bfloat16) for k, v in src.items()})
 
@@ -415,7 +421,7 @@ def test_existing_destination_is_kept_unless_overwrite(golden_dir, tmp_path):
         convert.convert(src, str(dst), **QUIET)
     assert (dst / "keep").exists()
     convert.convert(src, str(dst), overwrite=True, **QUIET)
-    assert not (dst / "keep").exists() and (dst / checkpoint.MANIFEST_FILE).exists()
+    assert not (dst / "keep").exists() and (dst / mf.MANIFEST_FILE).exists()
 
 
 def test_interrupted_conversion_resumes(omni_release, tmp_path, monkeypatch):
@@ -440,7 +446,7 @@ def test_interrupted_conversion_resumes(omni_release, tmp_path, monkeypatch):
     resumed = [m for m in logs if m.startswith("resuming")]
     assert resumed and int(resumed[0].split(": ")[1].split()[0]) >= 100
     assert not os.path.exists(dst + ".partial")
-    convert.export_official(dst, str(tmp_path / "back"), **QUIET)  # CRC32-checked against every source tensor
+    export.export_official(dst, str(tmp_path / "back"), **QUIET)  # CRC32-checked against every source tensor
     assert_same_tensors(read_release(tmp_path / "back"), tensors)
 
 
@@ -458,12 +464,12 @@ def test_interrupted_run_with_other_options_restarts(golden_dir, tmp_path):
 def test_truncated_checkpoint_is_detected_on_export(golden_dir, tmp_path):
     dst = str(tmp_path / "ckpt")
     convert.convert(copy_case(golden_dir, "audio_encoder", tmp_path / "src"), dst, **QUIET)
-    manifest = json.load(open(os.path.join(dst, checkpoint.MANIFEST_FILE)))
+    manifest = json.load(open(os.path.join(dst, mf.MANIFEST_FILE)))
     name = next(iter(manifest["source"]["tensors"]))
     manifest["source"]["tensors"][name]["crc32"] ^= 1
-    json.dump(manifest, open(os.path.join(dst, checkpoint.MANIFEST_FILE), "w"))
+    json.dump(manifest, open(os.path.join(dst, mf.MANIFEST_FILE), "w"))
     with pytest.raises(convert.ConversionError, match="CRC32 mismatch"):
-        convert.export_official(dst, str(tmp_path / "back"), **QUIET)
+        export.export_official(dst, str(tmp_path / "back"), **QUIET)
     assert not os.path.exists(tmp_path / "back")
 
 

@@ -15,9 +15,12 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ming_jax import model as model_lib, numerics, sharding
+from ming_jax.models import llm as model_lib
+from ming_jax.parity import numerics
+from ming_jax import sharding
 from ming_jax.config import LLMConfig
-from ming_jax.moe import dispatch, expert_parallel as ep_lib, experts
+from ming_jax.moe import dispatch, expert_parallel as ep_lib
+from ming_jax.pallas import gmm
 from ming_jax.moe.block import MoEBlock
 
 multi = multidevice.multi
@@ -143,7 +146,7 @@ def test_padded_ragged_all_to_all_matches_simulation_with_gaps(spd):
 
 def _plain_routed(x, ids, w, wg, wu, wd):
     plan = dispatch.sort_by_expert(ids, wg.shape[0])
-    ys = experts.grouped_glu(dispatch.permute(x, plan), plan.group_sizes, wg, wu, wd, impl="xla")
+    ys = gmm.grouped_glu(dispatch.permute(x, plan), plan.group_sizes, wg, wu, wd, implementation="xla")
     return dispatch.combine(ys, plan, w)
 
 

@@ -6,7 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ming_jax import generation, model as model_lib, multimodal, numerics
+from ming_jax.gen import steps
+from ming_jax.gen import text as generation
+from ming_jax.models import llm as model_lib, inputs as multimodal
+from ming_jax.parity import numerics
 from ming_jax.config import LLMConfig
 
 CFG = LLMConfig.tiny(num_layers=3, first_k_dense_replace=1)
@@ -64,7 +67,7 @@ def test_prefill_mode_equals_the_dense_cache_path(model, side):
     b, t = mask.shape
     x = model.embed_tokens(jnp.asarray(prep.input_ids))
     pos = jnp.asarray(prep.positions)
-    last = generation.last_real_index(mask)
+    last = steps.last_real_index(mask)
     fresh = model_lib.KVCache.create(CFG, b, 16)
     rng = np.random.default_rng(1)
     used = model_lib.KVCache(*(jnp.asarray(rng.normal(size=a.shape), a.dtype) for a in
@@ -86,7 +89,7 @@ def test_decode_step_updates_the_cache_in_place():
     """The layer scan carries the stacked cache and writes one slot per layer: XLA's plan for a decode step holds
     no second copy of the cache (with each layer's cache slice a scanned output it held 1.26x the cache in
     temporaries; now at most the one layer being read)."""
-    from ming_jax import aot
+    from ming_jax.aot import compile as aot
     from flax import nnx
 
     cfg = LLMConfig.tiny(num_layers=4, first_k_dense_replace=1)
@@ -178,7 +181,7 @@ def test_decode_is_one_while_loop(model):
     prep = multimodal.prepare(CFG, np.asarray([PROMPTS[1]]))
     sampling = generation.SamplingConfig(max_new_tokens=9)
     graphdef, state = __import__("flax").nnx.split(model)
-    from ming_jax.model import KVCache
+    from ming_jax.layers.kv_cache import KVCache
     cache = KVCache.create(CFG, 1, 16)
     text = generation._decode.lower(graphdef, state, jnp.zeros((1, CFG.vocab_size)), jnp.asarray([2]), cache,
                                     jax.random.key(0), sampling=sampling, pad_id=0, return_logits=False).as_text()

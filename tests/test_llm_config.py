@@ -70,7 +70,7 @@ def test_unsupported_official_features_raise():
 def test_full_preset_builds_abstractly_with_release_size():
     """The 100B model is built with no memory (nnx.eval_shape); its size is the release's ~100B total / ~6B active
     (active = attention, dense layer, routers, shared experts, top-8 experts per MoE layer, LM head)."""
-    from ming_jax import model as model_lib
+    from ming_jax.models import llm as model_lib
 
     cfg = LLMConfig.ming_flash_omni_2()
     n = model_lib.param_count(model_lib.create_abstract(cfg))

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from ming_jax import model as model_lib, official, weights
+from ming_jax.models import llm as model_lib
+from ming_jax.checkpoint import release as official
+from ming_jax import weights
 from ming_jax.config import LLMConfig
-from ming_jax.tables.llm import grouped_qkv, llm_table
+from ming_jax.weights.llm import grouped_qkv, llm_table
 
 VARIANTS = [
     LLMConfig.tiny(),

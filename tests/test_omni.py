@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from ming_jax import generation, golden, numerics, official, omni, parity, weights
+from ming_jax.gen import text as generation, omni
+from ming_jax.parity import golden, numerics, run as parity
+from ming_jax.checkpoint import release as official
+from ming_jax import weights
 from ming_jax.config.base import ConfigError
 from ming_jax.config.omni import OmniConfig
-from ming_jax.moe.router import AUDIO, VISION
-from ming_jax.parity_cases import full_mm_forward
+from ming_jax.config.modality import AUDIO, VISION
+from ming_jax.parity.cases import full_mm_forward
 from ming_jax.processors import prompt as P
-from ming_jax.tables.omni import omni_table
+from ming_jax.models.registry import omni_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

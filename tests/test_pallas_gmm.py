@@ -21,10 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from ming_jax import numerics
+from ming_jax.parity import numerics
 from ming_jax.pallas import gmm as G
 from ming_jax.pallas.gmm import metadata
-from ming_jax.pallas.gmm.vjp import gather_rows
+from ming_jax.pallas.gmm.xla import gather_rows
 
 EXAMPLES = settings(max_examples=5, deadline=None, derandomize=True)
 

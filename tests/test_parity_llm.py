@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from ming_jax import numerics, parity
+from ming_jax.parity import numerics, run as parity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,7 +10,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from ming_jax import numerics, parity
+from ming_jax.parity import numerics, run as parity
 from ming_jax.config.base import ConfigError
 from ming_jax.processors import audio, image
 from ming_jax.processors import (AudioError, ImageError, ProcessorConfig, WhisperFrontendConfig, process_audios,

@@ -12,7 +12,7 @@ from ming_jax.config.omni import OmniConfig
 from ming_jax.processors import prompt as P
 from ming_jax.processors.image import ProcessorConfig
 from ming_jax.processors.video import VideoSamplingConfig, video_from_frames
-from ming_jax.tokenizer import ReleaseTokenizer
+from ming_jax.processors.tokenizer import ReleaseTokenizer
 
 SYSTEM = "<role>SYSTEM</role>你是一个友好的AI助手。\n\ndetailed thinking off<|role_end|>"
 CFG = OmniConfig.tiny()

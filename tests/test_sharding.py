@@ -13,7 +13,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ming_jax import model as model_lib, numerics, omni, sharding
+from ming_jax.models import llm as model_lib
+from ming_jax.parity import numerics
+from ming_jax.gen import omni
+from ming_jax import sharding
+from ming_jax.layers import kv_cache
 from ming_jax.config import LLMConfig
 from ming_jax.config.omni import OmniConfig
 from ming_jax.sharding import MeshSpec, ShardingError, ShardingRules
@@ -80,7 +84,7 @@ def test_every_parameter_of_the_full_models_has_a_spec_under_every_preset(preset
         rows = sharding.sharding_table(model, rules)  # raises on an unknown name or an axis used twice
         assert len(rows) == n, name
         # Activations and caches too.
-        for names in (model_lib.KV_CACHE_AXES, ("batch", "seq", "act_embed"), ("batch", "seq", "act_vocab"),
+        for names in (kv_cache.KV_CACHE_AXES, ("batch", "seq", "act_embed"), ("batch", "seq", "act_vocab"),
                       ("batch", "cache_seq")):
             sharding.logical_to_spec(names, rules)
 
@@ -163,7 +167,7 @@ def test_inputs_caches_and_activation_constraints():
     with pytest.raises(ShardingError, match="dim 0 \\('batch'\\) of size 6"):
         sharding.shard_inputs(np.zeros((6, 5), np.int32), mesh, rules)
     cache = jax.eval_shape(lambda: model_lib.KVCache.create(cfg, 8, 32))
-    cs = sharding.kv_cache_shardings(mesh, rules, cache)
+    cs = kv_cache.kv_cache_shardings(mesh, rules, cache)
     assert cs.k_moe.spec == P(None, ("data", "fsdp", "expert"), "tensor")  # [L, B, K, S, hd]
     assert cs.valid.spec == P(("data", "fsdp", "expert")) and cs.length.spec == P()
 

@@ -1,6 +1,6 @@
 """Vision tower: golden parity, name table, config, an independent `transformers` reference, bad input.
 
-Models are built abstractly and filled through `ming_jax.tables.vision` (no random JAX init to compile); random
+Models are built abstractly and filled through `ming_jax.weights.vision` (no random JAX init to compile); random
 reference weights are made on the torch side and moved with the same table.
 """
 
@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ming_jax import golden, numerics, parity, weights
+from ming_jax.parity import golden, numerics, run as parity
+from ming_jax import weights
 from ming_jax.config.base import ConfigError
 from ming_jax.config.vision import VisionConfig
-from ming_jax.layers.params import logical_axes
-from ming_jax.tables.vision import (OMNI_PROJECTOR_PREFIX, OMNI_VISION_PREFIX, projector_table, vision_table)
-from ming_jax.vision import (VisionProjector, VisionTransformer, as_grid, image_features, vision_forward,
-                             vision_layout)
+from ming_jax.sharding import logical_axes
+from ming_jax.weights.vision import OMNI_PROJECTOR_PREFIX, OMNI_VISION_PREFIX, projector_table, vision_table
+from ming_jax.models.vision import (VisionProjector, VisionTransformer, as_grid, image_features, vision_forward,
+                                    vision_layout)
 
 GOLDEN = "/work/shared/golden"
 VISION_CASE = os.path.join(GOLDEN, "vision_encoder")

@@ -6,7 +6,7 @@
 The release folder holds config.json, model.safetensors.index.json and the shards; sub-folders (talker, image
 generation) are not implemented in ming_jax and are skipped with a note. Progress goes to stderr; errors (truncated
 or missing shards, a wrong index, tensors that do not fit the config, ...) print one message and exit with status 1.
-All logic lives in `ming_jax.convert`; load the result with `ming_jax.checkpoint.load_llm` & co.
+All logic lives in `ming_jax.checkpoint.convert`; load the result with `ming_jax.checkpoint.restore.load_llm` & co.
 """
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not _SRC.value or not _DST.value:
         raise app.UsageError("--src and --dst are required")
-    from ming_jax import convert
+    from ming_jax.checkpoint import convert, export
 
     try:
         if _REVERSE.value:
-            convert.export_official(_SRC.value, _DST.value, max_shard_bytes=parse_size(_MAX_SHARD.value),
+            export.export_official(_SRC.value, _DST.value, max_shard_bytes=parse_size(_MAX_SHARD.value),
                                     overwrite=_OVERWRITE.value, progress=not _QUIET.value)
         else:
             convert.convert(_SRC.value, _DST.value, dtype=_DTYPE.value, components=_COMPONENTS.value,

@@ -64,7 +64,7 @@ class LLMConfig:
     dtype: str = "float32"  # activation / compute dtype
     param_dtype: str = "float32"
     moe_impl: str = "auto"  # grouped-matmul backend for the experts: "auto" | "xla" | "pallas" | "loop"
-    attention_impl: str = "auto"  # attention backend (`ming_jax.ops.attention`): "auto" | "xla" | "splash" | "cudnn"
+    attention_impl: str = "auto"  # attention backend (`ming_jax.pallas.attention.api.attention`): "auto" | "xla" | "splash" | "cudnn"
     remat: bool = False
     # Expert parallelism (ming_jax.moe.expert_parallel) under an active mesh: "auto" (when the mesh's experts axis is
     # > 1; ragged exchange on TPU / GPU, padded on CPU), "off", or "ragged" / "padded" to force that exchange.

@@ -51,12 +51,6 @@ def normal(stddev: float) -> Init:
     return init
 
 
-def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
-    meta = variable.get_metadata()
-    axes = meta.get("out_sharding")
-    return tuple(axes) if axes is not None else (None,) * variable.get_value().ndim
-
-
 def uniform_fan_in(axis: int = 0) -> Init:
     """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = shape[axis] (torch's default Linear init)."""
 

@@ -9,7 +9,8 @@ from flax import nnx
 from ming_jax.config.llm import LLMConfig
 from ming_jax.layers.mlp import GatedMLP
 from ming_jax.layers.params import fan_in_normal, param
-from ming_jax.moe import dispatch, expert_parallel, experts
+from ming_jax.moe import dispatch, expert_parallel
+from ming_jax.pallas.gmm import api as gmm
 from ming_jax.moe.router import Router
 
 
@@ -52,9 +53,9 @@ class MoEBlock(nnx.Module):
             else:
                 plan = dispatch.sort_by_expert(routing.experts, self.num_experts)
                 # The permute is fused into the gate/up kernel's loads (impl "pallas"): no [B*S*K, D] copy.
-                ys = experts.grouped_glu(tokens, plan.group_sizes, self.w_gate[...].astype(dt),
-                                         self.w_up[...].astype(dt), self.w_down[...].astype(dt), impl=self.impl,
-                                         rows=plan.order // plan.top_k)  # [B*S*K, D] in expert order
+                ys = gmm.grouped_glu(tokens, plan.group_sizes, self.w_gate[...].astype(dt),
+                                     self.w_up[...].astype(dt), self.w_down[...].astype(dt),
+                                     rows=plan.order // plan.top_k, implementation=self.impl)  # [B*S*K, D]
                 y = dispatch.combine(ys, plan, routing.weights)
         if self.shared is not None:
             with jax.named_scope("shared_expert"):

@@ -7,7 +7,7 @@ The router and the shared expert stay outside (ordinary GSPMD-sharded code); onl
     sort the t*K (token, expert) pairs by expert                                     dispatch.sort_by_expert
     counts [n, E] = all_gather(rows per expert)                                      one tiny collective
     send the rows: expert g's rows go to device g // E_l                              ragged all-to-all "go"
-    grouped GLU on the received rows, grouped by local expert                         ops.grouped_glu
+    grouped GLU on the received rows, grouped by local expert                         gmm.grouped_glu
     send the results back to where they came from                                    ragged all-to-all "back"
     weighted combine per token (float32), psum over the tensor axes of expert_mlp   dispatch.combine
 Autodiff goes through all of it (the transpose of each exchange is the exchange the other way). With one shard on
@@ -52,8 +52,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ming_jax import ops, sharding
+from ming_jax import sharding
 from ming_jax.moe import dispatch
+from ming_jax.pallas.gmm import api as gmm
 
 EXCHANGES = ("ragged", "padded", "none")
 MODES = ("auto", "off", "ragged", "padded")
@@ -157,7 +158,7 @@ class ExpertParallel:
     mlp_axes: tuple[str, ...]  # mesh axes splitting expert_mlp (partial sums, psum'd at the end)
     exchange: str  # "ragged" | "padded" | "none" (one shard, dropless: the sorted rows are already local)
     capacity_factor: float | None = None  # None: dropless
-    impl: str = "auto"  # grouped-matmul backend (experts.grouped_glu)
+    impl: str = "auto"  # grouped-matmul backend (`ming_jax.pallas.gmm.api`)
     platform: str = "cpu"  # of the mesh devices (the compile target, which may differ from the host)
 
     def __post_init__(self):
@@ -205,7 +206,7 @@ def plan(num_experts: int, *, mode: str = "auto", capacity_factor: float | None 
     act = sharding.active()
     if mode == "off" or act is None:
         return None
-    mesh, rules, concrete = act
+    mesh, rules, concrete = act.mesh, act.rules, act.concrete
     ep_axes = rules.mesh_axes("experts")
     if not ep_axes:
         return None
@@ -228,17 +229,6 @@ def plan(num_experts: int, *, mode: str = "auto", capacity_factor: float | None 
 
 
 # --- the routed experts ---------------------------------------------------------------------------------------------
-
-
-def _grouped_glu(xs, group_sizes, w_gate, w_up, w_down, ep: ExpertParallel):
-    """`ops.grouped_glu`, except for a TPU *target* compiled from a non-TPU host (AOT), which must get the compiled
-    Pallas kernels: `experts.grouped_glu` picks the backend and Pallas interpretation from the host backend."""
-    if ep.platform == "tpu" and ep.impl in ("auto", "pallas") and jax.default_backend() != "tpu":
-        from ming_jax.pallas import gmm as pgmm
-
-        h = pgmm.gmm_glu(xs, w_gate, w_up, group_sizes, interpret=False)
-        return pgmm.gmm(h.astype(xs.dtype), w_down, group_sizes, preferred_element_type=xs.dtype, interpret=False)
-    return ops.grouped_glu(xs, group_sizes, w_gate, w_up, w_down, impl=ep.impl)
 
 
 def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel):
@@ -269,7 +259,7 @@ def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, ep: ExpertParal
         plan_ = dispatch.sort_by_expert(expert_ids, num_experts)
         xs = dispatch.permute(x, plan_)  # [t*K, D] sorted by global expert
         if ep.exchange == "none":
-            ys = _grouped_glu(xs, plan_.group_sizes, w_gate, w_up, w_down, ep)
+            ys = gmm.grouped_glu(xs, plan_.group_sizes, w_gate, w_up, w_down, implementation=ep.impl)
         else:
             me = jax.lax.axis_index(ep.axis)
             counts = jax.lax.all_gather(plan_.group_sizes, ep.axis, axis=0, tiled=False)  # [n, E]
@@ -278,7 +268,7 @@ def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, ep: ExpertParal
                 recv = _exchange(ep.exchange, xs, jnp.zeros((rows, xs.shape[1]), xs.dtype),
                                  (lay.go_input_offsets, lay.go_send_sizes, lay.go_output_offsets,
                                   lay.go_recv_sizes), axis=ep.axis, n=n, max_rows_per_peer=per_peer)
-            out = _grouped_glu(recv, lay.local_group_sizes, w_gate, w_up, w_down, ep)  # [rows, D]
+            out = gmm.grouped_glu(recv, lay.local_group_sizes, w_gate, w_up, w_down, implementation=ep.impl)  # [rows, D]
             with jax.named_scope("return_exchange"):
                 ys = _exchange(ep.exchange, out, jnp.zeros_like(xs),
                                (lay.back_input_offsets, lay.back_send_sizes, lay.back_output_offsets,

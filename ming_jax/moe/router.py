@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ming_jax.config.modality import AUDIO, GATE_NAMES, TEXT, VISION  # noqa: F401  (re-exported)
 from ming_jax.layers.params import param, uniform_fan_in, zeros
 
-TEXT, VISION, AUDIO = 0, 1, 2  # modality ids; also the index of each gate in a MultiRouter
-GATE_NAMES = ("gate", "image_gate", "audio_gate")
 
 
 @jax.tree_util.register_dataclass

@@ -4,26 +4,11 @@ Both are numpy (+ librosa / PIL) re-implementations of the official Ming process
 is deterministic integer / float32 arithmetic (image), and to float32 rounding where it runs FFTs (audio).
 """
 
-from ming_jax.processors.audio import (
-    SAMPLE_RATE,
-    AudioError,
-    WhisperFrontendConfig,
-    encoder_output_length,
-    load_audio,
-    log_mel_spectrogram,
-    prepare_waveform,
-    process_audios,
-    resample,
-    whisper_frontend,
-)
-from ming_jax.processors.image import (
-    ImageError,
-    ProcessorConfig,
-    num_image_patches,
-    process_image,
-    process_images,
-    smart_resize,
-)
+from ming_jax.processors.audio import (SAMPLE_RATE, AudioError, WhisperFrontendConfig, encoder_output_length,
+                                       load_audio, log_mel_spectrogram, prepare_waveform, process_audios, resample,
+                                       whisper_frontend)
+from ming_jax.processors.image import (ImageError, ProcessorConfig, num_image_patches, process_image, process_images,
+                                       smart_resize)
 
 __all__ = [
     "SAMPLE_RATE", "AudioError", "WhisperFrontendConfig", "encoder_output_length", "load_audio",

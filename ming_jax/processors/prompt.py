@@ -35,6 +35,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from ming_jax.models.inputs import OmniInputs
 from ming_jax.processors import audio as audio_proc
 from ming_jax.processors import image as image_proc
 from ming_jax.processors import video as video_proc
@@ -65,7 +66,7 @@ class PromptError(ValueError):
 
 
 class Tokenizer(Protocol):
-    """What prompt building needs of a tokenizer (`ming_jax.tokenizer.ReleaseTokenizer` is one): special strings
+    """What prompt building needs of a tokenizer (`ming_jax.processors.tokenizer.ReleaseTokenizer` is one): special strings
     must come out as their single ids."""
 
     def encode(self, text: str) -> list[int]: ...
@@ -274,22 +275,6 @@ def expand_placeholders(text: str, *, image_grids: Sequence = (), video_grids: S
 # --- model inputs -------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class PromptInputs:
-    """The official model's inputs for one batch (the processor's `BatchFeature`), as numpy arrays."""
-
-    input_ids: np.ndarray  # [B, S] int64
-    attention_mask: np.ndarray | None = None  # [B, S] bool (None: every token real)
-    pixel_values: np.ndarray | None = None  # [N_img_patches, C*Tp*P*P] float32
-    image_grid_thw: np.ndarray | None = None  # [n_images, 3] int64
-    pixel_values_videos: np.ndarray | None = None  # [N_vid_patches, C*Tp*P*P]
-    video_grid_thw: np.ndarray | None = None  # [n_frames_or_videos, 3]: one t=1 row per temporal patch (interleaved)
-    audio_feats: np.ndarray | None = None  # [B, T, n_mels] clips back to back
-    audio_feats_lengths: np.ndarray | None = None  # [B, N] mel frames per clip
-    audio_placeholder_loc_lens: np.ndarray | None = None  # [B, N, 2] (start, length) of each audio patch span
-    text: str | None = None  # the expanded prompt text (for inspection)
-
-
 def _read_image(source, index: int):
     """A path (or file:// URL), PIL image or uint8 array -> something `image.process_image` takes."""
     if isinstance(source, (str, os.PathLike)):
@@ -322,7 +307,7 @@ def _read_audio(source, index: int) -> tuple[Any, int]:
 
 
 class PromptBuilder:
-    """Turns conversations with media into `PromptInputs` for one model (its processor, tokenizer and towers).
+    """Turns conversations with media into `OmniInputs` for one model (its processor, tokenizer and towers).
 
     `llm_cfg` / `audio_cfg` / `vision_cfg` (from an `OmniConfig`) let the builder check the tokenizer's ids, size
     audio placeholders with the model's own length formula, and refuse media a tower cannot take; `max_context`
@@ -417,7 +402,7 @@ class PromptBuilder:
 
     # -- whole prompts --
     def build(self, conversation: Sequence[Mapping[str, Any]], *, system: str | None = None, thinking: bool = False,
-              assistant_prefix: str = "", max_new_tokens: int = 0) -> PromptInputs:
+              assistant_prefix: str = "", max_new_tokens: int = 0) -> OmniInputs:
         """Chat template + media of the conversation -> model inputs (batch of one). `assistant_prefix` is text
         the answer starts with (e.g. `"English\\t"` for ASR in a known language)."""
         text = apply_chat_template(conversation, system=system, thinking=thinking) + assistant_prefix
@@ -426,7 +411,7 @@ class PromptBuilder:
                                max_new_tokens=max_new_tokens)
 
     def build_text(self, text: str, *, images: Sequence = (), videos: Sequence = (), audios: Sequence = (),
-                   max_new_tokens: int = 0) -> PromptInputs:
+                   max_new_tokens: int = 0) -> OmniInputs:
         """A prompt text already holding `<IMAGE>` / `<VIDEO>` / `<AUDIO>` placeholders (one per medium, in order)."""
         out: dict[str, Any] = {}
         img_grids, vid_grids, stamps, audio_tokens = [], [], [], []
@@ -459,7 +444,7 @@ class PromptBuilder:
             starts = np.flatnonzero(ids == self.special.audio_start) + 1
             out["audio_placeholder_loc_lens"] = np.stack(
                 [starts, np.asarray(audio_tokens, np.int64)], axis=-1)[None].astype(np.int64)
-        return PromptInputs(input_ids=ids[None], attention_mask=np.ones((1, ids.size), bool), text=expanded, **out)
+        return OmniInputs(input_ids=ids[None], attention_mask=np.ones((1, ids.size), bool), text=expanded, **out)
 
     def _check_layout(self, ids, img_grids, vid_grids, audio_tokens, merge):
         """The tokenizer must have kept every special string as one token: count what the layout promised."""
@@ -502,7 +487,7 @@ class StandInTokenizer:
     """A byte-level tokenizer (ids 0..255 = UTF-8 bytes) holding the release's special strings at given ids.
 
     For random-weight tiny models and tests, where the release's tokenizer.json is not at hand; built with the
-    `tokenizers` library, so `save(dir)` writes a real tokenizer.json that `ming_jax.tokenizer.ReleaseTokenizer`
+    `tokenizers` library, so `save(dir)` writes a real tokenizer.json that `ming_jax.processors.tokenizer.ReleaseTokenizer`
     loads."""
 
     def __init__(self, special_ids: Mapping[str, int]):

@@ -1,11 +1,12 @@
-"""Plain-jnp reference for the splash wiring: the same (segment ids, causal) contract as a dense boolean mask fed to
-the project's one reference attention, `ming_jax.layers.attention_core.attend` (float32 softmax, no tiling)."""
+"""The plain-XLA attention: the implementation every backend falls back to and the oracle every kernel is tested
+against. Grouped-query attention without repeating KV heads, float32 softmax, boolean masks; plus the masks
+(causal, segment ids) as dense booleans, and the splash kernel's contract (segment ids + causal) in plain jnp."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
-from ming_jax.layers.attention_core import attend
 
 
 def dense_mask(q_len: int, kv_len: int, *, q_segment_ids=None, kv_segment_ids=None, causal: bool = False):
@@ -23,3 +24,36 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool 
     mask = dense_mask(q.shape[1], k.shape[1], q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                       causal=causal)
     return attend(q, k, v, mask, scale=scale)
+
+
+def attend(q, k, v, mask=None, *, scale: float | None = None):
+    """q [B, T, H, hd], k/v [B, S, K, hd] with H % K == 0; mask broadcastable to [B, H, T, S] (True = attend).
+
+    Returns [B, T, H, hd]. Query head h uses KV head h // (H // K), as in `repeat_kv`. Rows whose mask is all False
+    (padding queries) return an average of values rather than NaN.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    if h % kv:
+        raise ValueError(f"{h} query heads are not a multiple of {kv} kv heads")
+    g = h // kv
+    scale = d**-0.5 if scale is None else scale
+    qg = q.reshape(b, t, kv, g, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg * jnp.asarray(scale, q.dtype), k,
+                        preferred_element_type=jnp.float32)  # [B, K, G, T, S]
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (b, h, t, k.shape[1])).reshape(b, kv, g, t, k.shape[1])
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def segment_mask(q_segments, kv_segments):
+    """Block-diagonal mask from segment ids: [B, T], [B, S] -> [B, 1, T, S] (True where ids match)."""
+    return (q_segments[:, :, None] == kv_segments[:, None, :])[:, None]
+
+
+def causal_mask(q_positions, kv_positions):
+    """[B, T], [B, S] slot indices -> [B, 1, T, S], True where the key slot is not after the query slot."""
+    return (kv_positions[:, None, :] <= q_positions[:, :, None])[:, None]

@@ -39,3 +39,10 @@ def gmm_glu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, group_sizes: jax.A
     gate = _group_matmul_f32(x, w_gate, group_sizes)
     up = _group_matmul_f32(x, w_up, group_sizes)
     return (jax.nn.silu(gate) * up).astype(x.dtype)
+
+
+def grouped_glu(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                w_down: jax.Array) -> jax.Array:
+    """The experts' SwiGLU FFN, per group: down_g(silu(gate_g(x)) * up_g(x)); [M, D] -> [M, D] in xs.dtype."""
+    h = gmm_glu(xs, w_gate, w_up, group_sizes)
+    return gmm(h, w_down, group_sizes, preferred_element_type=xs.dtype)

@@ -1,0 +1,1 @@
+"""Ahead-of-time compiles for TPU topologies from any host: topologies, compile, per-chip memory plans."""

@@ -1,0 +1,91 @@
+"""AOT memory plans CLI: compile the train or decode step for a TPU topology from any host (libtpu needed).
+
+    python -m ming_jax.aot --preset ming-flash-omni-2.0 --topology v5p:4x4x4 --mesh fsdp=16,expert=4 --step train
+    python -m ming_jax.aot --topology v6e:8x8 --mesh expert=64 --rules ep_tp --step decode --batch 256 --seq 8192
+    python -m ming_jax.aot --table plans.json       # render earlier --json results as a markdown table
+
+All logic lives in `ming_jax.aot`; this file parses flags and prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+from absl import app, flags
+
+from ming_jax import sharding
+from ming_jax.aot.compile import _libtpu_version, _param_count, compile_step
+from ming_jax.aot.memory_plan import MemoryPlan
+from ming_jax.aot.topology import topology_devices
+from ming_jax.config.llm import PRESETS
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    if f.table:  # render earlier --json results, compile nothing
+        print(MemoryPlan.MARKDOWN_HEADER)
+        for path in f.table:
+            for plan in MemoryPlan.load(path):
+                print(plan.markdown())
+        return 0
+    overrides = dict(remat=True, attention_impl=f.attention_impl)
+    if f.layers:
+        overrides["num_layers"] = f.layers
+    if f.capacity_factor:
+        overrides["moe_capacity_factor"] = f.capacity_factor
+    cfg = PRESETS[f.preset](**overrides)
+    devices = topology_devices(f.topology, f.num_slices)
+    n = len(devices)
+    batch = f.batch or (n if f.step == "train" else 4 * n)
+    seq = f.seq or (4096 if f.step == "train" else 8192)
+    print(f"{cfg.__class__.__name__} {f.preset}: {_param_count(cfg) / 1e9:.1f}B parameters; {f.topology} "
+          f"x{f.num_slices} = {n} chips; step={f.step} batch={batch} {'seq' if f.step == 'train' else 'max_len'}="
+          f"{seq}; jax {jax.__version__}, libtpu {_libtpu_version()}", flush=True)
+    plans = []
+    print(MemoryPlan.header(), flush=True)
+    for mesh_spec in f.mesh:
+        try:
+            plan, _ = compile_step(cfg, f.topology, mesh_spec, f.rules, f.step, batch=batch, seq=seq,
+                                   num_slices=f.num_slices, devices=devices, cache_layout=f.cache_layout)
+        except Exception as e:  # one bad mesh must not hide the others' results
+            print(f"{mesh_spec}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+            continue
+        plans.append(plan)
+        print(plan.row(), flush=True)
+    if f.json:
+        with open(f.json, "w") as fh:
+            json.dump([dict(dataclasses.asdict(p), total=p.total, fits=p.fits) for p in plans], fh, indent=1)
+    return 0 if plans and all(p.fits for p in plans) else 1
+
+
+def _define_flags():
+    flags.DEFINE_enum("preset", "ming-flash-omni-2.0", list(PRESETS), "LLM config preset.")
+    flags.DEFINE_string("topology", "v5p:4x4x4", "TPU topology, e.g. v5p:4x4x4 (64 chips), v6e:16x16.")
+    flags.DEFINE_integer("num_slices", 1, "Slices of that topology (multi-slice: DCN between them).")
+    flags.DEFINE_multi_string("mesh", ["fsdp=-1"], "Mesh spec(s) (sharding.MeshSpec), e.g. fsdp=16,expert=4; "
+                              "repeat to compare several.")
+    flags.DEFINE_enum("rules", "ep_fsdp", list(sharding.PRESETS), "Sharding rules preset.")
+    flags.DEFINE_enum("step", "train", ["train", "decode"], "Which step to compile.")
+    flags.DEFINE_integer("batch", 0, "Global batch (default: 1 sequence per chip for train, 4 for decode).")
+    flags.DEFINE_integer("seq", 0, "Train sequence length / decode KV-cache length (default 4096 / 8192).")
+    flags.DEFINE_integer("layers", 0, "Override the number of layers (0: the preset's).")
+    flags.DEFINE_float("capacity_factor", 0.0, "Expert capacity factor (0: dropless).")
+    flags.DEFINE_enum("attention_impl", "auto", ["xla", "auto", "splash"],
+                      "Attention backend: 'auto' compiles the splash kernel for TPU (in a shard_map under the mesh; "
+                      "decode steps against the cache use XLA attention), 'xla' the reference everywhere.")
+    flags.DEFINE_enum("cache_layout", "auto", ["auto", "default"],
+                      "Decode: KV cache memory layout chosen by the compiler ('auto') or row-major ('default').")
+    flags.DEFINE_string("json", "", "Write the memory plans here as JSON.")
+    flags.DEFINE_multi_string("table", [], "Print the plans of these --json files as a markdown table and exit.")
+
+
+def run():
+    _define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,196 @@
+"""Generation CLI: text, or text with images / audio / video (the omni model).
+
+    python -m ming_jax.generate --checkpoint DIR --prompt "Hello" [--prompt "Another"] --max_new_tokens 64
+    python -m ming_jax.generate --checkpoint DIR --image a.jpg --audio b.wav --video c.mp4 --prompt "What is this?"
+    python -m ming_jax.generate --checkpoint DIR --asr --audio b.wav [--asr_topic cooking --hotword Umsh]
+    python -m ming_jax.generate                     # no checkpoint: the tiny preset with RANDOM weights
+
+DIR is an official release folder (config.json, safetensors shards, tokenizer.json, preprocessor_config.json).
+Text only: several --prompt flags run as one padded batch, fed as raw text. With any --image / --audio / --video
+(each repeatable) or --asr, the whole omni model runs on one chat-formatted prompt: the media first, in flag order
+by kind, then the text. All logic lives in `ming_jax.gen.text`, `ming_jax.models.omni` and `ming_jax.processors.prompt`;
+this file only parses flags and prints.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import app, flags
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Official checkpoint folder (config.json + safetensors).")
+_PRESET = flags.DEFINE_enum("preset", "tiny", ["tiny", "ming-flash-omni-2.0"],
+                            "Model preset used when no --checkpoint is given (weights are random).")
+_PROMPT = flags.DEFINE_multi_string("prompt", ["The quick brown fox"], "Prompt text; repeat for a batch.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate per prompt.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling / random-weights seed.")
+_PADDING = flags.DEFINE_enum("padding_side", "left", ["left", "right"], "How the prompt batch is padded.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the config's).")
+_IMAGE = flags.DEFINE_multi_string("image", [], "Image file for the omni model; repeatable.")
+_AUDIO = flags.DEFINE_multi_string("audio", [], "Audio file for the omni model; repeatable.")
+_VIDEO = flags.DEFINE_multi_string("video", [], "Video file (or folder of frames) for the omni model; repeatable.")
+_SYSTEM = flags.DEFINE_string("system", None, "Replaces the default persona of the system turn (omni model).")
+_ASR = flags.DEFINE_bool("asr", False, "Transcribe the --audio clip(s) with the release's ASR instruction.")
+_ASR_TOPIC = flags.DEFINE_string("asr_topic", None, "Contextual ASR: what the audio is about.")
+_HOTWORD = flags.DEFINE_multi_string("hotword", [], "Contextual ASR: a word or phrase likely to occur; repeatable.")
+_ANSWER_PREFIX = flags.DEFINE_string("answer_prefix", "", "Text the answer starts with (e.g. 'English\\t' for ASR in "
+                                     "a known language).")
+
+
+class _Progress:
+    def __init__(self, total: int):
+        self.total, self.t0 = total, time.perf_counter()
+
+    def __call__(self, step, running):
+        step, running = int(step), int(running)
+        rate = step / max(time.perf_counter() - self.t0, 1e-9)
+        sys.stderr.write(f"\rdecoding {step}/{self.total} tokens, {running} row(s) running, {rate:.1f} steps/s ")
+        sys.stderr.flush()
+
+
+def _omni_setup():
+    """(config, tokenizer, processor config, a function making the model) for --checkpoint or the tiny preset.
+    The model is made last, after the prompt is built, so that bad media fail before any loading."""
+    import json
+    import os
+
+    from ming_jax.checkpoint import release as official
+    from ming_jax.gen import omni
+    from ming_jax.processors import tokenizer
+    from ming_jax.config.omni import OmniConfig
+    from ming_jax.processors import prompt as prompt_lib
+    from ming_jax.processors.image import ProcessorConfig
+
+    processor = ProcessorConfig.ming_flash_omni_2()
+    if _CHECKPOINT.value:
+        ckpt = _CHECKPOINT.value
+        cfg = OmniConfig.from_official(official.read_config(ckpt), dtype=_DTYPE.value)
+        tok = tokenizer.ReleaseTokenizer(ckpt)
+        pre = os.path.join(ckpt, "preprocessor_config.json")
+        if os.path.exists(pre):
+            with open(pre) as f:
+                processor = ProcessorConfig.from_official(json.load(f))
+        return cfg, tok, processor, lambda: official.load_omni(ckpt, dtype=_DTYPE.value)
+    if _PRESET.value != "tiny":
+        raise app.UsageError(f"preset {_PRESET.value} needs --checkpoint: random weights of that size are "
+                             "neither useful nor likely to fit in memory")
+    cfg = OmniConfig.tiny().with_dtypes(_DTYPE.value) if _DTYPE.value else OmniConfig.tiny()
+    print("No --checkpoint given: running the TINY OMNI preset with RANDOM weights and a byte-level stand-in "
+          "tokenizer. The output is meaningless text; it only shows the image / audio / video pipeline working "
+          "end to end.", file=sys.stderr)
+    tok = prompt_lib.StandInTokenizer(prompt_lib.tiny_special_ids(cfg.llm))
+    return cfg, tok, processor, lambda: omni.create(cfg, seed=_SEED.value)
+
+
+def _omni_conversation() -> list[dict]:
+    """One human turn: images, videos, then audio and the text (the ASR instruction before its audio)."""
+    from ming_jax.processors import prompt as prompt_lib
+
+    content = ([{"type": "image", "image": p} for p in _IMAGE.value]
+               + [{"type": "video", "video": p} for p in _VIDEO.value])
+    audio = [{"type": "audio", "audio": p} for p in _AUDIO.value]
+    if _ASR.value:
+        content += [{"type": "text", "text": prompt_lib.asr_prompt(_ASR_TOPIC.value, _HOTWORD.value)}] + audio
+    else:
+        content += audio + [{"type": "text", "text": _PROMPT.value[0]}]
+    return [{"role": "HUMAN", "content": content}]
+
+
+def _omni_main() -> int:
+    """Images / audio / video given: the omni model on one chat-formatted prompt."""
+    from ming_jax.gen import text as generation, omni
+    from ming_jax.models import llm as model_lib
+    from ming_jax.processors import prompt as prompt_lib
+
+    if len(_PROMPT.value) > 1:
+        raise app.UsageError("with --image / --audio / --video give one --prompt (the media belong to one prompt)")
+    if _ASR.value and not _AUDIO.value:
+        raise app.UsageError("--asr needs --audio")
+    cfg, tok, processor, make_model = _omni_setup()
+    try:
+        builder = prompt_lib.PromptBuilder.for_model(tok, cfg, processor)
+        inputs = builder.build(_omni_conversation(), system=_SYSTEM.value,
+                               assistant_prefix=_ANSWER_PREFIX.value.replace("\\t", "\t"),
+                               max_new_tokens=_MAX_NEW.value)
+    except prompt_lib.PromptError as e:
+        print(f"generate: {e}", file=sys.stderr)
+        return 1
+    n_img = 0 if inputs.image_grid_thw is None else len(inputs.image_grid_thw)
+    n_frames = 0 if inputs.video_grid_thw is None else int(inputs.video_grid_thw[:, 0].sum())
+    n_audio = 0 if inputs.audio_feats_lengths is None else inputs.audio_feats_lengths.shape[1]
+    print(f"prompt: {inputs.input_ids.shape[1]} tokens ({n_img} image(s), {n_frames} video temporal patch(es), "
+          f"{n_audio} audio clip(s))", file=sys.stderr)
+    if _CHECKPOINT.value:
+        print(f"loading {_CHECKPOINT.value} ...", file=sys.stderr)
+    model = make_model()
+    print(f"omni model: LLM {cfg.llm.num_layers} layers / {cfg.llm.num_experts} experts, vision "
+          f"{'none' if cfg.vision is None else f'{cfg.vision.depth} blocks'}, audio "
+          f"{'none' if cfg.audio is None else f'{cfg.audio.encoder.n_layer} blocks'}; "
+          f"{model_lib.param_count(model) / 1e6:.1f}M parameters", file=sys.stderr)
+    sampling = generation.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                                         top_k=_TOP_K.value, top_p=_TOP_P.value, stop_tokens=cfg.llm.eos_ids)
+    t0 = time.perf_counter()
+    out = generation.as_numpy(omni.generate(model, inputs, sampling, seed=_SEED.value,
+                                            progress=_Progress(_MAX_NEW.value)))
+    sys.stderr.write(f"\ndone in {time.perf_counter() - t0:.1f} s (including compilation)\n")
+    n = int(out.lengths[0])
+    print(f"--- media: {len(_IMAGE.value)} image(s), {len(_VIDEO.value)} video(s), {len(_AUDIO.value)} audio clip(s)")
+    print(f"+++ {n} tokens: {tok.decode(out.tokens[0][:n])!r}")
+    print(f"    ids: {out.tokens[0][:n].tolist()}")
+    return 0
+
+
+def main(argv):
+    del argv
+    if _IMAGE.value or _AUDIO.value or _VIDEO.value or _ASR.value:
+        return _omni_main()
+    from ming_jax.gen import text as generation
+    from ming_jax.models import llm as model_lib, inputs as multimodal
+    from ming_jax.checkpoint import release as official
+    from ming_jax.processors import tokenizer
+    from ming_jax.config.llm import PRESETS
+
+    overrides = {"dtype": _DTYPE.value} if _DTYPE.value else {}
+    if _CHECKPOINT.value:
+        print(f"loading {_CHECKPOINT.value} ...", file=sys.stderr)
+        model = official.load_llm(_CHECKPOINT.value, **overrides)
+        tok = tokenizer.ReleaseTokenizer(_CHECKPOINT.value)
+    else:
+        if _PRESET.value != "tiny":
+            raise app.UsageError(f"preset {_PRESET.value} needs --checkpoint: random weights of that size are "
+                                 "neither useful nor likely to fit in memory")
+        cfg = PRESETS["tiny"](**overrides)
+        print("No --checkpoint given: running the TINY preset with RANDOM weights. The output is meaningless text; "
+              "it only shows the pipeline working end to end.", file=sys.stderr)
+        model = model_lib.create(cfg, seed=_SEED.value)
+        tok = tokenizer.ByteTokenizer(cfg.vocab_size)
+    cfg = model.cfg
+    print(f"model: {cfg.num_layers} layers, {cfg.num_experts} experts (top-{cfg.num_experts_per_tok}), "
+          f"{model_lib.param_count(model) / 1e6:.1f}M parameters, dtype {cfg.dtype}", file=sys.stderr)
+
+    ids, mask = generation.pad_prompts([tok.encode(p) for p in _PROMPT.value], side=_PADDING.value,
+                                       pad_id=cfg.pad_token_id or 0)
+    prep = multimodal.prepare(cfg, ids, mask)
+    sampling = generation.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                                         top_k=_TOP_K.value, top_p=_TOP_P.value, stop_tokens=cfg.eos_ids)
+    t0 = time.perf_counter()
+    out = generation.generate(model, prep, sampling, seed=_SEED.value, progress=_Progress(_MAX_NEW.value))
+    out = generation.as_numpy(out)
+    sys.stderr.write(f"\ndone in {time.perf_counter() - t0:.1f} s (including compilation)\n")
+    for prompt, toks, n in zip(_PROMPT.value, out.tokens, out.lengths):
+        print(f"--- prompt: {prompt!r}")
+        print(f"+++ {n} tokens: {tok.decode(toks[:n])!r}")
+        print(f"    ids: {toks[:n].tolist()}")
+    return 0
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

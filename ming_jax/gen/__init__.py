@@ -1,0 +1,1 @@
+"""Generation: sampling, the shared prefill / decode step bodies, and the text and omni pipelines."""

@@ -1,0 +1,46 @@
+"""The step bodies every generation program is built from: a prefill of the prompt into a fresh KV cache, and one
+decode step (one token per row against the cache). `ming_jax.gen.text` loops them inside jit; `ming_jax.aot`
+compiles the same functions for TPU topologies, so the planned program is the one users run."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from ming_jax.layers.kv_cache import KVCache
+
+
+def last_real_index(attention_mask):
+    """[B, S] bool -> index of each row's last real token (works for left and right padding)."""
+    s = attention_mask.shape[1]
+    return s - 1 - jnp.argmax(attention_mask[:, ::-1], axis=1)
+
+
+def prefill(model, input_ids, attention_mask, positions, modality, features, feature_index, *, max_len: int):
+    """The prompt ([B, S] ids, mask, positions [3, B, S], modality or None, features [N, D] + their flat index or
+    None) into a new cache of `max_len` slots -> (logits at each row's last real token [B, V] float32, cache).
+    The cache is made here, inside the caller's jit, so there is no second copy to donate."""
+    cache = KVCache.create(model.cfg, input_ids.shape[0], max_len)
+    x = model.embed_tokens(input_ids, features, feature_index)
+    out = model(x, positions, attention_mask=attention_mask, modality=modality, cache=cache,
+                logits_at=last_real_index(attention_mask), prefill=True)
+    return out.logits, out.cache
+
+
+def decode_step(model, tokens, positions, cache):
+    """tokens [B] (the last sampled), positions [B] (their rope positions) -> (logits [B, V] float32, cache with
+    the tokens written at slot `cache.length`). Text positions: the three rope rows are equal."""
+    b = tokens.shape[0]
+    x = model.embed_tokens(tokens[:, None])
+    pos3 = jnp.broadcast_to(positions[None, :, None], (3, b, 1))
+    out = model(x, pos3, cache=cache, logits_at=jnp.zeros((b,), jnp.int32))
+    return out.logits, out.cache
+
+
+def make_decode_step(graphdef):
+    """(params, cache, tokens [B], positions [B]) -> (logits [B, V] float32, cache)."""
+
+    def step(params, cache, tokens, positions):
+        return decode_step(nnx.merge(graphdef, params), tokens, positions, cache)
+
+    return step

@@ -1,0 +1,270 @@
+"""BailingMoeV2 (Ling-flash-2.0) causal LM, the language backbone of Ming-flash-omni 2.0.
+
+Reads top-down like the architecture:
+  embeddings (+ multimodal features scattered into placeholder positions, see `ming_jax.models.inputs`)
+  -> `first_k_dense_replace` dense decoder layers (attention + SwiGLU MLP)
+  -> the remaining MoE decoder layers, stacked on a leading "layers" axis and run with `nnx.scan`
+  -> final RMSNorm -> LM head.
+Attention: fused QKV projection, per-head RMSNorm on q and k, grouped-query attention, partial rotary with the 3-D
+"video rope" (text positions are the 1-D special case). The KV cache (`ming_jax.layers.kv_cache`) is preallocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ming_jax.config.llm import LLMConfig
+from ming_jax.layers import rotary
+from ming_jax.layers.kv_cache import CacheSlot, KVCache
+from ming_jax.layers.mlp import GatedMLP
+from ming_jax.layers.norms import RMSNorm
+from ming_jax.layers.params import fan_in_normal, normal, param, zeros
+from ming_jax.moe.block import MoEBlock
+from ming_jax.moe.router import Routing
+from ming_jax.pallas.attention.api import AttentionMask, attention
+
+# --- attention ----------------------------------------------------------------------------------------------------
+
+
+def split_qkv(qkv, num_q_per_kv: int):
+    """[B, T, K, G+2, hd] grouped layout -> q [B, T, K*G, hd], k, v [B, T, K, hd]."""
+    b, t, kv, _, hd = qkv.shape
+    q = qkv[:, :, :, :num_q_per_kv].reshape(b, t, kv * num_q_per_kv, hd)
+    return q, qkv[:, :, :, num_q_per_kv], qkv[:, :, :, num_q_per_kv + 1]
+
+
+class Attention(nnx.Module):
+    """GQA attention with a fused QKV kernel laid out per KV group: [D, K, G + 2, hd].
+
+    Group j holds its G query heads, then its key head, then its value head, so sharding the K axis (tensor
+    parallelism) keeps every query head next to the KV head it reads. The official fused layout ([q heads | k | v])
+    is regrouped by the weight table.
+    """
+
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.g = h // kv
+        self.attention_impl = cfg.attention_impl
+        self.qkv = param(rngs, fan_in_normal(), (d, kv, self.g + 2, hd), ("embed", "kv_heads", "qkv", "head_dim"),
+                         pdt)
+        self.qkv_bias = (param(rngs, zeros, (kv, self.g + 2, hd), ("kv_heads", "qkv", "head_dim"), pdt)
+                         if cfg.use_qkv_bias else None)
+        self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, axis_name="head_dim", param_dtype=pdt, rngs=rngs)
+        self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, axis_name="head_dim", param_dtype=pdt, rngs=rngs)
+        self.out = param(rngs, fan_in_normal((0, 1)), (h, hd, d), ("heads", "head_dim", "embed"), pdt)
+        self.out_bias = param(rngs, zeros, (d,), ("embed",), pdt) if cfg.use_bias else None
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, start=None):
+        """x [B, T, D]; cos/sin [B, T, rd]; mask: `AttentionMask` over S = T keys, or the cache length.
+
+        With `kv_cache = CacheSlot(k [L, B, K, S_max, hd], v, layer, attend_cache)` the new keys / values are written
+        into layer `layer` of the stacks at slot `start` (in place: the stacks are a loop carry / donated buffer);
+        queries then read that layer's whole cache, or with `attend_cache=False` (prefill of an empty cache) only the
+        T new keys. Returns (out [B, T, D], the updated CacheSlot or None).
+        """
+        dt = x.dtype
+        qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(dt))
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias[...].astype(dt)
+        q, k, v = split_qkv(qkv, self.g)
+        q = rotary.apply_rotary(self.q_norm(q), cos, sin)
+        k = rotary.apply_rotary(self.k_norm(k), cos, sin)
+        if kv_cache is not None:
+            kv_cache = kv_cache.write(k, v, start)
+            if kv_cache.attend_cache:
+                k, v = kv_cache.read(dt)
+        o = attention(q, k, v, mask, impl=self.attention_impl)  # [B, T, H, hd]
+        y = jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(dt))
+        if self.out_bias is not None:
+            y = y + self.out_bias[...].astype(dt)
+        return y, kv_cache
+
+
+# --- decoder layers -----------------------------------------------------------------------------------------------
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)); the MLP is dense or the MoE block."""
+
+    def __init__(self, cfg: LLMConfig, *, moe: bool, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", param_dtype=pdt,
+                                  rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", param_dtype=pdt,
+                                 rngs=rngs)
+        if moe:
+            self.moe = MoEBlock(cfg, rngs=rngs)
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, modality=None, kv_cache=None, start=None, collect=False):
+        with jax.named_scope("attention"):
+            a, kv_cache = self.attn(self.input_norm(x), cos, sin, mask, kv_cache, start)
+        x = x + a
+        h = self.post_norm(x)
+        routing = None
+        if hasattr(self, "moe"):
+            with jax.named_scope("moe"):
+                m, r, gates = self.moe(h, modality, per_gate=collect)
+            routing = (r, gates) if collect else None
+        else:
+            with jax.named_scope("mlp"):
+                m = self.mlp(h)
+        return x + m, kv_cache, routing
+
+
+# --- the model ----------------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ModelOutput:
+    logits: jax.Array | None  # [B, T, V] (or [B, V] when `logits_at` is given)
+    hidden: jax.Array  # [B, T, D] output of the final norm
+    cache: KVCache | None
+    layer_outputs: jax.Array | None = None  # [L, B, T, D] residual stream after each layer (collect=True)
+    routing: Routing | None = None  # stacked over MoE layers: experts [Lm, B*T, K], ... (collect=True)
+    gate_routing: Routing | None = None  # every gate on every token: experts [Lm, R, B*T, K], ... (collect=True)
+
+
+class BailingMoeV2(nnx.Module):
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.embed = param(rngs, normal(1.0), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt)
+        self.dense_layers = nnx.List([DecoderLayer(cfg, moe=False, rngs=rngs) for _ in range(cfg.num_dense_layers)])
+        if cfg.num_moe_layers:
+
+            @nnx.split_rngs(splits=cfg.num_moe_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make(r):
+                return DecoderLayer(cfg, moe=True, rngs=r)
+
+            self.moe_layers = make(rngs)
+        self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", param_dtype=pdt,
+                                  rngs=rngs)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        param(rngs, fan_in_normal(), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt))
+
+    # -- pieces usable on their own --
+    def embed_tokens(self, input_ids, features=None, feature_index=None):
+        """input_ids [B, T] -> [B, T, D]; `features [N, D]` overwrite the flat positions `feature_index [N]`."""
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.dtype)
+        if features is not None:
+            b, t, d = x.shape
+            x = x.reshape(b * t, d).at[feature_index].set(features.astype(x.dtype)).reshape(b, t, d)
+        return x
+
+    def rotary(self, positions):
+        """positions [3, B, T] -> cos, sin [B, T, rd]."""
+        inv_freq = rotary.inv_frequencies(self.cfg.rotary_dim, self.cfg.rope_theta)  # a compile-time constant
+        if self.cfg.rope_type == "video_rope":
+            return rotary.video_rope_cos_sin(positions, inv_freq, self.cfg.mrope_section)
+        return rotary.rope_cos_sin(positions[0], inv_freq)
+
+    def head(self, h):
+        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+    # -- forward --
+    def __call__(self, embeds, positions, *, attention_mask=None, modality=None, cache: KVCache | None = None,
+                 logits_at=None, collect: bool = False, prefill: bool = False) -> ModelOutput:
+        """embeds [B, T, D] (from `embed_tokens`), positions [3, B, T] int.
+
+        attention_mask [B, T] bool marks real tokens (None: all real); without a cache it may also be int segment ids
+        (0 = padding, 1, 2, ... = documents packed in a row, attending only within themselves). modality [B, T] int
+        picks each token's router (None: text gate for all, as in decode steps). With `cache`, the T tokens go to
+        slots cache.length ... and attend to every valid earlier slot; with `prefill=True` the cache starts over
+        instead (the T tokens go to slots 0 .. T-1, whatever it held) and attention runs on the T tokens alone with
+        the causal + segment mask, so the attention kernels (splash, cuDNN) serve the prompt. logits_at [B] int:
+        compute logits only at these positions (-> [B, V]).
+        """
+        cfg = self.cfg
+        b, t, _ = embeds.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        segments = jnp.asarray(attention_mask).astype(jnp.int32)  # 0 = padding, 1.. = real (bool -> 0 / 1)
+        attention_mask = segments > 0
+        cos, sin = self.rotary(positions)
+        if cache is None or prefill:
+            mask = AttentionMask.self_attention(segments, causal=True)  # what kernels take (splash, cuDNN)
+        if cache is None:
+            start = None
+        elif prefill:  # the cache starts over: slots 0 .. T-1, nothing earlier is valid
+            start = jnp.zeros((), jnp.int32)
+            valid = jnp.zeros_like(cache.valid).at[:, :t].set(attention_mask)
+        else:
+            start = cache.length
+            q_slots = start + jnp.arange(t)
+            valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, start, axis=1)
+            k_slots = jnp.arange(cache.max_len)
+            mask = AttentionMask(dense=(k_slots[None, :] <= q_slots[:, None])[None, None] & valid[:, None, None, :])
+
+        def slot(k_stack, v_stack, layer):
+            return None if cache is None else CacheSlot(k_stack, v_stack, jnp.asarray(layer, jnp.int32),
+                                                        attend_cache=not prefill)
+
+        x = embeds.astype(cfg.dtype)
+        layer_outputs = []
+        k_dense, v_dense = (None, None) if cache is None else (cache.k_dense, cache.v_dense)
+        for i, layer in enumerate(self.dense_layers):
+            x, kv, _ = layer(x, cos, sin, mask, None, slot(k_dense, v_dense, i), start)
+            if cache is not None:
+                k_dense, v_dense = kv.k, kv.v
+            if collect:
+                layer_outputs.append(x)
+
+        routing = None
+        k_moe = v_moe = None
+        if cfg.num_moe_layers:
+
+            def body(layer, carry, cos, sin, mask, modality, start, index):
+                x, kv = carry  # kv: the whole (k, v) MoE stacks, carried so that each layer updates them in place
+                x, kv, r = layer(x, cos, sin, mask, modality, None if kv is None else slot(*kv, index), start,
+                                 collect)
+                return (x, None if kv is None else (kv.k, kv.v)), r, (x if collect else None)
+
+            if cfg.remat:  # recompute each layer's activations in the backward pass instead of storing them
+                body = nnx.remat(body)
+            run_moe = nnx.scan(body, in_axes=(0, nnx.Carry, None, None, None, None, None, 0),
+                               out_axes=(nnx.Carry, 0, 0))
+            kv_in = None if cache is None else (cache.k_moe, cache.v_moe)
+            (x, kv_out), routing, ys = run_moe(self.moe_layers, (x, kv_in), cos, sin, mask, modality, start,
+                                               jnp.arange(cfg.num_moe_layers, dtype=jnp.int32))
+            if cache is not None:
+                k_moe, v_moe = kv_out
+            if collect:
+                layer_outputs.extend(list(ys))
+
+        h = self.final_norm(x)
+        if logits_at is not None:
+            logits = self.head(h[jnp.arange(b), logits_at])
+        else:
+            logits = self.head(h)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k_dense, v_dense, cache.k_moe if k_moe is None else k_moe,
+                                cache.v_moe if v_moe is None else v_moe, valid, start + t)
+        if collect and routing is not None:
+            return ModelOutput(logits, h, new_cache, jnp.stack(layer_outputs), routing[0], routing[1])
+        return ModelOutput(logits, h, new_cache, jnp.stack(layer_outputs) if collect else None)
+
+
+def create(cfg: LLMConfig, *, seed: int = 0) -> BailingMoeV2:
+    return BailingMoeV2(cfg, rngs=nnx.Rngs(seed))
+
+
+def create_abstract(cfg: LLMConfig) -> BailingMoeV2:
+    """The model with `jax.ShapeDtypeStruct` leaves: no memory allocated, any size."""
+    return nnx.eval_shape(lambda: BailingMoeV2(cfg, rngs=nnx.Rngs(0)))
+
+
+def param_count(model) -> int:
+    return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))

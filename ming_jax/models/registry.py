@@ -1,0 +1,183 @@
+"""Every component of a release, declared once: its config reader, abstract builder, weight table, official name
+prefixes and the subtrees of our parameter tree it fills. The converter, the loader, the exporter, the parity
+runners and the CLIs read this module and nothing else to learn which components exist.
+
+    parts = describe(raw)            # the components a config.json describes: {"llm": Part, "vision": Part, ...}
+    parts["llm"].table               # official names -> our dotted paths (under the subtree keys, "llm.embed", ...)
+    parts["llm"].modules["llm"]      # the abstract module that fills subtree "llm" (nnx.eval_shape: no memory)
+
+Our tree is the parameter tree of `ming_jax.models.omni.OmniModel`: one top-level key per subtree. A release that
+holds only one sub-model (an LLM-only config, a vision- or audio-tower config: the golden cases) gives the same
+subtree keys, so converted checkpoints of any release share one layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax.numpy as jnp
+from flax import nnx
+
+from ming_jax.config.audio import AudioConfig
+from ming_jax.config.base import ConfigError
+from ming_jax.config.llm import LLMConfig
+from ming_jax.config.omni import OmniConfig
+from ming_jax.config.vision import VisionConfig
+from ming_jax.models.audio import AudioTower
+from ming_jax.models.llm import BailingMoeV2
+from ming_jax.models.vision import VisionProjector, VisionTransformer
+from ming_jax.weights.audio import audio_table
+from ming_jax.weights.llm import llm_table
+from ming_jax.weights.table import Table, param_shapes
+from ming_jax.weights.vision import OMNI_PROJECTOR_PREFIX, OMNI_VISION_PREFIX, projector_table, vision_table
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """One kind of sub-model: which subtrees of our tree it fills, and what it is."""
+
+    name: str
+    subtrees: tuple[str, ...]
+    what: str
+
+
+COMPONENTS: dict[str, Component] = {
+    "llm": Component("llm", ("llm",), "BailingMoeV2 language model"),
+    "vision": Component("vision", ("vision", "vision_proj"), "vision tower (Qwen3-VL-style ViT) + projector"),
+    "audio": Component("audio", ("audio",), "audio tower (whisper encoder) + projector"),
+}
+# Parts of the release not implemented yet: named in errors and in the converter's skip report.
+PLANNED: dict[str, str] = {
+    "talker": "speech generation (talker/, talker/vae/)",
+    "image_gen": "image generation (mlp/, connector/, transformer/, byt5/, vae/, scheduler/)",
+}
+# Release sub-folders of the planned components (the converter skips and lists them).
+PLANNED_FOLDERS: dict[str, str] = {"talker": "talker", "mlp": "image_gen", "connector": "image_gen",
+                                   "transformer": "image_gen", "byt5": "image_gen", "vae": "image_gen",
+                                   "scheduler": "image_gen"}
+LLM_PREFIX = "model."  # in the omni release, BailingMoeV2ForCausalLM's own names (`model.`, `lm_head.`) follow it
+AUDIO_PREFIXES = ("audio.", "linear_proj_audio.")
+
+
+def nested(table: Table, ours: str) -> Table:
+    """The same rules with our paths under the subtree `ours` (e.g. "llm.")."""
+    return Table(dataclasses.replace(r, ours=ours + r.ours) for r in table.rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One component as a given release holds it."""
+
+    name: str
+    config: Any  # LLMConfig | VisionConfig | AudioConfig
+    modules: Mapping[str, nnx.Module]  # subtree key -> abstract module
+    table: Table  # official names -> our dotted paths, under the subtree keys
+    prefixes: tuple[str, ...]  # official names starting with one of these belong here
+
+    def owns(self, name: str) -> bool:
+        return name.startswith(self.prefixes)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Our dotted path ("llm.embed", ...) -> shape of every parameter this part fills."""
+        return {f"{key}.{p}": s for key, module in self.modules.items() for p, s in param_shapes(module).items()}
+
+
+def abstract(make: Callable[[], nnx.Module]) -> nnx.Module:
+    return nnx.eval_shape(make)
+
+
+def llm_part(cfg: LLMConfig, prefix: str) -> Part:
+    """`prefix`: what precedes `model.` / `lm_head.` in the official names ("model." inside the omni release)."""
+    module = abstract(lambda: BailingMoeV2(cfg, rngs=nnx.Rngs(0)))
+    return Part("llm", cfg, {"llm": module}, nested(llm_table(cfg, prefix), "llm."), (prefix,))
+
+
+def vision_part(cfg: VisionConfig, prefix: str, projector: tuple[int, int] | None, *,
+                deepstack: bool = False) -> Part:
+    """projector: (LLM hidden size, mlp_depth) of the omni release's `linear_proj`, or None for a bare tower."""
+    modules = {"vision": abstract(lambda: VisionTransformer(cfg, use_deepstack=deepstack, rngs=nnx.Rngs(0)))}
+    table = vision_table(cfg, prefix, "vision.")
+    prefixes: tuple[str, ...] = (prefix,)
+    if projector is not None:
+        out_dim, depth = projector
+        modules["vision_proj"] = abstract(lambda: VisionProjector(
+            cfg.out_hidden_size, out_dim, depth, param_dtype=jnp.dtype(cfg.param_dtype), rngs=nnx.Rngs(0)))
+        table = table + projector_table(depth, OMNI_PROJECTOR_PREFIX, "vision_proj.")
+        prefixes += (OMNI_PROJECTOR_PREFIX,)
+    return Part("vision", cfg, modules, table, prefixes)
+
+
+def audio_part(cfg: AudioConfig) -> Part:
+    module = abstract(lambda: AudioTower(cfg, rngs=nnx.Rngs(0)))
+    return Part("audio", cfg, {"audio": module}, audio_table(cfg, "", "audio."), AUDIO_PREFIXES)
+
+
+def omni_parts(cfg: OmniConfig, *, deepstack: bool = False) -> dict[str, Part]:
+    """The parts of an omni model (the towers its config has)."""
+    parts = {"llm": llm_part(cfg.llm, LLM_PREFIX)}
+    if cfg.vision is not None:
+        parts["vision"] = vision_part(cfg.vision, OMNI_VISION_PREFIX, (cfg.llm.hidden_size, cfg.mlp_depth),
+                                      deepstack=deepstack)
+    if cfg.audio is not None:
+        parts["audio"] = audio_part(cfg.audio)
+    return parts
+
+
+def omni_table(cfg: OmniConfig) -> Table:
+    """Official names of the whole omni state dict <-> the parameter paths of `OmniModel` (every part's table)."""
+    tables = [p.table for p in omni_parts(cfg).values()]
+    out = tables[0]
+    for t in tables[1:]:
+        out = out + t
+    return out
+
+
+def release_kind(raw: Mapping) -> str:
+    """"omni", "llm", "vision" or "audio": which layout a config.json describes."""
+    if isinstance(raw.get("llm_config"), Mapping):
+        return "omni"
+    model_type = raw.get("model_type")
+    if model_type == "bailing_moe_v2" or "BailingMoeV2ForCausalLM" in (raw.get("architectures") or ()):
+        return "llm"
+    if model_type in ("qwen3_moe_vit", "qwen3_vl_moe") or {"depth", "patch_size"} <= set(raw):
+        return "vision"
+    if isinstance(raw.get("audio_config"), Mapping):
+        return "audio"
+    raise ConfigError(f"config.json describes no model we know (model_type={model_type!r}, architectures="
+                      f"{raw.get('architectures')!r}); expected the omni config, an LLM-only, vision-only or "
+                      f"audio-only config")
+
+
+def describe(raw: Mapping, *, dtype: str | None = None, param_dtype: str | None = None,
+             deepstack: bool = False) -> dict[str, Part]:
+    """The components `raw` (a config.json dict) describes, each as a `Part`, in COMPONENTS order.
+
+    `dtype` / `param_dtype` are run settings applied to every part (None: the configs' defaults)."""
+    kw = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    kind = release_kind(raw)
+    if kind == "omni":
+        cfg = OmniConfig.from_official(raw, **kw)  # cross-section checks (projector widths, depth, token ids)
+        return omni_parts(cfg, deepstack=deepstack)
+    if kind == "llm":
+        return {"llm": llm_part(LLMConfig.from_official(raw, **kw), "")}
+    if kind == "vision":
+        return {"vision": vision_part(VisionConfig.from_official(raw, **kw), "", None, deepstack=deepstack)}
+    return {"audio": audio_part(AudioConfig.from_official(raw, **kw))}
+
+
+def select(available, requested) -> list[str]:
+    """The requested component names (None / empty: all available), checked, in COMPONENTS order."""
+    available = list(available)
+    if not requested:
+        return available
+    unknown = [c for c in requested if c not in COMPONENTS]
+    if unknown:
+        hint = "; ".join(f"{k}: {v}, not implemented" for k, v in PLANNED.items())
+        raise ConfigError(f"unknown component(s) {unknown}; known: {', '.join(COMPONENTS)} ({hint})")
+    absent = [c for c in requested if c not in available]
+    if absent:
+        raise ConfigError(f"component(s) {absent} are not in this release's config.json (it has: "
+                          f"{', '.join(available)})")
+    return [c for c in COMPONENTS if c in requested]

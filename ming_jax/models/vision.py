@@ -1,0 +1,418 @@
+"""The vision tower of Ming-flash-omni 2.0: a Qwen3-VL-MoE-style ViT over variable-resolution images and videos.
+
+Reading order follows the data: the static layout of a batch (which patch sits where, which patches attend to each
+other), patch embedding, learned position embeddings interpolated to each grid, 2-D rotary, attention restricted to
+each (image, frame), the blocks, the 2x2 patch mergers (final and deepstack), the tower, and finally the projector
+into the LLM width with the L2 normalisation the omni model applies to image embeddings.
+
+Input contract (the image processor's output, unchanged):
+* `pixel_values` [N, C * Tp * P * P]: one row per (temporal patch, spatial patch), flattened in (C, Tp, P, P) order.
+  Within an image the rows come in 2x2-merge-window order: for each frame, for each window row, for each window
+  column, the window's patches row-major. The merger therefore concatenates 4 consecutive rows.
+* `grid_thw` [n, 3]: (t, h, w) in patches for each image / video, in row order; sum(t * h * w) == N, and h, w are
+  multiples of `spatial_merge_size`.
+
+The grid decides every shape and every index of the computation, so it is static: pass it as numpy / nested tuples
+(jit with `grid` as a static argument, see `vision_forward`), never as a traced array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ming_jax.config.vision import VisionConfig
+from ming_jax.pallas.attention.reference import attend, segment_mask
+from ming_jax.layers.mlp import GeluMLP, gelu_mlp
+from ming_jax.layers.norms import LayerNorm
+from ming_jax.layers.linear import Linear
+from ming_jax.layers.norms import l2_normalize
+from ming_jax.layers.params import fan_in_normal, normal, param, zeros
+from ming_jax.layers.rotary import apply_rotary, inv_frequencies
+
+Grid = tuple[tuple[int, int, int], ...]
+
+
+# --- the static layout of a batch --------------------------------------------------------------------------------
+
+
+def as_grid(grid_thw) -> Grid:
+    """grid_thw (numpy / torch-converted / nested sequences, [n, 3]) -> hashable nested tuple; rejects traced arrays."""
+    if isinstance(grid_thw, jax.core.Tracer):
+        raise TypeError("grid_thw must be concrete (numpy or nested tuples), not a traced array: it fixes every "
+                        "shape of the vision tower; make it a static argument of the jitted function")
+    arr = np.asarray(grid_thw)
+    if arr.size == 0:
+        arr = arr.reshape(0, 3).astype(np.int64)
+    if arr.ndim != 2 or arr.shape[1] != 3:
+        raise ValueError(f"grid_thw must have shape [num_images, 3] (t, h, w), got {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"grid_thw must hold integers, got dtype {arr.dtype}")
+    return tuple(tuple(int(v) for v in row) for row in arr)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VisionLayout:
+    """Everything about a batch that depends only on its grid: built once per grid in numpy, constant under jit."""
+
+    grid: Grid
+    rows: np.ndarray  # [N] int32: patch row inside its image, in processor (merge-window) order
+    cols: np.ndarray  # [N] int32: patch column
+    pos_index: np.ndarray  # [4, N] int32: the 4 bilinear neighbours in the learned position table
+    pos_weight: np.ndarray  # [4, N] float32: their weights
+    segment_ids: np.ndarray  # [N] int32: one id per (image, frame); attention stays inside a segment
+    order: np.ndarray | None  # [N] int32 gather putting equal-length segments next to each other (None: identity)
+    inverse: np.ndarray | None  # [N] int32 its inverse
+    groups: tuple[tuple[int, int], ...]  # (segment length, number of segments), in `order`
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.rows.shape[0])
+
+
+def _linspace_f32(end: int, steps: int) -> np.ndarray:
+    """`torch.linspace(0, end, steps)` in float32, bit for bit: float32 step, products and sums in float64,
+    the first half counted up from 0 and the second half down from `end`."""
+    if steps == 1:
+        return np.zeros(1, np.float32)
+    step = np.float64(np.float32(end) / np.float32(steps - 1))
+    i = np.arange(steps)
+    values = np.where(i < steps // 2, step * i, end - step * (steps - 1 - i))
+    return values.astype(np.float32)
+
+
+def _bilinear_axis(side: int, n: int):
+    """Sample `n` points evenly over a table axis of `side` entries: (floor index, ceil index, fraction)."""
+    x = _linspace_f32(side - 1, n)  # [n]
+    lo = x.astype(np.int32)  # truncation == floor, x >= 0
+    hi = np.minimum(lo + 1, side - 1)
+    frac = (x - lo.astype(np.float32)).astype(np.float32)
+    return lo, hi, frac
+
+
+@functools.lru_cache(maxsize=64)
+def vision_layout(grid: Grid, merge: int, side: int) -> VisionLayout:
+    """Patch coordinates, position-table interpolation and attention segments of a batch with this grid.
+
+    Patch order inside an image is the processor's: frames, then merge windows row-major, then the window's patches
+    row-major, so patch (r, c) has r = window_row * merge + i, c = window_col * merge + j. Each frame of each image is
+    one attention segment (the official cu_seqlens), and every frame of an image uses the same positions.
+    """
+    rows, cols, idx, wts, seg_len = [], [], [], [], []
+    for t, h, w in grid:
+        wr, wc, i, j = np.meshgrid(np.arange(h // merge), np.arange(w // merge), np.arange(merge), np.arange(merge),
+                                   indexing="ij")
+        r = np.tile((wr * merge + i).reshape(-1), t).astype(np.int32)  # [t*h*w]
+        c = np.tile((wc * merge + j).reshape(-1), t).astype(np.int32)
+        h_lo, h_hi, dh = _bilinear_axis(side, h)
+        w_lo, w_hi, dw = _bilinear_axis(side, w)
+        idx.append(np.stack([h_lo[r] * side + w_lo[c], h_lo[r] * side + w_hi[c],
+                             h_hi[r] * side + w_lo[c], h_hi[r] * side + w_hi[c]]))  # [4, t*h*w]
+        one = np.float32(1)
+        wts.append(np.stack([(one - dh[r]) * (one - dw[c]), (one - dh[r]) * dw[c],
+                             dh[r] * (one - dw[c]), dh[r] * dw[c]]))
+        rows.append(r)
+        cols.append(c)
+        seg_len += [h * w] * t
+    seg_len = np.asarray(seg_len, np.int64)
+    starts = np.concatenate([[0], np.cumsum(seg_len)[:-1]])
+    segment_ids = np.repeat(np.arange(len(seg_len), dtype=np.int32), seg_len)
+    # Group equal-length segments so that each group is one dense [G, L] attention batch: no padding, no masking.
+    by_len = np.argsort(seg_len, kind="stable")
+    groups = []
+    for s in by_len:
+        L = int(seg_len[s])
+        if groups and groups[-1][0] == L:
+            groups[-1][1] += 1
+        else:
+            groups.append([L, 1])
+    order = np.concatenate([np.arange(starts[s], starts[s] + seg_len[s]) for s in by_len]).astype(np.int32)
+    identity = bool(np.all(order == np.arange(order.size)))
+    return VisionLayout(
+        grid=grid,
+        rows=np.concatenate(rows),
+        cols=np.concatenate(cols),
+        pos_index=np.concatenate(idx, axis=1).astype(np.int32),
+        pos_weight=np.concatenate(wts, axis=1).astype(np.float32),
+        segment_ids=segment_ids,
+        order=None if identity else order,
+        inverse=None if identity else np.argsort(order).astype(np.int32),
+        groups=tuple((L, g) for L, g in groups),
+    )
+
+
+def check_inputs(cfg: VisionConfig, pixel_shape: Sequence[int], grid: Grid) -> None:
+    """Raise ValueError naming the problem when pixel rows and grid do not describe the same patches."""
+    if len(pixel_shape) != 2 or pixel_shape[1] != cfg.patch_dim:
+        raise ValueError(f"pixel_values must be [num_patches, C*Tp*P*P = {cfg.patch_dim}] "
+                         f"({cfg.in_channels}*{cfg.temporal_patch_size}*{cfg.patch_size}*{cfg.patch_size}), "
+                         f"got {tuple(pixel_shape)}")
+    if not grid:
+        raise ValueError("grid_thw is empty: no image to encode")
+    m = cfg.spatial_merge_size
+    for n, (t, h, w) in enumerate(grid):
+        if t <= 0 or h <= 0 or w <= 0:
+            raise ValueError(f"grid_thw[{n}] = {(t, h, w)}: t, h, w must be positive")
+        if h % m or w % m:
+            raise ValueError(f"grid_thw[{n}] = {(t, h, w)}: h and w must be multiples of spatial_merge_size={m}")
+    total = sum(t * h * w for t, h, w in grid)
+    if total != pixel_shape[0]:
+        raise ValueError(f"grid_thw {list(grid)} describes {total} patches but pixel_values has {pixel_shape[0]} rows")
+
+
+# --- pure math ----------------------------------------------------------------------------------------------------
+
+
+def interpolate_positions(table, layout: VisionLayout):
+    """table [side*side, D] -> [N, D]: bilinear interpolation of the learned grid at each patch position."""
+    picked = table[layout.pos_index]  # [4, N, D]
+    w = jnp.asarray(layout.pos_weight, table.dtype)[:, :, None]  # [4, N, 1]
+    return picked[0] * w[0] + picked[1] * w[1] + picked[2] * w[2] + picked[3] * w[3]
+
+
+def vision_rope(layout: VisionLayout, head_dim: int, theta: float):
+    """2-D rotary: cos, sin [N, head_dim]. The first quarter of the frequencies rotate with the patch row, the
+    second with the column; the two halves of rotate_half repeat that pattern."""
+    inv_freq = inv_frequencies(head_dim // 2, theta)  # [hd/4]
+    rows = jnp.asarray(layout.rows, jnp.float32)[:, None] * inv_freq  # [N, hd/4]
+    cols = jnp.asarray(layout.cols, jnp.float32)[:, None] * inv_freq
+    freqs = jnp.concatenate([rows, cols], axis=-1)  # [N, hd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [N, hd]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def to_grouped(x, layout: VisionLayout):
+    """Rows in processor order -> grouped order (equal-length segments adjacent; each segment stays contiguous)."""
+    return x if layout.order is None else x[layout.order]
+
+
+def from_grouped(x, layout: VisionLayout):
+    return x if layout.inverse is None else x[layout.inverse]
+
+
+def segment_attention(q, k, v, layout: VisionLayout, impl: str = "grouped"):
+    """q, k, v [N, H, hd] -> [N, H, hd], each patch attending only to the patches of its own (image, frame).
+
+    "grouped": rows must be in grouped order (`to_grouped`); each run of equal-length segments is one dense
+    [G, L, L] attention, so the work is sum(L^2) with no padding and no mask. Everything else in a block is per
+    patch, so the tower permutes once before the blocks and back once after, not in every layer.
+    "masked": rows in processor order, one [N, N] attention with a block-diagonal mask from segment ids (the layout
+    that segment-id kernels such as splash attention take); it costs N^2 and is the reference of the grouped path.
+    """
+    if impl == "masked":
+        ids = jnp.asarray(layout.segment_ids)[None]  # [1, N]
+        return attend(q[None], k[None], v[None], segment_mask(ids, ids))[0]
+    outs, start = [], 0
+    for length, count in layout.groups:
+        stop = start + length * count
+
+        def batch(x):
+            return x[start:stop].reshape((count, length) + x.shape[1:])  # [G, L, H, hd]
+
+        outs.append(attend(batch(q), batch(k), batch(v)).reshape((stop - start,) + q.shape[1:]))
+        start = stop
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)  # [N, H, hd]
+
+
+# --- modules ------------------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nnx.Module):
+    """The official Conv3d with kernel == stride over one patch, as the matmul it is on flattened patch rows."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.kernel = param(rngs, fan_in_normal(), (cfg.patch_dim, cfg.hidden_size), ("patch", "embed"), pdt)
+        self.bias = param(rngs, zeros, (cfg.hidden_size,), ("embed",), pdt)
+
+    def __call__(self, pixels):  # [N, K] -> [N, D]
+        dt = pixels.dtype
+        return jnp.einsum("nk,kd->nd", pixels, self.kernel[...].astype(dt)) + self.bias[...].astype(dt)
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+        d, h, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.impl = cfg.attention_impl
+        self.qkv_kernel = param(rngs, fan_in_normal(), (d, 3, h, hd), ("embed", None, "heads", "head_dim"), pdt)
+        self.qkv_bias = param(rngs, zeros, (3, h, hd), (None, "heads", "head_dim"), pdt)
+        self.out_kernel = param(rngs, fan_in_normal((0, 1)), (h, hd, d), ("heads", "head_dim", "embed"), pdt)
+        self.out_bias = param(rngs, zeros, (d,), ("embed",), pdt)
+
+    def __call__(self, x, cos, sin, layout: VisionLayout):  # x [N, D]
+        dt = x.dtype
+        qkv = jnp.einsum("nd,dchk->nchk", x, self.qkv_kernel[...].astype(dt))
+        qkv = qkv + self.qkv_bias[...].astype(dt)  # [N, 3, H, hd]
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, hd]
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        o = segment_attention(q, k, v, layout, self.impl)  # [N, H, hd]
+        return jnp.einsum("nhk,hkd->nd", o, self.out_kernel[...].astype(dt)) + self.out_bias[...].astype(dt)
+
+
+class VisionBlock(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=pdt, rngs=rngs)
+        self.attn = VisionAttention(cfg, rngs=rngs)
+        self.norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=pdt, rngs=rngs)
+        self.mlp = GeluMLP(cfg.hidden_size, cfg.intermediate_size, approximate=cfg.gelu_approximate,
+                           param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, x, cos, sin, layout: VisionLayout):
+        with jax.named_scope("vit_attention"):
+            x = x + self.attn(self.norm1(x), cos, sin, layout)
+        with jax.named_scope("vit_mlp"):
+            x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class PatchMerger(nnx.Module):
+    """Merge windows (2x2 in the release) -> one token: LayerNorm, concatenate the window's consecutive rows, fc1,
+    erf GELU, fc2.
+
+    The final merger normalises each patch before the concatenation; the deepstack mergers (`postshuffle=True`)
+    normalise the concatenated window.
+    """
+
+    def __init__(self, cfg: VisionConfig, *, postshuffle: bool, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        m, o = cfg.merged_size, cfg.out_hidden_size
+        self.postshuffle = postshuffle
+        self.merged_size = m
+        self.norm = LayerNorm(m if postshuffle else cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=pdt,
+                              rngs=rngs)
+        self.w_in = param(rngs, fan_in_normal(), (m, m), ("embed", "mlp"), pdt)
+        self.b_in = param(rngs, zeros, (m,), ("mlp",), pdt)
+        self.w_out = param(rngs, fan_in_normal(), (m, o), ("mlp", "embed"), pdt)
+        self.b_out = param(rngs, zeros, (o,), ("embed",), pdt)
+
+    def __call__(self, x):  # [N, D] -> [N / merge_unit, out_hidden]
+        if self.postshuffle:
+            x = self.norm(x.reshape(-1, self.merged_size))
+        else:
+            x = self.norm(x).reshape(-1, self.merged_size)
+        dt = x.dtype
+        return gelu_mlp(x, self.w_in[...].astype(dt), self.b_in[...].astype(dt), self.w_out[...].astype(dt),
+                        self.b_out[...].astype(dt), approximate=False)
+
+
+class VisionTransformer(nnx.Module):
+    """The tower: `(pixel_values, grid_thw) -> merged tokens [N / 4, out_hidden_size]`.
+
+    With `use_deepstack=True` it returns `(hidden, [deepstack features])`, one [N / 4, out_hidden_size] feature per
+    `deepstack_visual_indexes` entry, in block order, each from the deepstack merger at that entry's position (the
+    official forward). Without it only the hidden states come back and the deepstack mergers are not run (the omni
+    model builds its tower that way and would discard them); their weights are still part of the tower.
+
+    Blocks are stacked on a leading "layers" axis and run with `lax.scan`, split at the deepstack taps.
+    """
+
+    def __init__(self, cfg: VisionConfig, *, use_deepstack: bool = False, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.use_deepstack = use_deepstack
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.patch_embed = PatchEmbed(cfg, rngs=rngs)
+        self.pos_embed = param(rngs, normal(0.02), (cfg.num_position_embeddings, cfg.hidden_size), ("pos", "embed"),
+                               pdt)
+
+        @nnx.split_rngs(splits=cfg.depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(r):
+            return VisionBlock(cfg, rngs=r)
+
+        self.blocks = make_blocks(rngs)
+        self.merger = PatchMerger(cfg, postshuffle=False, rngs=rngs)
+        self.deepstack_mergers = nnx.List(
+            [PatchMerger(cfg, postshuffle=True, rngs=rngs) for _ in cfg.deepstack_visual_indexes])
+
+    def layout(self, pixel_values, grid_thw) -> VisionLayout:
+        grid = as_grid(grid_thw)
+        check_inputs(self.cfg, tuple(pixel_values.shape), grid)
+        return vision_layout(grid, self.cfg.spatial_merge_size, self.cfg.position_grid_side)
+
+    def _run_blocks(self, x, cos, sin, layout: VisionLayout, start: int, stop: int):
+        """Blocks [start, stop) as one scan over the stacked parameters."""
+        graphdef, state = nnx.split(self.blocks)
+        state = jax.tree.map(lambda a: a[start:stop], state)
+
+        def body(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h, cos, sin, layout), None
+
+        x, _ = jax.lax.scan(body, x, state)
+        return x
+
+    def __call__(self, pixel_values, grid_thw):
+        cfg = self.cfg
+        layout = self.layout(pixel_values, grid_thw)
+        dt = jnp.dtype(cfg.dtype)
+        with jax.named_scope("vit_embed"):
+            x = self.patch_embed(jnp.asarray(pixel_values, dt))  # [N, D]
+            x = x + interpolate_positions(self.pos_embed[...].astype(dt), layout)
+            cos, sin = vision_rope(layout, cfg.head_dim, cfg.rope_theta)  # [N, hd]
+        grouped = cfg.attention_impl == "grouped"
+        if grouped:  # blocks run in grouped row order; `restore` brings rows back wherever they leave the blocks
+            x, cos, sin = (to_grouped(a, layout) for a in (x, cos, sin))
+        restore = (lambda a: from_grouped(a, layout)) if grouped else (lambda a: a)
+        taps = sorted(cfg.deepstack_visual_indexes) if self.use_deepstack else []
+        features, start = [], 0
+        for layer in sorted(set(taps) | {cfg.depth - 1}):  # run up to each tap (and to the end)
+            with jax.named_scope(f"vit_blocks_{start}_{layer}"):
+                x = self._run_blocks(x, cos, sin, layout, start, layer + 1)
+            start = layer + 1
+            if layer in taps:
+                with jax.named_scope(f"vit_deepstack_{layer}"):
+                    merger = self.deepstack_mergers[cfg.deepstack_visual_indexes.index(layer)]
+                    features.append(merger(restore(x)))
+        with jax.named_scope("vit_merger"):
+            hidden = self.merger(restore(x))  # [N / 4, out_hidden]
+        return (hidden, features) if self.use_deepstack else hidden
+
+
+@functools.partial(nnx.jit, static_argnames=("grid",))
+def vision_forward(model: VisionTransformer, pixel_values, grid: Grid):
+    """Jitted tower call; `grid` is `as_grid(grid_thw)` (hashable), one compilation per distinct grid."""
+    return model(pixel_values, grid)
+
+
+# --- into the language model --------------------------------------------------------------------------------------
+
+
+class VisionProjector(nnx.Module):
+    """Vision tokens -> LLM width: Linear(in, out), then (erf GELU, Linear(out, out)) `mlp_depth - 1` times.
+
+    The omni model's `linear_proj`; `image_features` adds the L2 normalisation it applies afterwards.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, mlp_depth: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if mlp_depth < 1:
+            raise ValueError(f"mlp_depth={mlp_depth} must be >= 1")
+        dims = [in_dim] + [out_dim] * mlp_depth
+        self.layers = nnx.List([Linear(a, b, ("mlp", "embed"), param_dtype=param_dtype, rngs=rngs)
+                                for a, b in zip(dims[:-1], dims[1:])])
+
+    def __call__(self, x):  # [..., in] -> [..., out]
+        x = self.layers[0](x)
+        for layer in self.layers[1:]:
+            x = layer(jax.nn.gelu(x, approximate=False))
+        return x
+
+
+@functools.partial(nnx.jit, static_argnames=("grid",))
+def image_features(tower: VisionTransformer, projector: VisionProjector, pixel_values, grid: Grid):
+    """The omni model's image / video embeddings: L2-normalised projection of the tower's merged tokens
+    [N / 4, llm_hidden] (`grid` = `as_grid(grid_thw)`). Deepstack features, if the tower makes them, are not used
+    there."""
+    out = tower(pixel_values, grid)
+    hidden = out[0] if tower.use_deepstack else out
+    with jax.named_scope("vision_projector"):
+        return l2_normalize(projector(hidden))

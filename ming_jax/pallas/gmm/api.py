@@ -1,0 +1,153 @@
+"""The grouped matmuls of the MoE experts: the only entry of this folder, and the only place a backend is chosen.
+
+    gmm(lhs, rhs, group_sizes)                         out[rows of g] = lhs[rows of g] @ rhs[g]
+    gmm_glu(x, w_gate, w_up, group_sizes, rows=)       h = silu(x @ w_gate[g]) * (x @ w_up[g]), permute optionally fused
+    grouped_glu(x, group_sizes, w_gate, w_up, w_down)  the expert FFN: gmm(gmm_glu(x), w_down)
+
+Implementations (`implementation=`), a fallback list in which "xla" is always present:
+  "xla"     `xla.py`: jax.lax.ragged_dot, portable (differentiated by autodiff);
+  "pallas"  `kernel.py` + `vjp.py`: the Mosaic TPU kernels with their custom VJPs;
+  "auto"    "pallas" when the program is lowered for TPU, "xla" otherwise.
+The choice is made when lowering (`lax.platform_dependent`), never from the host's backend, so an ahead-of-time
+compile for a TPU topology from a CPU host gets the compiled kernels, and the same jitted function serves every
+platform. `interpret`: None (default) runs a "pallas" request compiled on TPU and in the Pallas interpreter
+elsewhere (tests); True (or a `pltpu.InterpretParams`) always interprets; False always compiles the kernels.
+Reference implementations for tests (per-group loops, no ragged_dot) are in `reference.py`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ming_jax.pallas.gmm import vjp, xla
+from ming_jax.pallas.gmm.kernel import BlockSizes, GmmTiling
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+
+
+def _check(lhs, weights, group_sizes, implementation):
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if lhs.ndim != 2 or lhs.shape[0] == 0:
+        raise ValueError(f"lhs must be [M, K] with M >= 1, got shape {lhs.shape}")
+    for name, w in weights.items():
+        if w.ndim != 3 or w.shape[1] != lhs.shape[1]:
+            raise ValueError(f"{name} must be [G, K={lhs.shape[1]}, N], got shape {w.shape}")
+    num_groups = next(iter(weights.values())).shape[0]
+    if group_sizes.shape != (num_groups,) or group_sizes.dtype != jnp.int32:
+        raise ValueError(
+            f"group_sizes must be int32 [{num_groups}] (one per expert), got {group_sizes.dtype} {group_sizes.shape}"
+        )
+
+
+def _choose(implementation, interpret, pallas_fn, xla_fn, *args):
+    """Run `pallas_fn(interpret)(*args)` or `xla_fn(*args)` per `implementation` (see the module docstring)."""
+    if implementation == "xla":
+        return xla_fn(*args)
+    if interpret is not None and (implementation == "pallas" or interpret is not False):
+        return pallas_fn(interpret)(*args)
+    default = pallas_fn(True) if implementation == "pallas" else xla_fn
+    return lax.platform_dependent(*args, tpu=pallas_fn(False), default=default)
+
+
+def gmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    preferred_element_type=None,
+    tiling: BlockSizes | GmmTiling | None = None,
+    interpret=None,
+    implementation: str = "auto",
+) -> jax.Array:
+    """Grouped matmul over expert-sorted rows: out[rows of g] = lhs[rows of g] @ rhs[g]; [M, K] x [G, K, N] -> [M, N].
+
+    Group g owns rows [sum(group_sizes[:g]), sum(group_sizes[:g+1])); rows at or past sum(group_sizes) are padding and
+    come out as 0 (their gradients too). Sizes summing past M are cut at M. Output dtype: preferred_element_type, else
+    lhs.dtype; accumulation is float32. `implementation` and `interpret`: see the module docstring.
+    """
+    _check(lhs, {"rhs": rhs}, group_sizes, implementation)
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    tiling = GmmTiling.coerce(tiling)
+    with jax.named_scope("gmm"):
+        return _choose(
+            implementation, interpret,
+            lambda interp: lambda a, b, gs: vjp.gmm_pallas(a, b, gs, out_dtype, tiling, interp),
+            lambda a, b, gs: xla.gmm(a, b, gs, out_dtype),
+            lhs, rhs, group_sizes,
+        )
+
+
+def _check_rows(x, rows):
+    """rows gathers the sorted layout out of an unsorted x [T, D]: int32 [M], M >= 1."""
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"with rows, x must be the unsorted [T, D] with T >= 1, got shape {x.shape}")
+    if not hasattr(rows, "dtype") or rows.dtype != jnp.int32 or rows.ndim != 1 or rows.shape[0] == 0:
+        got = f"{rows.dtype} {rows.shape}" if hasattr(rows, "dtype") else type(rows).__name__
+        raise ValueError(
+            "rows must be a 1-D int32 [M] array (M >= 1 rows of the expert-sorted layout, row r = x[rows[r]]; "
+            f"group_sizes partition those M rows), got {got}"
+        )
+
+
+def gmm_glu(
+    x: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    rows: jax.Array | None = None,
+    tiling: BlockSizes | GmmTiling | None = None,
+    interpret=None,
+    implementation: str = "auto",
+) -> jax.Array:
+    """Fused MoE expert input projection: h = silu(x @ w_gate[g]) * (x @ w_up[g]); [M, D] -> [M, F] in x.dtype.
+
+    Same row/group contract as `gmm` (padding rows give 0). The SiLU-times-up epilogue runs on the float32
+    accumulators inside the kernel, so the gate and up pre-activations are never written to HBM.
+
+    rows: optional int32 [M] fused permute. x is then the unsorted [T, D] (e.g. the tokens) and row r of the
+    expert-sorted layout is x[rows[r]] (values clamped to [0, T - 1]; a token may appear in several rows, e.g. once
+    per routed expert); the result is [M, F] in sorted order. The Pallas kernels copy those rows out of x themselves
+    (forward, backward recompute and weight gradient), so the sorted [M, D] copy of x never exists; d_x comes out of
+    the input-gradient kernel in sorted order and is summed back onto the T rows (float32). The XLA path gathers
+    x[rows] first, so both agree. With the Pallas kernels D must be a multiple of the k tile (or fit one k tile).
+    """
+    if rows is not None:
+        _check_rows(x, rows)
+        m = rows.shape[0]
+    else:
+        m = None
+    _check(x if m is None else jax.ShapeDtypeStruct((m, x.shape[1]), x.dtype), {"w_gate": w_gate, "w_up": w_up},
+           group_sizes, implementation)
+    if w_gate.shape != w_up.shape:
+        raise ValueError(f"w_gate {w_gate.shape} and w_up {w_up.shape} must have the same [G, D, F] shape")
+    tiling = GmmTiling.coerce(tiling)
+    with jax.named_scope("gmm_glu"):
+        if rows is None:
+            return _choose(
+                implementation, interpret,
+                lambda interp: lambda a, wg, wu, gs: vjp.glu_pallas(a, wg, wu, gs, None, tiling, interp),
+                xla.gmm_glu,
+                x, w_gate, w_up, group_sizes,
+            )
+        return _choose(
+            implementation, interpret,
+            lambda interp: lambda a, wg, wu, gs, r: vjp.glu_pallas(a, wg, wu, gs, r, tiling, interp),
+            lambda a, wg, wu, gs, r: xla.gmm_glu(xla.gather_rows(a, r), wg, wu, gs),
+            x, w_gate, w_up, group_sizes, rows,
+        )
+
+
+def grouped_glu(xs, group_sizes, w_gate, w_up, w_down, *, rows=None, implementation: str = "auto", interpret=None):
+    """The routed experts' SwiGLU FFN: down_g(silu(gate_g(x)) * up_g(x)) for each row of expert g.
+
+    xs [M, D] sorted by expert (or, with `rows` [M] int32, the unsorted [T, D] tokens with sorted row r = xs[rows[r]],
+    the permute fused into the gate/up kernel's loads), group_sizes [E], w_gate / w_up [E, D, F], w_down [E, F, D]
+    -> [M, D] in sorted order, xs.dtype (float32 accumulation).
+    """
+    h = gmm_glu(xs, w_gate, w_up, group_sizes, rows=rows, implementation=implementation, interpret=interpret)
+    return gmm(h.astype(xs.dtype), w_down, group_sizes, preferred_element_type=xs.dtype,
+               implementation=implementation, interpret=interpret)

@@ -1,0 +1,40 @@
+"""Golden kind `audio_encoder`: the audio tower on wrapped clips (official `extract_audio_feature`).
+
+Case layout: config.json {audio_config, llm_hidden_size, mlp_depth}; weights `audio.*` + `linear_proj_audio.*`;
+inputs `audio_feats` [B, T, n_mels], `audio_feats_lengths` [B, N]; outputs as named below.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from ming_jax.parity import numerics
+from ming_jax import weights
+from ming_jax.models.audio import AudioTower, encode_audio
+from ming_jax.config.audio import AudioConfig
+from ming_jax.parity.golden import GoldenCase
+from ming_jax.weights.audio import audio_table
+
+
+def build(config: dict, tensors) -> AudioTower:
+    """An AudioTower for `config` (whole or case config) with the official `tensors` loaded (strict)."""
+    cfg = AudioConfig.from_official(config)
+    model = nnx.eval_shape(lambda: AudioTower(cfg, rngs=nnx.Rngs(0)))
+    weights.load_state_dict(model, audio_table(cfg), tensors)
+    return model
+
+
+def run(case: GoldenCase) -> list[numerics.Comparison]:
+    model = build(case.config, case.weights)
+    out = encode_audio(model, case.inputs["audio_feats"], case.inputs["audio_feats_lengths"])
+    ours = {
+        "encoder_padded_output": out.encoder_padded,
+        "encoder_output_wrapped": out.encoder_wrapped,
+        "projected_wrapped": out.projected,
+        "audio_embeds": out.embeds,
+        "audio_embeds_lengths": out.lengths,
+    }
+    return [numerics.compare(name, ours[name], ref) if name in ours else
+            numerics.Comparison(name, float("nan"), float("nan"), float("nan"), 0.0, False, False,
+                                "no such output in the audio tower")
+            for name, ref in case.outputs.items()]

@@ -1,0 +1,45 @@
+"""Golden kind `full_mm_forward`: the official `BailingMM2NativeForConditionalGeneration.forward` on one prompt
+with text, images, audio and video (any subset), compared tensor by tensor.
+
+Case layout: config.json (whole omni config), weights (whole omni state dict), inputs named as the official forward's
+arguments (`input_ids`, `pixel_values`, `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`, `audio_feats`,
+`audio_feats_lengths`, `audio_placeholder_loc_lens`). Outputs: the towers' embeddings, then everything the LLM part
+of the forward produces (named as in the `llm_backbone` kind, without prefix), all derived from the case itself.
+"""
+
+from __future__ import annotations
+
+from ming_jax.parity import golden, numerics
+from ming_jax.gen import omni
+from ming_jax.config.omni import OmniConfig
+from ming_jax.parity.cases.llm_backbone import forward_rows
+
+
+def build(case: golden.GoldenCase) -> omni.OmniModel:
+    return omni.load(OmniConfig.from_official(case.config), case.weights)
+
+
+def inputs_of(case: golden.GoldenCase) -> omni.OmniInputs:
+    x = case.inputs
+    return omni.OmniInputs(
+        input_ids=x["input_ids"], attention_mask=x.get("attention_mask"), pixel_values=x.get("pixel_values"),
+        image_grid_thw=x.get("image_grid_thw"), pixel_values_videos=x.get("pixel_values_videos"),
+        video_grid_thw=x.get("video_grid_thw"), audio_feats=x.get("audio_feats"),
+        audio_feats_lengths=x.get("audio_feats_lengths"),
+        audio_placeholder_loc_lens=x.get("audio_placeholder_loc_lens"))
+
+
+def run(case: golden.GoldenCase) -> list[numerics.Comparison]:
+    model = build(case)
+    inputs = inputs_of(case)
+    want = case.outputs
+    # omni.forward = encode_media -> prepare -> backbone; the backbone rows come from the llm_backbone runner, which
+    # runs the same backbone forward on the same prepared prompt and names every per-layer / router tensor.
+    media = omni.encode_media(model, inputs)
+    prep = omni.prepare(model, inputs, media)
+    ours = {"image_embeds": media.image_embeds, "video_embeds": media.video_embeds}
+    if media.audio is not None:
+        ours["audio_embeds"] = media.audio.embeds
+        ours["audio_embeds_lengths"] = media.audio.lengths
+    rows = [numerics.compare(k, v, want[k]) for k, v in ours.items() if v is not None and k in want]
+    return rows + forward_rows(model.llm, prep, "", want)

@@ -1,0 +1,44 @@
+"""Run one golden case through ming_jax and compare with the official PyTorch outputs.
+
+The case kind is the folder name. Each kind's runner lives in `ming_jax/parity/cases/<kind>.py` and returns a list
+of `numerics.Comparison`; this module only dispatches. The CLI (`python -m ming_jax.parity CASE_DIR`) is
+`ming_jax.cli.parity`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ming_jax.parity import golden, numerics
+
+KINDS = ("llm_backbone", "vision_encoder", "audio_encoder", "preprocessing", "full_mm_forward")
+
+
+
+class UnsupportedKind(Exception):
+    pass
+
+
+def runner_for(kind: str):
+    if kind not in KINDS:
+        raise UnsupportedKind(f"unknown golden case kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    try:
+        module = importlib.import_module(f"ming_jax.parity.cases.{kind}")
+    except ModuleNotFoundError as e:
+        if e.name == f"ming_jax.parity.cases.{kind}":
+            raise UnsupportedKind(f"golden case kind {kind!r} is not supported yet") from None
+        raise
+    return module.run
+
+
+def run_case(path: str) -> list[numerics.Comparison]:
+    kind = golden.case_kind(path)
+    run = runner_for(kind)
+    case = golden.load_case(path)
+    rows = run(case)
+    # Every tensor the case holds must be compared: an output the runner skipped is a failure, not a pass.
+    compared = {r.name for r in rows}
+    for name in sorted(set(case.outputs) - compared):
+        rows.append(numerics.Comparison(name, float("nan"), float("nan"), float("nan"), 0.0, False, False,
+                                        "not compared"))
+    return rows

@@ -1,1 +1,0 @@
-"""Official-name mapping tables, one module per component, all driven by `ming_jax.weights`."""
