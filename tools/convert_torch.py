@@ -3,71 +3,15 @@
     python tools/convert_torch.py --src RELEASE_DIR --dst CKPT_DIR [--dtype bf16|f32] [--components llm,vision,audio]
     python tools/convert_torch.py --reverse --src CKPT_DIR --dst OUT_DIR [--max_shard_size 5GB]
 
-The release folder holds config.json, model.safetensors.index.json and the shards; sub-folders (talker, image
-generation) are not implemented in ming_jax and are skipped with a note. Progress goes to stderr; errors (truncated
-or missing shards, a wrong index, tensors that do not fit the config, ...) print one message and exit with status 1.
-All logic lives in `ming_jax.checkpoint.convert`; load the result with `ming_jax.checkpoint.restore.load_llm` & co.
+A shim over `ming_jax.cli.convert` (also `python -m ming_jax.convert`), runnable from a checkout.
 """
 
-from __future__ import annotations
-
 import os
-import re
 import sys
-
-from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-_SRC = flags.DEFINE_string("src", None, "Release folder (or, with --reverse, a converted checkpoint).")
-_DST = flags.DEFINE_string("dst", None, "Output folder; must not exist unless --overwrite.")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["bf16", "f32"], "Store every parameter in this dtype (default: as in "
-                           "the source).")
-_COMPONENTS = flags.DEFINE_list("components", None, "Sub-models to convert: llm, vision, audio (default: all the "
-                                "config describes).")
-_REVERSE = flags.DEFINE_bool("reverse", False, "Export a converted checkpoint back to official safetensors.")
-_MAX_SHARD = flags.DEFINE_string("max_shard_size", "5GB", "--reverse: largest output shard (e.g. 5GB, 500MB).")
-_COMPRESSION = flags.DEFINE_enum("compression", "zstd", ["zstd", "none"], "zarr chunk compression.")
-_FLUSH = flags.DEFINE_string("flush_size", "256MB", "Written data buffered before each commit (bounds memory).")
-_READ = flags.DEFINE_string("read_size", "256MB", "Tensor bytes being read / re-laid out at once (bounds memory).")
-_WORKERS = flags.DEFINE_integer("workers", None, "Threads re-laying out tensors (default: min(4, CPUs)).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --dst (only once the new one is complete).")
-_RESTART = flags.DEFINE_bool("restart", False, "Discard an interrupted earlier run instead of resuming it.")
-_QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
-
-
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?i?B?)\s*", text, re.IGNORECASE)
-    if not m:
-        raise app.UsageError(f"size {text!r}: expected a number with an optional unit (KB, MB, GB, GiB, ...)")
-    unit = m.group(2).upper().rstrip("B")
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
-             "TI": 2**40}[unit]
-    return int(float(m.group(1)) * scale)
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not _SRC.value or not _DST.value:
-        raise app.UsageError("--src and --dst are required")
-    from ming_jax.checkpoint import convert, export
-
-    try:
-        if _REVERSE.value:
-            export.export_official(_SRC.value, _DST.value, max_shard_bytes=parse_size(_MAX_SHARD.value),
-                                    overwrite=_OVERWRITE.value, progress=not _QUIET.value)
-        else:
-            convert.convert(_SRC.value, _DST.value, dtype=_DTYPE.value, components=_COMPONENTS.value,
-                            compression=None if _COMPRESSION.value == "none" else "zstd",
-                            flush_bytes=parse_size(_FLUSH.value), read_bytes=parse_size(_READ.value),
-                            workers=_WORKERS.value, overwrite=_OVERWRITE.value,
-                            restart=_RESTART.value, progress=not _QUIET.value)
-    except ValueError as e:  # ConversionError, WeightError, ConfigError, CheckpointFormatError: all name the problem
-        print(f"convert_torch: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
+from ming_jax.cli import convert  # noqa: E402
 
 if __name__ == "__main__":
-    app.run(main)
+    convert.run("convert_torch")

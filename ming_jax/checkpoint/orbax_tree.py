@@ -15,8 +15,8 @@ release gives just `llm`). So the standard orbax restore works unchanged:
     target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))   # leaves may carry shardings
     tree = ocp.StandardCheckpointer().restore(DIR / "params", target)
 
-and `restore_params` / `load_llm` / `load_vision` / `load_audio` / `load_omni` below do exactly that for one
-sub-model or the whole model, straight into sharded device arrays: each device reads only its own shard of each
+and `ming_jax.checkpoint.restore` (`restore_params`, and `load` over it) does exactly that for each
+sub-model, straight into sharded device arrays: each device reads only its own shard of each
 array from disk, so no host ever holds a full copy of the model.
 
 Writing is `TreeWriter`: zarr arrays created in one OCDBT database and filled slice by slice (one expert of one

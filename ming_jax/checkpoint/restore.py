@@ -1,19 +1,45 @@
-"""Restoring a converted checkpoint into (sharded) models: each device reads only its own shard of each array.
+"""The one loader: a release folder (official safetensors) or a converted checkpoint, onto a mesh or one device.
 
-`restore_params(DIR, abstract_model, subtree=...)` fills every `nnx.Param` of an abstract model from the orbax tree;
-the component loaders below build the abstract model from the folder's config.json first.
+    from ming_jax.checkpoint import load
+    loaded = load(DIR)                                    # every component the folder holds
+    loaded = load(DIR, components=["llm"], mesh=make_mesh("expert=8"), rules="ep_fsdp")
+    loaded.llm                                            # the BailingMoeV2
+    loaded.modules["vision"], loaded.modules["vision_proj"]
+    loaded.omni()                                         # an OmniModel of the loaded components (needs llm)
+
+The format is detected: a folder with `ming_jax.json` is a converted checkpoint (`ming_jax.checkpoint.convert`),
+restored with orbax, each device reading only its shard of each array (`restore_params`); a folder with
+config.json + safetensors is a release, its tensors read lazily one by one, mapped by the components' tables and
+placed with `jax.device_put` onto their `NamedSharding`s. Which components exist, their abstract modules and tables
+come from `ming_jax.models.registry.describe`, and nothing else.
+
+Dtypes: a converted checkpoint keeps, per component, the dtype most of its parameters are stored in (each array
+cast to the dtype the model gives that parameter, e.g. float32 router biases); a release folder uses the configs'
+default parameter dtype (float32). `dtype` sets the parameter dtype instead (converted: every array cast to it);
+`compute_dtype` the activation dtype (default: the configs', float32).
+
+`restore_params(DIR, abstract_model, subtree=...)` is the converted-checkpoint primitive; `load_llm`,
+`load_vision`, `load_audio`, `load_omni` are thin wrappers over `load` kept for their callers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-from ming_jax.checkpoint.manifest import PARAMS_DIR, CheckpointFormatError, Manifest, np_dtype, read_config
+from ming_jax.checkpoint.manifest import (CONFIG_FILE, MANIFEST_FILE, PARAMS_DIR, CheckpointFormatError, Manifest,
+                                          np_dtype, read_config)
+from ming_jax.checkpoint.safetensors import CheckpointError, SourceCheckpoint, TensorMapping
+from ming_jax.config.omni import OmniConfig
+from ming_jax.models import registry
+from ming_jax.models.omni import OmniModel
+from ming_jax.sharding import ShardingRules, param_shardings
+from ming_jax.weights.table import WeightError, load_arrays
 
 Shardings = Any  # an nnx.State / pure dict of NamedSharding mirroring nnx.state(model, nnx.Param)
 
@@ -53,8 +79,6 @@ def restore_params(ckpt_dir: str, abstract_model: nnx.Module, *, subtree: str | 
     params_dir = os.path.abspath(os.path.join(ckpt_dir, PARAMS_DIR))
     manifest = Manifest.read(ckpt_dir)
     if shardings is None and mesh is not None:
-        from ming_jax.sharding import param_shardings
-
         shardings = param_shardings(abstract_model, mesh, rules)
     state = nnx.state(abstract_model, nnx.Param)
     abstract = nnx.to_pure_dict(state)
@@ -114,7 +138,102 @@ def _restore_keys(like, tree):
     return {k: _restore_keys(v, tree[str(k)]) for k, v in like.items()}
 
 
-# --- the sub-models ------------------------------------------------------------------------------------------------
+
+
+# --- the one loader -------------------------------------------------------------------------------------------------
+
+CONVERTED, RELEASE = "converted", "release"
+DEFAULT_RULES = "ep_fsdp"
+
+
+@dataclasses.dataclass
+class Loaded:
+    """What `load` returns: the folder's official config.json, and every loaded component as a registry `Part`
+    whose modules hold the weights (placed on `mesh` when one was given)."""
+
+    path: str
+    format: str  # CONVERTED or RELEASE
+    config: dict  # the official config.json dict
+    parts: dict[str, registry.Part]  # loaded components, COMPONENTS order; `.modules` filled, `.config` as used
+    deepstack: bool = False
+    mesh: jax.sharding.Mesh | None = None
+    rules: ShardingRules | None = None
+
+    @property
+    def modules(self) -> dict[str, nnx.Module]:
+        """Subtree key ("llm", "vision", "vision_proj", "audio") -> filled module."""
+        return {k: m for part in self.parts.values() for k, m in part.modules.items()}
+
+    @property
+    def llm(self):
+        """The `BailingMoeV2` language model."""
+        return self._module("llm")
+
+    def _module(self, key: str):
+        if key not in self.modules:
+            raise CheckpointFormatError(f"{self.path}: {key!r} was not loaded (loaded: {', '.join(self.modules)})")
+        return self.modules[key]
+
+    def omni(self) -> OmniModel:
+        """An `OmniModel` of the loaded components: the LLM and whichever towers were loaded (the others None)."""
+        llm = self._module("llm")
+        kind = registry.release_kind(self.config)
+        base = (OmniConfig.from_official(self.config) if kind == "omni"
+                else OmniConfig(llm=self.parts["llm"].config, vision=None, audio=None))
+        cfg = dataclasses.replace(base, **{c: (self.parts[c].config if c in self.parts else None)
+                                           for c in registry.COMPONENTS})
+        model = nnx.eval_shape(lambda: OmniModel(cfg, deepstack=self.deepstack, rngs=nnx.Rngs(0)))
+        model.llm = llm
+        for key in ("vision", "vision_proj", "audio"):
+            setattr(model, key, self.modules.get(key))
+        return model
+
+
+def detect_format(path: str) -> str:
+    """CONVERTED (ming_jax.json), RELEASE (config.json + safetensors), else a clear error."""
+    if os.path.exists(os.path.join(path, MANIFEST_FILE)):
+        return CONVERTED
+    if os.path.exists(os.path.join(path, CONFIG_FILE)):
+        return RELEASE
+    raise CheckpointError(f"{path} has no config.json: neither a release folder (config.json + safetensors) nor a "
+                          f"converted ming_jax checkpoint ({MANIFEST_FILE})")
+
+
+def load(path: str, *, components: Sequence[str] | None = None, mesh: jax.sharding.Mesh | None = None,
+         rules: ShardingRules | str | None = None, dtype: str | None = None, compute_dtype: str | None = None,
+         deepstack: bool = False, shardings: Mapping[str, Any] | None = None) -> Loaded:
+    """Load the `components` (None: all the folder holds) of a release folder or a converted checkpoint.
+
+    mesh / rules: place every parameter with `ming_jax.sharding.param_shardings(module, mesh, rules)` (rules: a
+    `ShardingRules` or a preset name, default "ep_fsdp"); no mesh: the default device. `shardings` instead gives,
+    per subtree key, a pytree of `NamedSharding` matching `nnx.state(module, nnx.Param)`. `dtype`: parameter dtype
+    (see the module docstring for the defaults), `compute_dtype`: activation dtype. `deepstack`: the vision tower
+    also returns its deepstack features.
+    """
+    if isinstance(rules, str):
+        rules = ShardingRules.preset(rules)
+    if mesh is not None and rules is None and not shardings:
+        rules = ShardingRules.preset(DEFAULT_RULES)
+    shardings = dict(shardings or {})
+    fmt = detect_format(path)
+    raw = read_config(path)
+    kw = dict(dtype=compute_dtype, deepstack=deepstack)
+    described = registry.describe(raw, param_dtype=dtype, **kw)
+    if fmt == CONVERTED:
+        manifest = Manifest.read(path)
+        chosen = (registry.select(described, components) if components
+                  else [c for c in described if c in manifest.components])
+        for c in chosen:
+            _needs(manifest, c, path)
+        parts = _converted_parts(raw, manifest, described, chosen, dtype, kw)
+        for part in parts.values():
+            for key, module in part.modules.items():
+                restore_params(path, module, subtree=key, shardings=shardings.get(key), mesh=mesh, rules=rules,
+                               dtype=dtype)
+    else:
+        parts = {c: described[c] for c in registry.select(described, components)}
+        _fill_from_release(path, described, parts, shardings, mesh, rules)
+    return Loaded(path, fmt, raw, parts, deepstack, mesh, rules)
 
 
 def _param_dtype(manifest: Manifest, subtree: str) -> str:
@@ -136,74 +255,95 @@ def _needs(manifest: Manifest, component: str, ckpt_dir: str) -> None:
                                     f"re-run the converter with --components including {component}")
 
 
-def load_llm(ckpt_dir: str, *, shardings: Shardings | None = None, mesh=None, rules=None, dtype: str | None = None,
-             **overrides):
-    """The `BailingMoeV2` of a converted checkpoint (omni or LLM-only release); `overrides` go to `LLMConfig`
-    (e.g. `dtype="bfloat16"` for the compute dtype)."""
-    from ming_jax.models import llm as model_lib
-    from ming_jax.config.llm import LLMConfig
+def _converted_parts(raw: dict, manifest: Manifest, described: Mapping[str, registry.Part], chosen: list[str],
+                     dtype: str | None, kw: dict) -> dict[str, registry.Part]:
+    """The chosen parts, each built in the dtype most of its parameters are stored in (unless `dtype`)."""
+    by_dtype: dict[str, list[str]] = {}
+    for c in chosen:
+        pdt = dtype or _param_dtype(manifest, registry.COMPONENTS[c].subtrees[0])
+        by_dtype.setdefault(pdt, []).append(c)
+    parts: dict[str, registry.Part] = {}
+    for pdt, names in by_dtype.items():
+        if any(described[c].config.param_dtype != pdt for c in names):
+            described = registry.describe(raw, param_dtype=pdt, **kw)
+        parts.update({c: described[c] for c in names})
+    return {c: parts[c] for c in chosen}
 
-    manifest = Manifest.read(ckpt_dir)
-    _needs(manifest, "llm", ckpt_dir)
-    overrides.setdefault("param_dtype", dtype or _param_dtype(manifest, "llm"))
-    cfg = LLMConfig.from_official(read_config(ckpt_dir), **overrides)
-    return restore_params(ckpt_dir, model_lib.create_abstract(cfg), subtree="llm", shardings=shardings, mesh=mesh,
-                          rules=rules, dtype=dtype)
+
+def _fill_from_release(path: str, described: Mapping[str, registry.Part], parts: Mapping[str, registry.Part],
+                       shardings: Mapping[str, Any], mesh, rules) -> None:
+    """Fill the parts' modules from the folder's safetensors, tensor by tensor (strict, like the converter)."""
+    tensors = TensorMapping(SourceCheckpoint(path))
+    owned: dict[str, list[str]] = {c: [] for c in described}
+    orphans = []
+    for name in tensors:
+        owners = [c for c, p in described.items() if p.owns(name)]
+        (owned[owners[0]].append(name) if owners else orphans.append(name))
+    if orphans:
+        raise WeightError(f"{len(orphans)} tensor(s) of {path} belong to no component of this release "
+                          f"({', '.join(described)}): {', '.join(sorted(orphans)[:12])}")
+    for c, part in parts.items():
+        shapes = part.shapes
+        arrays = load_arrays(part.table, tensors, shapes, names=owned[c])
+        not_filled = sorted(set(shapes) - set(arrays))
+        if not_filled:
+            raise WeightError(f"{c}: parameters not filled by any official tensor: {', '.join(not_filled[:12])}")
+        for key, module in part.modules.items():
+            sh = shardings.get(key)
+            if sh is None and mesh is not None:
+                sh = param_shardings(module, mesh, rules)
+            flat_sh = {p: (v.get_value() if isinstance(v, nnx.Variable) else v)
+                       for p, v in _flat(_pure(sh)).items()} if sh is not None else {}
+            state = nnx.state(module, nnx.Param)
+            like = nnx.to_pure_dict(state)
+            values = {}
+            for p, leaf in _flat(like).items():
+                arr = arrays.pop(f"{key}.{p}").astype(leaf.dtype, copy=False)
+                values[p] = jax.device_put(arr, flat_sh[p]) if p in flat_sh else jax.numpy.asarray(arr)
+            nnx.replace_by_pure_dict(state, _restore_keys(like, _unflatten(values)))
+            nnx.update(module, state)
+
+
+# --- the per-component wrappers (kept for their callers) ------------------------------------------------------------
+
+
+def load_llm(ckpt_dir: str, *, shardings: Shardings | None = None, mesh=None, rules=None, dtype: str | None = None,
+             compute_dtype: str | None = None):
+    """The `BailingMoeV2` of a converted checkpoint (omni or LLM-only release): `load(..., components=["llm"]).llm`."""
+    _expect_converted(ckpt_dir)
+    return load(ckpt_dir, components=["llm"], mesh=mesh, rules=rules, dtype=dtype, compute_dtype=compute_dtype,
+                shardings=None if shardings is None else {"llm": shardings}).llm
 
 
 def load_vision(ckpt_dir: str, *, use_deepstack: bool = False, shardings: Mapping[str, Shardings] | None = None,
                 mesh=None, rules=None, dtype: str | None = None):
     """(VisionTransformer, VisionProjector or None): the tower, and in an omni release its projector into the LLM.
     `shardings` maps "vision" / "vision_proj" to each module's shardings."""
-    from ming_jax.config.vision import VisionConfig
-    from ming_jax.models.vision import VisionProjector, VisionTransformer
-
-    manifest = Manifest.read(ckpt_dir)
-    _needs(manifest, "vision", ckpt_dir)
-    raw = read_config(ckpt_dir)
-    pdt = dtype or _param_dtype(manifest, "vision")
-    cfg = VisionConfig.from_official(raw, param_dtype=pdt)
-    tower = nnx.eval_shape(lambda: VisionTransformer(cfg, use_deepstack=use_deepstack, rngs=nnx.Rngs(0)))
-    shardings = shardings or {}
-    tower = restore_params(ckpt_dir, tower, subtree="vision", shardings=shardings.get("vision"), mesh=mesh,
-                           rules=rules, dtype=dtype)
-    if not any(p.startswith("vision_proj.") for p in manifest.params):
-        return tower, None
-    llm_hidden = raw["llm_config"]["hidden_size"]
-    proj = nnx.eval_shape(lambda: VisionProjector(cfg.out_hidden_size, llm_hidden, int(raw.get("mlp_depth", 1)),
-                                                  param_dtype=np_dtype(pdt), rngs=nnx.Rngs(0)))
-    proj = restore_params(ckpt_dir, proj, subtree="vision_proj", shardings=shardings.get("vision_proj"), mesh=mesh,
-                          rules=rules, dtype=dtype)
-    return tower, proj
+    _expect_converted(ckpt_dir)
+    modules = load(ckpt_dir, components=["vision"], mesh=mesh, rules=rules, dtype=dtype, deepstack=use_deepstack,
+                   shardings=shardings).modules
+    return modules["vision"], modules.get("vision_proj")
 
 
 def load_audio(ckpt_dir: str, *, shardings: Shardings | None = None, mesh=None, rules=None,
                dtype: str | None = None):
     """The `AudioTower` (whisper encoder + projector) of a converted checkpoint."""
-    from ming_jax.models.audio import AudioTower
-    from ming_jax.config.audio import AudioConfig
-
-    manifest = Manifest.read(ckpt_dir)
-    _needs(manifest, "audio", ckpt_dir)
-    cfg = AudioConfig.from_official(read_config(ckpt_dir), param_dtype=dtype or _param_dtype(manifest, "audio"))
-    model = nnx.eval_shape(lambda: AudioTower(cfg, rngs=nnx.Rngs(0)))
-    return restore_params(ckpt_dir, model, subtree="audio", shardings=shardings, mesh=mesh, rules=rules, dtype=dtype)
+    _expect_converted(ckpt_dir)
+    return load(ckpt_dir, components=["audio"], mesh=mesh, rules=rules, dtype=dtype,
+                shardings=None if shardings is None else {"audio": shardings}).modules["audio"]
 
 
 def load_omni(ckpt_dir: str, *, deepstack: bool = False, shardings: Shardings | None = None, mesh=None, rules=None,
               dtype: str | None = None):
-    """The whole `OmniModel` of a converted omni release (every tower it has must have been converted)."""
-    from ming_jax.gen import omni
-    from ming_jax.config.omni import OmniConfig
+    """The whole `OmniModel` of a converted omni release (every tower it has must have been converted).
+    `shardings`: the whole model's tree (top-level keys = subtrees)."""
+    _expect_converted(ckpt_dir)
+    return load(ckpt_dir, components=list(registry.describe(read_config(ckpt_dir))), mesh=mesh, rules=rules,
+                dtype=dtype, deepstack=deepstack, shardings=None if shardings is None else _pure(shardings)).omni()
 
-    manifest = Manifest.read(ckpt_dir)
-    raw = read_config(ckpt_dir)
-    cfg = OmniConfig.from_official(raw, dtype="float32", param_dtype=dtype or _param_dtype(manifest, "llm"))
-    for name, present in (("llm", True), ("vision", cfg.vision is not None), ("audio", cfg.audio is not None)):
-        if present:
-            _needs(manifest, name, ckpt_dir)
-    return restore_params(ckpt_dir, omni.create_abstract(cfg, deepstack=deepstack), shardings=shardings, mesh=mesh,
-                          rules=rules, dtype=dtype)
+
+def _expect_converted(ckpt_dir: str) -> None:
+    Manifest.read(ckpt_dir)  # the error naming the missing manifest
 
 
 LOADERS: dict[str, Callable] = {"llm": load_llm, "vision": load_vision, "audio": load_audio}

@@ -13,9 +13,9 @@ import dataclasses
 import json
 
 import jax
-from absl import app, flags
+from absl import flags
 
-from ming_jax import sharding
+from ming_jax import cli, sharding
 from ming_jax.aot.compile import _libtpu_version, _param_count, compile_step
 from ming_jax.aot.memory_plan import MemoryPlan
 from ming_jax.aot.topology import topology_devices
@@ -84,7 +84,7 @@ def _define_flags():
 
 def run():
     _define_flags()
-    app.run(main)
+    cli.run(main, __name__)
 
 
 if __name__ == "__main__":

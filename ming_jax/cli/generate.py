@@ -5,7 +5,13 @@
     python -m ming_jax.generate --checkpoint DIR --asr --audio b.wav [--asr_topic cooking --hotword Umsh]
     python -m ming_jax.generate                     # no checkpoint: the tiny preset with RANDOM weights
 
-DIR is an official release folder (config.json, safetensors shards, tokenizer.json, preprocessor_config.json).
+    python -m ming_jax.generate --checkpoint CKPT --mesh expert=8 --rules ep_fsdp --prompt_ids 1,2,3
+
+DIR is an official release folder (config.json, safetensors shards, tokenizer.json, preprocessor_config.json) or a
+converted checkpoint (`python -m ming_jax.convert`); both load through `ming_jax.checkpoint.load`. With --mesh the
+parameters are placed on that device mesh (sharding rules: --rules) and generation runs under it. A folder without
+tokenizer.json (a converted checkpoint, the golden cases) decodes with the byte stand-in tokenizer: give the prompt
+as token ids (--prompt_ids).
 Text only: several --prompt flags run as one padded batch, fed as raw text. With any --image / --audio / --video
 (each repeatable) or --asr, the whole omni model runs on one chat-formatted prompt: the media first, in flag order
 by kind, then the text. All logic lives in `ming_jax.gen.text`, `ming_jax.models.omni` and `ming_jax.processors.prompt`;
@@ -14,12 +20,34 @@ this file only parses flags and prints.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import os
 import sys
 import time
 
 from absl import app, flags
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Official checkpoint folder (config.json + safetensors).")
+from ming_jax import cli, sharding
+from ming_jax.checkpoint import restore
+from ming_jax.config.llm import PRESETS
+from ming_jax.config.omni import OmniConfig
+from ming_jax.gen import omni
+from ming_jax.gen import text as generation
+from ming_jax.models import inputs as multimodal
+from ming_jax.models import llm as model_lib
+from ming_jax.processors import prompt as prompt_lib
+from ming_jax.processors import tokenizer
+from ming_jax.processors.image import ProcessorConfig
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Release folder (config.json + safetensors) or converted "
+                                  "checkpoint (ming_jax.json + params/).")
+_MESH = flags.DEFINE_string("mesh", None, "Device mesh to load onto and run under, e.g. 'expert=8' or "
+                            "'fsdp=2,expert=4' (default: one device).")
+_RULES = flags.DEFINE_enum("rules", "ep_fsdp", list(sharding.PRESETS), "Sharding preset used with --mesh.")
+_PROMPT_IDS = flags.DEFINE_multi_string("prompt_ids", [], "Prompt as comma-separated token ids (e.g. 1,2,3); "
+                                        "repeat for a batch. Replaces --prompt (text path only).")
 _PRESET = flags.DEFINE_enum("preset", "tiny", ["tiny", "ming-flash-omni-2.0"],
                             "Model preset used when no --checkpoint is given (weights are random).")
 _PROMPT = flags.DEFINE_multi_string("prompt", ["The quick brown fox"], "Prompt text; repeat for a batch.")
@@ -55,26 +83,16 @@ class _Progress:
 def _omni_setup():
     """(config, tokenizer, processor config, a function making the model) for --checkpoint or the tiny preset.
     The model is made last, after the prompt is built, so that bad media fail before any loading."""
-    import json
-    import os
-
-    from ming_jax.checkpoint import release as official
-    from ming_jax.gen import omni
-    from ming_jax.processors import tokenizer
-    from ming_jax.config.omni import OmniConfig
-    from ming_jax.processors import prompt as prompt_lib
-    from ming_jax.processors.image import ProcessorConfig
-
     processor = ProcessorConfig.ming_flash_omni_2()
     if _CHECKPOINT.value:
         ckpt = _CHECKPOINT.value
-        cfg = OmniConfig.from_official(official.read_config(ckpt), dtype=_DTYPE.value)
+        cfg = OmniConfig.from_official(restore.read_config(ckpt), dtype=_DTYPE.value)
         tok = tokenizer.ReleaseTokenizer(ckpt)
         pre = os.path.join(ckpt, "preprocessor_config.json")
         if os.path.exists(pre):
             with open(pre) as f:
                 processor = ProcessorConfig.from_official(json.load(f))
-        return cfg, tok, processor, lambda: official.load_omni(ckpt, dtype=_DTYPE.value)
+        return cfg, tok, processor, lambda: _load(ckpt).omni()
     if _PRESET.value != "tiny":
         raise app.UsageError(f"preset {_PRESET.value} needs --checkpoint: random weights of that size are "
                              "neither useful nor likely to fit in memory")
@@ -88,8 +106,6 @@ def _omni_setup():
 
 def _omni_conversation() -> list[dict]:
     """One human turn: images, videos, then audio and the text (the ASR instruction before its audio)."""
-    from ming_jax.processors import prompt as prompt_lib
-
     content = ([{"type": "image", "image": p} for p in _IMAGE.value]
                + [{"type": "video", "video": p} for p in _VIDEO.value])
     audio = [{"type": "audio", "audio": p} for p in _AUDIO.value]
@@ -102,12 +118,13 @@ def _omni_conversation() -> list[dict]:
 
 def _omni_main() -> int:
     """Images / audio / video given: the omni model on one chat-formatted prompt."""
-    from ming_jax.gen import text as generation, omni
-    from ming_jax.models import llm as model_lib
-    from ming_jax.processors import prompt as prompt_lib
-
     if len(_PROMPT.value) > 1:
         raise app.UsageError("with --image / --audio / --video give one --prompt (the media belong to one prompt)")
+    if _PROMPT_IDS.value:
+        raise app.UsageError("--prompt_ids is for text-only generation (no --image / --audio / --video / --asr)")
+    if _batch_rows(1) > 1:
+        raise app.UsageError(f"--mesh {_MESH.value} splits the batch {_batch_rows(1)} ways; the omni prompt is one "
+                             "row: use a mesh whose batch axes (data, fsdp, expert under most presets) are 1")
     if _ASR.value and not _AUDIO.value:
         raise app.UsageError("--asr needs --audio")
     cfg, tok, processor, make_model = _omni_setup()
@@ -134,8 +151,9 @@ def _omni_main() -> int:
     sampling = generation.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                                          top_k=_TOP_K.value, top_p=_TOP_P.value, stop_tokens=cfg.llm.eos_ids)
     t0 = time.perf_counter()
-    out = generation.as_numpy(omni.generate(model, inputs, sampling, seed=_SEED.value,
-                                            progress=_Progress(_MAX_NEW.value)))
+    with _mesh_context():
+        out = generation.as_numpy(omni.generate(model, inputs, sampling, seed=_SEED.value,
+                                                progress=_Progress(_MAX_NEW.value)))
     sys.stderr.write(f"\ndone in {time.perf_counter() - t0:.1f} s (including compilation)\n")
     n = int(out.lengths[0])
     print(f"--- media: {len(_IMAGE.value)} image(s), {len(_VIDEO.value)} video(s), {len(_AUDIO.value)} audio clip(s)")
@@ -144,21 +162,61 @@ def _omni_main() -> int:
     return 0
 
 
+def _mesh():
+    """(mesh, rules) from --mesh / --rules, or (None, None)."""
+    if not _MESH.value:
+        return None, None
+    try:
+        return sharding.make_mesh(sharding.MeshSpec.parse(_MESH.value)), sharding.ShardingRules.preset(_RULES.value)
+    except sharding.ShardingError as e:
+        raise app.UsageError(f"--mesh {_MESH.value!r}: {e}") from None
+
+
+def _mesh_context():
+    mesh, rules = _mesh()
+    return contextlib.nullcontext() if mesh is None else sharding.use_mesh(mesh, rules)
+
+
+def _batch_rows(n: int) -> int:
+    """`n` rounded up to a multiple of the mesh size the batch is split over (decode steps have one token per row,
+    and expert parallelism needs the tokens to split evenly)."""
+    mesh, rules = _mesh()
+    if mesh is None:
+        return n
+    ways = math.prod(mesh.shape[a] for a in rules.mesh_axes("batch"))
+    return -(-n // ways) * ways
+
+
+def _load(ckpt: str, **kw) -> restore.Loaded:
+    mesh, rules = _mesh()
+    where = f" onto mesh {dict(mesh.shape)} ({_RULES.value})" if mesh is not None else ""
+    print(f"loading {ckpt}{where} ...", file=sys.stderr)
+    return restore.load(ckpt, mesh=mesh, rules=rules, compute_dtype=_DTYPE.value, **kw)
+
+
+def _prompt_ids() -> list[list[int]]:
+    try:
+        rows = [[int(t) for t in text.replace(" ", "").split(",") if t] for text in _PROMPT_IDS.value]
+    except ValueError:
+        raise app.UsageError(f"--prompt_ids {_PROMPT_IDS.value}: expected comma-separated integers") from None
+    if not all(rows):
+        raise app.UsageError("--prompt_ids: an empty prompt")
+    return rows
+
+
 def main(argv):
     del argv
     if _IMAGE.value or _AUDIO.value or _VIDEO.value or _ASR.value:
         return _omni_main()
-    from ming_jax.gen import text as generation
-    from ming_jax.models import llm as model_lib, inputs as multimodal
-    from ming_jax.checkpoint import release as official
-    from ming_jax.processors import tokenizer
-    from ming_jax.config.llm import PRESETS
-
     overrides = {"dtype": _DTYPE.value} if _DTYPE.value else {}
     if _CHECKPOINT.value:
-        print(f"loading {_CHECKPOINT.value} ...", file=sys.stderr)
-        model = official.load_llm(_CHECKPOINT.value, **overrides)
-        tok = tokenizer.ReleaseTokenizer(_CHECKPOINT.value)
+        model = _load(_CHECKPOINT.value, components=["llm"]).llm
+        if os.path.exists(os.path.join(_CHECKPOINT.value, "tokenizer.json")):
+            tok = tokenizer.ReleaseTokenizer(_CHECKPOINT.value)
+        else:
+            print(f"{_CHECKPOINT.value} has no tokenizer.json: text is shown with the byte-level stand-in "
+                  "tokenizer (give the prompt as --prompt_ids)", file=sys.stderr)
+            tok = tokenizer.ByteTokenizer(model.cfg.vocab_size)
     else:
         if _PRESET.value != "tiny":
             raise app.UsageError(f"preset {_PRESET.value} needs --checkpoint: random weights of that size are "
@@ -172,24 +230,33 @@ def main(argv):
     print(f"model: {cfg.num_layers} layers, {cfg.num_experts} experts (top-{cfg.num_experts_per_tok}), "
           f"{model_lib.param_count(model) / 1e6:.1f}M parameters, dtype {cfg.dtype}", file=sys.stderr)
 
-    ids, mask = generation.pad_prompts([tok.encode(p) for p in _PROMPT.value], side=_PADDING.value,
+    if _PROMPT_IDS.value:
+        prompts, labels = _prompt_ids(), [f"ids {t}" for t in _PROMPT_IDS.value]
+    else:
+        prompts, labels = [tok.encode(p) for p in _PROMPT.value], [repr(p) for p in _PROMPT.value]
+    rows = _batch_rows(len(prompts))
+    if rows > len(prompts):
+        print(f"batch padded from {len(prompts)} to {rows} rows (repeats of the last prompt, not shown): the mesh "
+              f"splits the batch {rows} ways", file=sys.stderr)
+    ids, mask = generation.pad_prompts(prompts + [prompts[-1]] * (rows - len(prompts)), side=_PADDING.value,
                                        pad_id=cfg.pad_token_id or 0)
     prep = multimodal.prepare(cfg, ids, mask)
     sampling = generation.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                                          top_k=_TOP_K.value, top_p=_TOP_P.value, stop_tokens=cfg.eos_ids)
     t0 = time.perf_counter()
-    out = generation.generate(model, prep, sampling, seed=_SEED.value, progress=_Progress(_MAX_NEW.value))
-    out = generation.as_numpy(out)
+    with _mesh_context():
+        out = generation.generate(model, prep, sampling, seed=_SEED.value, progress=_Progress(_MAX_NEW.value))
+        out = generation.as_numpy(out)
     sys.stderr.write(f"\ndone in {time.perf_counter() - t0:.1f} s (including compilation)\n")
-    for prompt, toks, n in zip(_PROMPT.value, out.tokens, out.lengths):
-        print(f"--- prompt: {prompt!r}")
+    for label, toks, n in zip(labels, out.tokens, out.lengths):
+        print(f"--- prompt: {label}")
         print(f"+++ {n} tokens: {tok.decode(toks[:n])!r}")
         print(f"    ids: {toks[:n].tolist()}")
     return 0
 
 
 def run():
-    app.run(main)
+    cli.run(main, __name__)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import sys
 
 from absl import app, flags
 
+from ming_jax import cli
 from ming_jax.parity import golden, numerics
 from ming_jax.parity.run import UnsupportedKind, run_case
 
@@ -39,7 +40,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    cli.run(main, __name__)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def release_kind(raw: Mapping) -> str:
         return "vision"
     if isinstance(raw.get("audio_config"), Mapping):
         return "audio"
-    raise ConfigError(f"config.json describes no model we know (model_type={model_type!r}, architectures="
+    raise ConfigError(f"config.json describes no model we convert or load (model_type={model_type!r}, architectures="
                       f"{raw.get('architectures')!r}); expected the omni config, an LLM-only, vision-only or "
                       f"audio-only config")
 
@@ -158,7 +158,9 @@ def describe(raw: Mapping, *, dtype: str | None = None, param_dtype: str | None 
     kw = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
     kind = release_kind(raw)
     if kind == "omni":
-        cfg = OmniConfig.from_official(raw, **kw)  # cross-section checks (projector widths, depth, token ids)
+        cfg = OmniConfig.from_official(raw, dtype=dtype)  # cross-section checks (projector widths, depth, ids)
+        if param_dtype is not None:  # (with_dtypes needs the compute dtype too: keep the config's)
+            cfg = cfg.with_dtypes(cfg.llm.dtype, param_dtype)
         return omni_parts(cfg, deepstack=deepstack)
     if kind == "llm":
         return {"llm": llm_part(LLMConfig.from_official(raw, **kw), "")}
