@@ -94,6 +94,7 @@ def test_dropless_dispatch_with_skewed_routing_and_empty_experts():
     assert int(plan.group_sizes.sum()) == t * k and int(plan.group_sizes[8:].sum()) == 0
     xs = dispatch.permute(jnp.asarray(x), plan)
     ffns = {"xla": functools.partial(gmm.grouped_glu, implementation="xla"), "loop": gmm.reference.grouped_glu}
+    wg, wu, wd = jnp.asarray(wg), jnp.asarray(wu), jnp.asarray(wd)
     outs = {impl: dispatch.combine(ffn(xs, plan.group_sizes, wg, wu, wd), plan, jnp.asarray(w))
             for impl, ffn in ffns.items()}
     silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731

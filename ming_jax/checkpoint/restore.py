@@ -270,10 +270,30 @@ def _converted_parts(raw: dict, manifest: Manifest, described: Mapping[str, regi
     return {c: parts[c] for c in chosen}
 
 
+def load_tensors(raw: Mapping, tensors: Mapping[str, Any], *, components: Sequence[str] | None = None,
+                 mesh: jax.sharding.Mesh | None = None, rules: ShardingRules | str | None = None,
+                 dtype: str | None = None, compute_dtype: str | None = None, deepstack: bool = False,
+                 source: str = "tensors") -> Loaded:
+    """`load` for official tensors already at hand: `raw` a config.json dict, `tensors` {official name: array}
+    (e.g. a golden case's weights, or a lazy `TensorMapping`). Strict like the release path of `load`."""
+    if isinstance(rules, str):
+        rules = ShardingRules.preset(rules)
+    if mesh is not None and rules is None:
+        rules = ShardingRules.preset(DEFAULT_RULES)
+    described = registry.describe(raw, param_dtype=dtype, dtype=compute_dtype, deepstack=deepstack)
+    parts = {c: described[c] for c in registry.select(described, components)}
+    _fill_from_tensors(source, tensors, described, parts, {}, mesh, rules)
+    return Loaded(source, RELEASE, dict(raw), parts, deepstack, mesh, rules)
+
+
 def _fill_from_release(path: str, described: Mapping[str, registry.Part], parts: Mapping[str, registry.Part],
                        shardings: Mapping[str, Any], mesh, rules) -> None:
     """Fill the parts' modules from the folder's safetensors, tensor by tensor (strict, like the converter)."""
-    tensors = TensorMapping(SourceCheckpoint(path))
+    _fill_from_tensors(path, TensorMapping(SourceCheckpoint(path)), described, parts, shardings, mesh, rules)
+
+
+def _fill_from_tensors(path: str, tensors: Mapping[str, Any], described: Mapping[str, registry.Part],
+                       parts: Mapping[str, registry.Part], shardings: Mapping[str, Any], mesh, rules) -> None:
     owned: dict[str, list[str]] = {c: [] for c in described}
     orphans = []
     for name in tensors:

@@ -66,6 +66,10 @@ class LLMConfig:
     moe_impl: str = "auto"  # grouped-matmul backend for the experts: "auto" | "xla" | "pallas" | "loop"
     attention_impl: str = "auto"  # attention backend (`ming_jax.pallas.attention.api.attention`): "auto" | "xla" | "splash" | "cudnn"
     remat: bool = False
+    # True: the MoE layers run as one `nnx.scan` over their stacked parameters. False: a Python loop over per-layer
+    # slices of the same stacked parameters (same layout and paths), for tools that rewrite a module's weights while
+    # it runs (qwix PTQ / LoRA), which a scan body cannot do; compile time grows with the depth.
+    scan_layers: bool = True
     # Expert parallelism (ming_jax.moe.expert_parallel) under an active mesh: "auto" (when the mesh's experts axis is
     # > 1; ragged exchange on TPU / GPU, padded on CPU), "off", or "ragged" / "padded" to force that exchange.
     expert_parallel: str = "auto"

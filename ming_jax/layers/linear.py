@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from ming_jax.layers.params import fan_in_normal, param, zeros
+from ming_jax.layers.params import fan_in_normal, param, read, zeros
 
 
 class Linear(nnx.Module):
@@ -16,4 +16,4 @@ class Linear(nnx.Module):
 
     def __call__(self, x):  # [..., in] -> [..., out]
         dt = x.dtype
-        return jnp.einsum("...i,io->...o", x, self.kernel[...].astype(dt)) + self.bias[...].astype(dt)
+        return jnp.einsum("...i,io->...o", x, read(self.kernel, dt)) + read(self.bias, dt)

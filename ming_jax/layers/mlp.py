@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ming_jax.layers.params import fan_in_normal, param, zeros
+from ming_jax.layers.params import fan_in_normal, param, read, zeros
 
 
 def glu(x, w_gate, w_up, w_down):
@@ -24,7 +24,7 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x):
         dt = x.dtype
-        return glu(x, self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt))
+        return glu(x, read(self.gate, dt), read(self.up, dt), read(self.down, dt))
 
 
 def gelu_mlp(x, w_in, b_in, w_out, b_out, *, approximate: bool = False):
@@ -49,5 +49,5 @@ class GeluMLP(nnx.Module):
 
     def __call__(self, x):
         dt = x.dtype
-        return gelu_mlp(x, self.w_in[...].astype(dt), self.b_in[...].astype(dt), self.w_out[...].astype(dt),
-                        self.b_out[...].astype(dt), approximate=self.approximate)
+        return gelu_mlp(x, read(self.w_in, dt), read(self.b_in, dt), read(self.w_out, dt),
+                        read(self.b_out, dt), approximate=self.approximate)

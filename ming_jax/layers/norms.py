@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ming_jax.layers.params import ones, param, zeros
+from ming_jax.layers.params import ones, param, read, zeros
 
 
 def rms_norm(x, scale, eps: float):
@@ -24,7 +24,7 @@ class RMSNorm(nnx.Module):
         self.scale = param(rngs, ones, (dim,), (axis_name,), param_dtype)
 
     def __call__(self, x):
-        return rms_norm(x, self.scale[...], self.eps)
+        return rms_norm(x, read(self.scale), self.eps)
 
 
 def l2_normalize(x, eps: float = 1e-12):
@@ -55,4 +55,4 @@ class LayerNorm(nnx.Module):
         self.bias = param(rngs, zeros, (dim,), (axis_name,), param_dtype)
 
     def __call__(self, x):
-        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+        return layer_norm(x, read(self.scale), read(self.bias), self.eps)

@@ -7,7 +7,8 @@ mesh axes with a rules object; nothing here knows about meshes. Parameters are c
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,48 @@ def param(rngs: nnx.Rngs, init: Init, shape: Sequence[int], axes: Sequence[str |
     if len(axes) != len(shape):
         raise ValueError(f"parameter of shape {shape} given {len(axes)} axis names {tuple(axes)}")
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+# --- the one weight-read site ---------------------------------------------------------------------------------------
+
+WeightHook = Callable[[Any, Any], Any]  # (the stored weight: nnx.Variable or a wrapped weight, value) -> value
+_HOOKS: list[WeightHook] = []
+
+
+def read(weight, dtype=None):
+    """The value of a weight as it enters a computation: THE site every projection, embedding, norm scale, conv kernel
+    and expert stack of every tower reads its parameter through (`read(self.kernel, x.dtype)`).
+
+    * `weight` an `nnx.Variable`: its stored array, cast to `dtype` when given and different. The array is the very
+      object the variable holds (no copy when no cast is needed), so op interceptors that look a weight up among the
+      module's parameters by identity or through unary ops (qwix's PTQ / LoRA providers, `flax_util.find_param`)
+      recognise it.
+    * anything else (a wrapped weight, e.g. qwix PTQ's `WithAux` holding a `QArray` after `qwix.quantize_model`):
+      handed on untouched, neither unboxed nor cast; the intercepted op that consumes it knows how to use it.
+
+    Hooks installed with `weight_hook` then see `(weight, value)` and return the value that is used (quantize,
+    add a low-rank delta, record, stop gradients, ...). With no hook installed this is exactly `param[...].astype(dt)`.
+    """
+    if isinstance(weight, nnx.Variable):
+        value = weight.get_value()
+        if dtype is not None and value.dtype != jnp.dtype(dtype):
+            value = value.astype(dtype)
+    else:
+        value = weight
+    for hook in _HOOKS:
+        value = hook(weight, value)
+    return value
+
+
+@contextlib.contextmanager
+def weight_hook(fn: WeightHook) -> Iterator[WeightHook]:
+    """Install `fn(weight, value) -> value` on every `read` while the context is open (at trace time: a jitted
+    function traced outside the context does not see it). Hooks nest; the innermost runs last."""
+    _HOOKS.append(fn)
+    try:
+        yield fn
+    finally:
+        _HOOKS.remove(fn)
 
 
 def ones(key, shape, dtype):

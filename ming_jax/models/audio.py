@@ -38,7 +38,7 @@ from ming_jax.layers.mlp import GeluMLP
 from ming_jax.layers.norms import LayerNorm
 from ming_jax.layers.linear import Linear
 from ming_jax.layers.norms import l2_normalize
-from ming_jax.layers.params import fan_in_normal, param, zeros
+from ming_jax.layers.params import fan_in_normal, param, read, zeros
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -86,11 +86,11 @@ class WhisperAttention(nnx.Module):
 
     def __call__(self, x):  # x [B, T, D]
         dt = x.dtype
-        q = jnp.einsum("btd,dnh->btnh", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
-        k = jnp.einsum("btd,dnh->btnh", x, self.k_kernel[...].astype(dt))
-        v = jnp.einsum("btd,dnh->btnh", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
+        q = jnp.einsum("btd,dnh->btnh", x, read(self.q_kernel, dt)) + read(self.q_bias, dt)
+        k = jnp.einsum("btd,dnh->btnh", x, read(self.k_kernel, dt))
+        v = jnp.einsum("btd,dnh->btnh", x, read(self.v_kernel, dt)) + read(self.v_bias, dt)
         o = attend(q, k, v, None)  # [B, T, N, H]; no mask: every frame, padding included, is attended
-        return jnp.einsum("btnh,nhd->btd", o, self.o_kernel[...].astype(dt)) + self.o_bias[...].astype(dt)
+        return jnp.einsum("btnh,nhd->btd", o, read(self.o_kernel, dt)) + read(self.o_bias, dt)
 
 
 class WhisperBlock(nnx.Module):
@@ -109,9 +109,15 @@ class WhisperBlock(nnx.Module):
             return x + self.mlp(self.mlp_ln(x))
 
 
-@nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-def _run_blocks(x, block: WhisperBlock):
-    return block(x)
+def _run_blocks(x, blocks: WhisperBlock):
+    """The stacked blocks as one `nnx.scan`. The body is built per call on purpose: jax caches the trace of a scan
+    body by function identity, and a module-level body would hide `weight_hook`s installed after its first trace."""
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def run(x, block: WhisperBlock):
+        return block(x)
+
+    return run(x, blocks)
 
 
 class WhisperEncoder(nnx.Module):
@@ -149,11 +155,11 @@ class WhisperEncoder(nnx.Module):
                              f"n_ctx={cfg.n_ctx} (longest clip: {2 * cfg.n_ctx} frames)")
         dt = mels.dtype
         with jax.named_scope("whisper_stem"):
-            x = jax.nn.gelu(conv1d(mels, self.conv1_kernel[...].astype(dt), self.conv1_bias[...], stride=1,
+            x = jax.nn.gelu(conv1d(mels, read(self.conv1_kernel, dt), read(self.conv1_bias), stride=1,
                                    padding=1), approximate=False)  # [S, T, D]
-            x = jax.nn.gelu(conv1d(x, self.conv2_kernel[...].astype(dt), self.conv2_bias[...], stride=2,
+            x = jax.nn.gelu(conv1d(x, read(self.conv2_kernel, dt), read(self.conv2_bias), stride=2,
                                    padding=1), approximate=False)  # [S, T', D]
-            x = x + self.positional_embedding[:frames].astype(dt)
+            x = x + read(self.positional_embedding, dt)[:frames]
         x = _run_blocks(x, self.blocks)
         return self.ln_post(x)
 
@@ -176,7 +182,7 @@ class AudioProjector(nnx.Module):
     def __call__(self, x):
         cfg = self.cfg
         with jax.named_scope("audio_projector"):
-            x = conv1d(x, self.conv_kernel[...].astype(x.dtype), self.conv_bias[...], stride=cfg.ds_stride,
+            x = conv1d(x, read(self.conv_kernel, x.dtype), read(self.conv_bias), stride=cfg.ds_stride,
                        padding=cfg.ds_kernel_size // 2)  # [S, L', H]
             for dense in self.linears:
                 x = dense(jax.nn.gelu(x, approximate=False))

@@ -12,6 +12,7 @@ Attention: fused QKV projection, per-head RMSNorm on q and k, grouped-query atte
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -23,10 +24,12 @@ from ming_jax.layers import rotary
 from ming_jax.layers.kv_cache import CacheSlot, KVCache
 from ming_jax.layers.mlp import GatedMLP
 from ming_jax.layers.norms import RMSNorm
-from ming_jax.layers.params import fan_in_normal, normal, param, zeros
+from ming_jax.layers.params import fan_in_normal, normal, param, read, zeros
 from ming_jax.moe.block import MoEBlock
 from ming_jax.moe.router import Routing
 from ming_jax.pallas.attention.api import AttentionMask, attention
+
+_LAYERS_AXIS = {nnx.PARTITION_NAME: "layers"}  # the leading axis of the stacked MoE layers' parameters
 
 # --- attention ----------------------------------------------------------------------------------------------------
 
@@ -69,9 +72,9 @@ class Attention(nnx.Module):
         T new keys. Returns (out [B, T, D], the updated CacheSlot or None).
         """
         dt = x.dtype
-        qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(dt))
+        qkv = jnp.einsum("btd,dkgh->btkgh", x, read(self.qkv, dt))
         if self.qkv_bias is not None:
-            qkv = qkv + self.qkv_bias[...].astype(dt)
+            qkv = qkv + read(self.qkv_bias, dt)
         q, k, v = split_qkv(qkv, self.g)
         q = rotary.apply_rotary(self.q_norm(q), cos, sin)
         k = rotary.apply_rotary(self.k_norm(k), cos, sin)
@@ -80,9 +83,9 @@ class Attention(nnx.Module):
             if kv_cache.attend_cache:
                 k, v = kv_cache.read(dt)
         o = attention(q, k, v, mask, impl=self.attention_impl)  # [B, T, H, hd]
-        y = jnp.einsum("bthk,hkd->btd", o, self.out[...].astype(dt))
+        y = jnp.einsum("bthk,hkd->btd", o, read(self.out, dt))
         if self.out_bias is not None:
-            y = y + self.out_bias[...].astype(dt)
+            y = y + read(self.out_bias, dt)
         return y, kv_cache
 
 
@@ -143,7 +146,7 @@ class BailingMoeV2(nnx.Module):
         if cfg.num_moe_layers:
 
             @nnx.split_rngs(splits=cfg.num_moe_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS_AXIS)
             def make(r):
                 return DecoderLayer(cfg, moe=True, rngs=r)
 
@@ -156,7 +159,7 @@ class BailingMoeV2(nnx.Module):
     # -- pieces usable on their own --
     def embed_tokens(self, input_ids, features=None, feature_index=None):
         """input_ids [B, T] -> [B, T, D]; `features [N, D]` overwrite the flat positions `feature_index [N]`."""
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.cfg.dtype)
+        x = jnp.take(read(self.embed), input_ids, axis=0).astype(self.cfg.dtype)
         if features is not None:
             b, t, d = x.shape
             x = x.reshape(b * t, d).at[feature_index].set(features.astype(x.dtype)).reshape(b, t, d)
@@ -170,8 +173,8 @@ class BailingMoeV2(nnx.Module):
         return rotary.rope_cos_sin(positions[0], inv_freq)
 
     def head(self, h):
-        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        w = read(self.embed, h.dtype).T if self.lm_head is None else read(self.lm_head, h.dtype)
+        return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
     # -- forward --
     def __call__(self, embeds, positions, *, attention_mask=None, modality=None, cache: KVCache | None = None,
@@ -233,8 +236,9 @@ class BailingMoeV2(nnx.Module):
 
             if cfg.remat:  # recompute each layer's activations in the backward pass instead of storing them
                 body = nnx.remat(body)
-            run_moe = nnx.scan(body, in_axes=(0, nnx.Carry, None, None, None, None, None, 0),
-                               out_axes=(nnx.Carry, 0, 0))
+            run_moe = (nnx.scan(body, in_axes=(0, nnx.Carry, None, None, None, None, None, 0),
+                                out_axes=(nnx.Carry, 0, 0)) if cfg.scan_layers else
+                       functools.partial(self._unrolled, body))
             kv_in = None if cache is None else (cache.k_moe, cache.v_moe)
             (x, kv_out), routing, ys = run_moe(self.moe_layers, (x, kv_in), cos, sin, mask, modality, start,
                                                jnp.arange(cfg.num_moe_layers, dtype=jnp.int32))
@@ -255,6 +259,33 @@ class BailingMoeV2(nnx.Module):
         if collect and routing is not None:
             return ModelOutput(logits, h, new_cache, jnp.stack(layer_outputs), routing[0], routing[1])
         return ModelOutput(logits, h, new_cache, jnp.stack(layer_outputs) if collect else None)
+
+    def _unrolled(self, body, layers, carry, cos, sin, mask, modality, start, index):
+        """`scan_layers=False`: the scan of `body` over the stacked MoE layers as a Python loop over per-layer
+        slices of the same stacked parameters. The parameter layout stays [L, ...] ("layers" axis, same paths).
+
+        Each layer runs as a module of its own (`nnx.merge` of the slice), so a tool that replaces or adds weights
+        of a module while it runs (qwix PTQ puts a quantized `WithAux` in place of a kernel, LoRA adds lora_a /
+        lora_b) may do so; a scan body cannot change its carry's structure. When the layers come out with a new
+        structure, their parameters are stacked back on the layers axis and become the stacked module (the
+        per-layer quantized leaves / LoRA factors are then [L, ...] too, and sliced again on the next call).
+        """
+        graphdef, params, rest = nnx.split(layers, nnx.Param, ...)
+        ran, routes, ys = [], [], []
+        for i in range(int(index.shape[0])):
+            layer_params = nnx.spmd.remove_axis(jax.tree.map(lambda a, i=i: a[i], params), 0, _LAYERS_AXIS)
+            layer = nnx.merge(graphdef, layer_params, rest)
+            carry, r, y = body(layer, carry, cos, sin, mask, modality, start, index[i])
+            ran.append(layer)
+            routes.append(r)
+            ys.append(y)
+        new_graphdef, _, new_rest = nnx.split(ran[0], nnx.Param, ...)
+        if new_graphdef != graphdef:
+            stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(m, nnx.Param) for m in ran])
+            stacked = nnx.spmd.add_axis(stacked, 0, _LAYERS_AXIS)
+            self.moe_layers = nnx.merge(new_graphdef, stacked, new_rest)
+        stack = lambda xs: None if xs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
+        return carry, stack(routes), stack(ys)
 
 
 def create(cfg: LLMConfig, *, seed: int = 0) -> BailingMoeV2:

@@ -33,7 +33,7 @@ from ming_jax.layers.mlp import GeluMLP, gelu_mlp
 from ming_jax.layers.norms import LayerNorm
 from ming_jax.layers.linear import Linear
 from ming_jax.layers.norms import l2_normalize
-from ming_jax.layers.params import fan_in_normal, normal, param, zeros
+from ming_jax.layers.params import fan_in_normal, normal, param, read, zeros
 from ming_jax.layers.rotary import apply_rotary, inv_frequencies
 
 Grid = tuple[tuple[int, int, int], ...]
@@ -233,7 +233,7 @@ class PatchEmbed(nnx.Module):
 
     def __call__(self, pixels):  # [N, K] -> [N, D]
         dt = pixels.dtype
-        return jnp.einsum("nk,kd->nd", pixels, self.kernel[...].astype(dt)) + self.bias[...].astype(dt)
+        return jnp.einsum("nk,kd->nd", pixels, read(self.kernel, dt)) + read(self.bias, dt)
 
 
 class VisionAttention(nnx.Module):
@@ -248,13 +248,13 @@ class VisionAttention(nnx.Module):
 
     def __call__(self, x, cos, sin, layout: VisionLayout):  # x [N, D]
         dt = x.dtype
-        qkv = jnp.einsum("nd,dchk->nchk", x, self.qkv_kernel[...].astype(dt))
-        qkv = qkv + self.qkv_bias[...].astype(dt)  # [N, 3, H, hd]
+        qkv = jnp.einsum("nd,dchk->nchk", x, read(self.qkv_kernel, dt))
+        qkv = qkv + read(self.qkv_bias, dt)  # [N, 3, H, hd]
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, hd]
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         o = segment_attention(q, k, v, layout, self.impl)  # [N, H, hd]
-        return jnp.einsum("nhk,hkd->nd", o, self.out_kernel[...].astype(dt)) + self.out_bias[...].astype(dt)
+        return jnp.einsum("nhk,hkd->nd", o, read(self.out_kernel, dt)) + read(self.out_bias, dt)
 
 
 class VisionBlock(nnx.Module):
@@ -302,8 +302,8 @@ class PatchMerger(nnx.Module):
         else:
             x = self.norm(x).reshape(-1, self.merged_size)
         dt = x.dtype
-        return gelu_mlp(x, self.w_in[...].astype(dt), self.b_in[...].astype(dt), self.w_out[...].astype(dt),
-                        self.b_out[...].astype(dt), approximate=False)
+        return gelu_mlp(x, read(self.w_in, dt), read(self.b_in, dt), read(self.w_out, dt),
+                        read(self.b_out, dt), approximate=False)
 
 
 class VisionTransformer(nnx.Module):
@@ -357,7 +357,7 @@ class VisionTransformer(nnx.Module):
         dt = jnp.dtype(cfg.dtype)
         with jax.named_scope("vit_embed"):
             x = self.patch_embed(jnp.asarray(pixel_values, dt))  # [N, D]
-            x = x + interpolate_positions(self.pos_embed[...].astype(dt), layout)
+            x = x + interpolate_positions(read(self.pos_embed, dt), layout)
             cos, sin = vision_rope(layout, cfg.head_dim, cfg.rope_theta)  # [N, hd]
         grouped = cfg.attention_impl == "grouped"
         if grouped:  # blocks run in grouped row order; `restore` brings rows back wherever they leave the blocks

@@ -8,7 +8,7 @@ from flax import nnx
 
 from ming_jax.config.llm import LLMConfig
 from ming_jax.layers.mlp import GatedMLP
-from ming_jax.layers.params import fan_in_normal, param
+from ming_jax.layers.params import fan_in_normal, param, read
 from ming_jax.moe import dispatch, expert_parallel
 from ming_jax.pallas.gmm import api as gmm
 from ming_jax.moe.router import Router
@@ -48,13 +48,13 @@ class MoEBlock(nnx.Module):
             dt = x.dtype
             if ep is not None:
                 y = expert_parallel.routed_experts(tokens, routing.experts, routing.weights,
-                                                   self.w_gate[...].astype(dt), self.w_up[...].astype(dt),
-                                                   self.w_down[...].astype(dt), ep)
+                                                   read(self.w_gate, dt), read(self.w_up, dt),
+                                                   read(self.w_down, dt), ep)
             else:
                 plan = dispatch.sort_by_expert(routing.experts, self.num_experts)
                 # The permute is fused into the gate/up kernel's loads (impl "pallas"): no [B*S*K, D] copy.
-                ys = gmm.grouped_glu(tokens, plan.group_sizes, self.w_gate[...].astype(dt),
-                                     self.w_up[...].astype(dt), self.w_down[...].astype(dt),
+                ys = gmm.grouped_glu(tokens, plan.group_sizes, read(self.w_gate, dt),
+                                     read(self.w_up, dt), read(self.w_down, dt),
                                      rows=plan.order // plan.top_k, implementation=self.impl)  # [B*S*K, D]
                 y = dispatch.combine(ys, plan, routing.weights)
         if self.shared is not None:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ming_jax.config.modality import AUDIO, GATE_NAMES, TEXT, VISION  # noqa: F401  (re-exported)
-from ming_jax.layers.params import param, uniform_fan_in, zeros
+from ming_jax.layers.params import param, read, uniform_fan_in, zeros
 
 
 
@@ -65,12 +65,12 @@ class Router(nnx.Module):
 
     def all_logits(self, x):
         """x [T, D] -> logits of every gate [R, T, E] (float32, as the release computes them)."""
-        return jnp.einsum("td,rde->rte", x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+        return jnp.einsum("td,rde->rte", x.astype(jnp.float32), read(self.kernel, jnp.float32))
 
     def __call__(self, x, modality=None) -> Routing:
         """x [T, D], modality [T] int (TEXT / VISION / AUDIO) or None (all text)."""
         logits = self.all_logits(x)  # [R, T, E]
-        bias = jax.lax.stop_gradient(self.expert_bias[...])
+        bias = jax.lax.stop_gradient(read(self.expert_bias))
         if modality is None or logits.shape[0] == 1:
             sel_logits, sel_bias = logits[0], bias[0]
         else:
@@ -83,4 +83,4 @@ class Router(nnx.Module):
         """Diagnostics: every gate's routing of every token, stacked on a leading gate axis ([R, T, ...])."""
         one = lambda logits, bias: route(logits, bias, top_k=self.top_k, n_group=self.n_group,  # noqa: E731
                                          topk_group=self.topk_group, scaling=self.scaling)
-        return jax.vmap(one)(self.all_logits(x), self.expert_bias[...])
+        return jax.vmap(one)(self.all_logits(x), read(self.expert_bias))

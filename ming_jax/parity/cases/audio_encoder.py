@@ -6,22 +6,16 @@ inputs `audio_feats` [B, T, n_mels], `audio_feats_lengths` [B, N]; outputs as na
 
 from __future__ import annotations
 
-from flax import nnx
 
 from ming_jax.parity import numerics
-from ming_jax import weights
+from ming_jax.checkpoint import restore
 from ming_jax.models.audio import AudioTower, encode_audio
-from ming_jax.config.audio import AudioConfig
 from ming_jax.parity.golden import GoldenCase
-from ming_jax.weights.audio import audio_table
 
 
 def build(config: dict, tensors) -> AudioTower:
     """An AudioTower for `config` (whole or case config) with the official `tensors` loaded (strict)."""
-    cfg = AudioConfig.from_official(config)
-    model = nnx.eval_shape(lambda: AudioTower(cfg, rngs=nnx.Rngs(0)))
-    weights.load_state_dict(model, audio_table(cfg), tensors)
-    return model
+    return restore.load_tensors(config, tensors, components=("audio",)).modules["audio"]
 
 
 def run(case: GoldenCase) -> list[numerics.Comparison]:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from ming_jax.parity import golden, numerics
 from ming_jax.gen import omni
-from ming_jax.config.omni import OmniConfig
+from ming_jax.checkpoint import restore
 from ming_jax.parity.cases.llm_backbone import forward_rows
 
 
 def build(case: golden.GoldenCase) -> omni.OmniModel:
-    return omni.load(OmniConfig.from_official(case.config), case.weights)
+    return restore.load_tensors(case.config, case.weights, source=case.path).omni()
 
 
 def inputs_of(case: golden.GoldenCase) -> omni.OmniInputs:

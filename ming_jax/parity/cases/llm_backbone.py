@@ -8,15 +8,12 @@ import numpy as np
 from ming_jax.gen import text as generation
 from ming_jax.parity import golden, numerics
 from ming_jax.models import llm as model_lib, inputs as multimodal
-from ming_jax import weights
-from ming_jax.config.llm import LLMConfig
+from ming_jax.checkpoint import restore
 from ming_jax.config.modality import AUDIO, GATE_NAMES, VISION
-from ming_jax.weights.llm import llm_table
 
 
 def load_model(case: golden.GoldenCase) -> model_lib.BailingMoeV2:
-    cfg = LLMConfig.from_official(case.config)
-    return weights.load_state_dict(model_lib.create_abstract(cfg), llm_table(cfg), case.weights)
+    return restore.load_tensors(case.config, case.weights, components=("llm",), source=case.path).llm
 
 
 def sorted_topk(experts, weights_):

@@ -8,23 +8,16 @@ from __future__ import annotations
 
 import re
 
-from flax import nnx
 
 from ming_jax.parity import numerics
-from ming_jax import weights
-from ming_jax.config.vision import VisionConfig
+from ming_jax.checkpoint import restore
 from ming_jax.parity.golden import GoldenCase
-from ming_jax.weights.vision import vision_table
 from ming_jax.models.vision import VisionTransformer, as_grid, vision_forward
 
 
 def build(config: dict, tensors) -> VisionTransformer:
     """The case's tower (deepstack on) with every parameter loaded from the official tensors (strict)."""
-    cfg = VisionConfig.from_official(config)
-    # Abstract first: no random initialisation to compute (or compile), every leaf comes from the tensors.
-    model = nnx.eval_shape(lambda: VisionTransformer(cfg, use_deepstack=True, rngs=nnx.Rngs(0)))
-    weights.load_state_dict(model, vision_table(cfg), tensors)
-    return model
+    return restore.load_tensors(config, tensors, components=("vision",), deepstack=True).modules["vision"]
 
 
 def run(case: GoldenCase) -> list[numerics.Comparison]:
