@@ -48,8 +48,7 @@ def release_config(min_bytes: float):
 
     base = dict(vocab_size=32768, hidden_size=4096, intermediate_size=9216, num_heads=32, num_kv_heads=4,
                 head_dim=128, moe_intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
-                num_shared_experts=1, n_group=8, topk_group=4, first_k_dense_replace=1, router_type="MultiRouter",
-                param_dtype="bfloat16", dtype="bfloat16")
+                num_shared_experts=1, n_group=8, topk_group=4, first_k_dense_replace=1, router_type="MultiRouter")
     for layers in range(2, 64):
         cfg = LLMConfig(num_layers=layers, **base)
         if sum(t.nbytes for t in official_tensors(cfg)) >= min_bytes:

@@ -32,6 +32,7 @@ from flax import nnx  # noqa: E402
 from ming_jax.parity import numerics  # noqa: E402
 from ming_jax import sharding
 from ming_jax.config import LLMConfig  # noqa: E402
+from ming_jax.config.runtime import Runtime  # noqa: E402
 from ming_jax.moe.block import MoEBlock  # noqa: E402
 
 _JSON = flags.DEFINE_string("json", "", "Where to write the results (default: <tmpdir>/ming_jax_expert_parallel.json).")
@@ -57,7 +58,7 @@ def _cases(cfg, block, x):
     rules = sharding.ShardingRules.preset("ep_fsdp")
     one = sharding.make_mesh("fsdp=1", jax.devices()[:1])
     eight = sharding.make_mesh("expert=8")
-    padded = nnx.split(MoEBlock(cfg.replace(expert_parallel="padded"), rngs=nnx.Rngs(0)))[0]
+    padded = nnx.split(MoEBlock(cfg, Runtime(expert_parallel="padded"), rngs=nnx.Rngs(0)))[0]
 
     def forced(state, x):
         return nnx.merge(padded, state)(x)[0]

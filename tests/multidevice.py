@@ -9,8 +9,14 @@ skips their in-process copies, saying so, and the module's `test_suite_in_subpro
 import os
 
 FLAG = "--xla_force_host_platform_device_count=8"
+# XLA:CPU runs a program over several host devices with one thread per device, which meet at rendezvous (collectives
+# and multi-device launches); a thread that has not arrived after `..._terminate_timeout_seconds` aborts the process
+# (SIGABRT, "Fatal Python error: Aborted"). With 8 devices on 2 loaded cores a thread can wait that long for a
+# core: give them minutes, as a real multi-host run would.
+PATIENCE = ("--xla_cpu_collective_call_terminate_timeout_seconds=1800 "
+            "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600 --xla_cpu_collective_timeout_seconds=1800")
 if FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FLAG).strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {FLAG} {PATIENCE}").strip()
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -28,7 +34,7 @@ def suite_in_subprocess(test_file: str):
 
     @pytest.mark.skipif(IN_PROCESS, reason="8 devices in this process: the tests ran in-process")
     def test_suite_in_subprocess():
-        env = dict(os.environ, XLA_FLAGS=FLAG, JAX_PLATFORMS="cpu")
+        env = dict(os.environ, XLA_FLAGS=f"{FLAG} {PATIENCE}", JAX_PLATFORMS="cpu")
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file],
                            env=env, capture_output=True, text=True,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(test_file))))

@@ -13,14 +13,13 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tpu_compile import need_libtpu
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,6 +30,7 @@ from ming_jax.parity import numerics
 from ming_jax.pallas.attention import api as ops
 from ming_jax.config.base import ConfigError
 from ming_jax.config.llm import LLMConfig
+from ming_jax.config.runtime import ATTENTION_IMPLEMENTATIONS, Runtime
 from ming_jax.pallas.attention.reference import attend, causal_mask, segment_mask
 from ming_jax.pallas import gmm
 from ming_jax.pallas import attention as pa
@@ -283,16 +283,17 @@ def test_forced_splash_through_dispatch_matches_xla():
            "float32")
 
 
-def test_config_attention_impl_validated():
-    assert LLMConfig.tiny().attention_impl == "auto"
-    assert LLMConfig.tiny(attention_impl="splash").attention_impl == "splash"
-    with pytest.raises(ConfigError, match="attention_impl='flash'"):
-        LLMConfig.tiny(attention_impl="flash")
+def test_runtime_attention_validated():
+    assert Runtime().attention == "auto"
+    assert Runtime(attention="splash").attention == "splash"
+    assert ops.IMPLEMENTATIONS == ATTENTION_IMPLEMENTATIONS  # one vocabulary: the runtime's is the dispatcher's
+    with pytest.raises(ConfigError, match="attention='flash'"):
+        Runtime(attention="flash")
 
 
 def _tiny_model(impl: str):
-    cfg = LLMConfig.tiny(num_layers=1, attention_impl=impl)  # one dense layer: the attention wiring is the subject
-    return model_lib.create(cfg, seed=3)
+    cfg = LLMConfig.tiny(num_layers=1)  # one dense layer: the attention wiring is the subject
+    return model_lib.create(cfg, Runtime(attention=impl), seed=3)
 
 
 def test_model_on_splash_matches_model_on_xla():
@@ -343,11 +344,7 @@ def test_grouped_matmul_entries_forward():
 LING_FLASH = dict(h=32, kv=4, hd=128)
 
 
-def _need_libtpu():
-    if importlib.util.find_spec("libtpu") is None:
-        pytest.skip("libtpu is not installed: `pip install 'jax[tpu]==0.10.2'` to AOT-compile for TPU")
-    # Another process (a benchmark, a parallel test run) may hold libtpu's lock file; compiling needs no chip.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+_need_libtpu = need_libtpu
 
 
 def _tpu_abstract(topology: str, shapes):

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 from ming_jax.parity import numerics, run as parity
 from ming_jax import weights
 from ming_jax.models.audio import AudioTower, clip_layout, encode_audio, sinusoids
+from ming_jax.config.runtime import Runtime
 from ming_jax.config.audio import AudioConfig, WhisperEncoderConfig
 from ming_jax.config.base import ConfigError
 from ming_jax.sharding import logical_axes
@@ -49,15 +50,15 @@ def _random_official(cfg: AudioConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def _tower(cfg: AudioConfig, tensors: dict[str, np.ndarray]) -> AudioTower:
-    model = nnx.eval_shape(lambda: AudioTower(cfg, rngs=nnx.Rngs(0)))
+def _tower(cfg: AudioConfig, tensors: dict[str, np.ndarray], runtime: Runtime | None = None) -> AudioTower:
+    model = nnx.eval_shape(lambda: AudioTower(cfg, runtime, rngs=nnx.Rngs(0)))
     weights.load_state_dict(model, audio_table(cfg), tensors)
     return model
 
 
-def _random_tower(cfg: AudioConfig, seed: int = 0) -> AudioTower:
+def _random_tower(cfg: AudioConfig, seed: int = 0, runtime: Runtime | None = None) -> AudioTower:
     """A tower whose every parameter (biases, norms included) is random, moved in through the table."""
-    return _tower(cfg, _random_official(cfg, seed))
+    return _tower(cfg, _random_official(cfg, seed), runtime)
 
 
 def _shapes(cfg: AudioConfig):
@@ -248,7 +249,7 @@ def test_bfloat16_run_is_close_to_float32():
     model = _random_tower(cfg)
     feats = np.random.default_rng(3).standard_normal((1, 30, cfg.encoder.n_mels)).astype(np.float32)
     ref = encode_audio(model, feats, [[17, 13]])
-    low = _random_tower(cfg.replace(dtype="bfloat16"))
+    low = _random_tower(cfg, runtime=Runtime(dtype="bfloat16"))
     out = encode_audio(low, jnp.asarray(feats, jnp.bfloat16), [[17, 13]])
     assert out.embeds.dtype == jnp.bfloat16
     numerics.assert_close("bf16 embeds", np.asarray(out.embeds, np.float32), ref.embeds, dtype="bfloat16")

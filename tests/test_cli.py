@@ -22,3 +22,43 @@ def test_generate_cli_rejects_full_preset_without_checkpoint():
     r = subprocess.run([sys.executable, "-m", "ming_jax.generate", "--preset", "ming-flash-omni-2.0"], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "needs --checkpoint" in r.stderr
+
+
+def _bf16_release(folder):
+    """A tiny LLM-only release folder as the release ships: bfloat16 tensors, `torch_dtype: bfloat16`."""
+    import json
+
+    import ml_dtypes
+    import numpy as np
+
+    from ming_jax import weights
+    from ming_jax.checkpoint.safetensors import OutTensor, write_sharded
+    from ming_jax.config import LLMConfig
+    from ming_jax.models import llm
+    from ming_jax.weights.llm import llm_table
+
+    cfg = LLMConfig.tiny()
+    sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in
+          weights.export_state_dict(llm.create(cfg, seed=1), llm_table(cfg)).items()}
+    tensors = [OutTensor(k, np.dtype(ml_dtypes.bfloat16), v.shape) for k, v in sd.items()]
+    folder.mkdir(parents=True)
+    write_sharded(str(folder), tensors, lambda t: sd[t.name], 1 << 20)
+    (folder / "config.json").write_text(json.dumps(dict(cfg.to_official(), torch_dtype="bfloat16")))
+    return folder
+
+
+def test_generate_cli_keeps_a_bf16_release_in_bf16(tmp_path):
+    """Parameters stay in the checkpoint's dtype (not float32 on the host) and compute runs in it by default; with
+    --dtype float32 both are float32."""
+    src = _bf16_release(tmp_path / "release")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    base = [sys.executable, "-m", "ming_jax.generate", "--checkpoint", str(src), "--prompt_ids", "1,2,3",
+            "--max_new_tokens", "2"]
+    r = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stderr.splitlines() if "parameters (" in x)
+    assert line.split("parameters (")[1].startswith("bfloat16") and "compute dtype bfloat16" in line, line
+    r = subprocess.run(base + ["--dtype", "float32"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stderr.splitlines() if "parameters (" in x)
+    assert "bfloat16" not in line and "compute dtype float32" in line, line

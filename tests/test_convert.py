@@ -32,6 +32,7 @@ from ming_jax.models.audio import encode_audio
 from ming_jax.config.audio import AudioConfig
 from ming_jax.config.llm import LLMConfig
 from ming_jax.config.omni import OmniConfig
+from ming_jax.config.runtime import Runtime
 from ming_jax.config.vision import VisionConfig
 from ming_jax.parity.cases import llm_backbone
 from ming_jax.weights.llm import llm_table
@@ -156,7 +157,7 @@ def test_layout_restores_with_plain_orbax_into_the_omni_param_tree(omni_release,
     """StandardCheckpointer, no ming_jax code: the tree is OmniModel's parameter pure dict."""
     src, cfg, tensors = omni_release
     dst, _ = omni_converted
-    abstract = omni.create_abstract(cfg.with_dtypes("float32", "bfloat16"))
+    abstract = omni.create_abstract(cfg, Runtime(param_dtype="bfloat16"))
     target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     restored = ocp.StandardCheckpointer().restore(os.path.join(dst, checkpoint.PARAMS_DIR), target)
     want = weights.load_arrays(omni_table(cfg), tensors, weights.param_shapes(abstract))

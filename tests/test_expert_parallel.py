@@ -19,6 +19,7 @@ from ming_jax.models import llm as model_lib
 from ming_jax.parity import numerics
 from ming_jax import sharding
 from ming_jax.config import LLMConfig
+from ming_jax.config.runtime import Runtime
 from ming_jax.moe import dispatch, expert_parallel as ep_lib
 from ming_jax.pallas import gmm
 from ming_jax.moe.block import MoEBlock
@@ -178,6 +179,11 @@ def test_routed_experts_match_single_device_uniform_and_skewed(mesh_spec):
     ct = jnp.asarray(rng.normal(size=(t, d)).astype(np.float32))
     loss = lambda fn: lambda x, ids, w, *ws: jnp.sum(fn(x, ids, w, *ws) * ct)  # noqa: E731
     plain = jax.jit(jax.value_and_grad(loss(_plain_routed), argnums=(0, 2, 3, 4, 5)))
+    # References on one device, outside the mesh: eager ops under a mesh context run on every device of it.
+    cases = []
+    for skew in (False, True):
+        ids, w = _routing(rng, t, e, k, skew)
+        cases.append((skew, ids, w, jax.jit(_plain_routed)(x, ids, w, *ws), plain(x, ids, w, *ws)[1]))
     mesh = _mesh(mesh_spec)
     with sharding.use_mesh(mesh, RULES):
         plan = ep_lib.plan(e, impl="xla")
@@ -185,11 +191,10 @@ def test_routed_experts_match_single_device_uniform_and_skewed(mesh_spec):
         routed = lambda x, ids, w, *ws: ep_lib.routed_experts(x, ids, w, *ws, plan)  # noqa: E731
         fwd = jax.jit(routed)
         grad = jax.jit(jax.grad(loss(routed), argnums=(0, 2, 3, 4, 5)))
-        for skew in (False, True):
-            ids, w = _routing(rng, t, e, k, skew)
-            _, gref = plain(x, ids, w, *ws)
-            numerics.assert_close(f"routed_y(skew={skew})", fwd(x, ids, w, *ws), _plain_routed(x, ids, w, *ws))
-            _grads_close(f"routed_grad(skew={skew})", grad(x, ids, w, *ws), gref)
+        got = [(fwd(x, ids, w, *ws), grad(x, ids, w, *ws)) for _, ids, w, _, _ in cases]
+    for (skew, _, _, yref, gref), (y, g) in zip(cases, got):
+        numerics.assert_close(f"routed_y(skew={skew})", y, yref)
+        _grads_close(f"routed_grad(skew={skew})", g, gref)
 
 
 def _block_fn(graphdef):
@@ -227,8 +232,8 @@ def test_moe_block_matches_single_device_with_one_exchange(mesh_spec):
 
 @multi
 def test_expert_parallel_off_keeps_the_single_device_path():
-    cfg = LLMConfig.tiny(expert_parallel="off")
-    block = MoEBlock(cfg, rngs=nnx.Rngs(1))
+    cfg = LLMConfig.tiny()
+    block = MoEBlock(cfg, Runtime(expert_parallel="off"), rngs=nnx.Rngs(1))
     graphdef, state = nnx.split(block)
     x = jnp.ones((8, 4, cfg.hidden_size))
     mesh = _mesh("expert=8")

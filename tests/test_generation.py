@@ -176,17 +176,46 @@ def test_sampling_filters():
             assert tok[i] in keep
 
 
-def test_decode_is_one_while_loop(model):
-    """No Python loop per token: the decode program is a single XLA while loop whatever max_new_tokens is."""
-    prep = multimodal.prepare(CFG, np.asarray([PROMPTS[1]]))
-    sampling = generation.SamplingConfig(max_new_tokens=9)
-    graphdef, state = __import__("flax").nnx.split(model)
+def _lowered_decode(model, n: int) -> str:
+    from flax import nnx
+
     from ming_jax.layers.kv_cache import KVCache
-    cache = KVCache.create(CFG, 1, 16)
-    text = generation._decode.lower(graphdef, state, jnp.zeros((1, CFG.vocab_size)), jnp.asarray([2]), cache,
-                                    jax.random.key(0), sampling=sampling, pad_id=0, return_logits=False).as_text()
-    assert text.count("stablehlo.while") >= 1
-    del prep
+
+    graphdef, state = nnx.split(model)
+    cache = KVCache.create(CFG, 1, 16 + n)
+    return generation._decode.lower(graphdef, state, jnp.zeros((1, CFG.vocab_size)), jnp.asarray([2]), cache,
+                                    jax.random.key(0), sampling=generation.SamplingConfig(max_new_tokens=n),
+                                    pad_id=0, return_logits=False).as_text()
+
+
+def test_decode_is_one_while_loop_whatever_the_length(model):
+    """No Python loop per token: the program has as many while loops for 2 new tokens as for 9 (the layer scans add
+    their own), exactly one of them carries the [B, N] token buffer, and the KV cache is donated."""
+    texts = {n: _lowered_decode(model, n) for n in (2, 9)}
+    counts = {n: t.count("stablehlo.while") for n, t in texts.items()}
+    assert counts[2] == counts[9] >= 1, counts
+    for n, text in texts.items():
+        loops = [line for line in text.splitlines() if "stablehlo.while" in line]
+        carrying = [line for line in loops if f"tensor<1x{n}xi32>" in line]
+        assert len(carrying) == 1, (n, len(carrying), len(loops))
+        k, hd = CFG.num_kv_heads, CFG.head_dim
+        stack = f"tensor<{CFG.num_moe_layers}x1x{k}x{16 + n}x{hd}xf32>"
+        main = next(line for line in text.splitlines() if "func.func public @main" in line)
+        donated = [arg for arg in main.split("%arg")[1:] if stack in arg and
+                   ("tf.aliasing_output" in arg or "jax.buffer_donor" in arg)]
+        assert len(donated) == 2, f"the MoE k / v cache stacks must be donated: {main[:400]}"
+
+
+def test_stop_token_equal_to_pad_id_still_ends_the_row(model):
+    """A stop token that is also the pad id: the row's length is where it stopped, not max_new_tokens."""
+    free = _single(model, PROMPTS[0], 6).tokens[0]
+    stop = int(free[1])
+    prep = multimodal.prepare(CFG, np.asarray([PROMPTS[0]]))
+    g = generation.as_numpy(generation.generate(
+        model, prep, generation.SamplingConfig(max_new_tokens=6, stop_tokens=(stop,)), pad_id=stop))
+    first = int(np.argmax(free == stop))
+    assert g.lengths[0] == first + 1 < 6
+    np.testing.assert_array_equal(g.tokens[0, :first + 1], free[:first + 1])
 
 
 def test_bad_inputs_are_named(model):

@@ -13,6 +13,7 @@ from ming_jax.models import llm as model_lib
 from ming_jax.parity import numerics
 from ming_jax import weights
 from ming_jax.config import LLMConfig
+from ming_jax.config.runtime import Runtime
 from ming_jax.moe import dispatch
 from ming_jax.pallas import gmm
 from ming_jax.moe.block import MoEBlock
@@ -71,8 +72,8 @@ def _dense_reference(block: MoEBlock, x, modality):
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_moe_block_matches_per_token_reference(impl):
     """"pallas" runs the TPU kernels in the Pallas interpreter here."""
-    cfg = LLMConfig.tiny(moe_impl=impl)
-    block = MoEBlock(cfg, rngs=nnx.Rngs(1))
+    cfg = LLMConfig.tiny()
+    block = MoEBlock(cfg, Runtime(gmm=impl), rngs=nnx.Rngs(1))
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 37, cfg.hidden_size)).astype(np.float32)
     modality = rng.integers(0, 3, size=(2, 37)).astype(np.int32)
@@ -112,7 +113,7 @@ def test_moe_gradients_match_loop_oracle():
     cfg = LLMConfig.tiny()
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(1, 19, cfg.hidden_size)).astype(np.float32))
-    block = MoEBlock(cfg.replace(moe_impl="xla"), rngs=nnx.Rngs(4))
+    block = MoEBlock(cfg, Runtime(gmm="xla"), rngs=nnx.Rngs(4))
     tokens = x.reshape(-1, cfg.hidden_size)
     routing = block.router(tokens)
     plan = dispatch.sort_by_expert(routing.experts, cfg.num_experts)
@@ -156,7 +157,7 @@ def test_remat_changes_memory_not_gradients():
     pos = jnp.broadcast_to(jnp.arange(9), (3, 2, 9))
 
     def grads(remat):
-        m = model_lib.create(cfg.replace(remat=remat), seed=0)
+        m = model_lib.create(cfg, Runtime(remat=remat), seed=0)
 
         def loss(m):
             out = m(m.embed_tokens(ids), pos)

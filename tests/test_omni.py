@@ -175,7 +175,7 @@ def test_load_omni_from_a_release_folder(case, tmp_path):
 def test_preset_equals_release_config(reference_dir):
     raw = json.loads((reference_dir / "config.json").read_text())
     preset = OmniConfig.ming_flash_omni_2()
-    assert OmniConfig.from_official(raw, dtype="bfloat16") == preset
+    assert OmniConfig.from_official(raw) == preset
     assert preset.mlp_depth == raw["mlp_depth"] == 2
     assert preset.audio.out_dim == preset.llm.hidden_size == raw["llm_config"]["hidden_size"]
     assert preset.vision.out_hidden_size == raw["vision_config"]["out_hidden_size"]
@@ -187,7 +187,7 @@ def test_tiny_is_the_golden_configuration(case):
 
 
 def test_official_round_trip():
-    for cfg in (OmniConfig.tiny(), OmniConfig.tiny(audio=None), OmniConfig.ming_flash_omni_2().with_dtypes("float32")):
+    for cfg in (OmniConfig.tiny(), OmniConfig.tiny(audio=None), OmniConfig.ming_flash_omni_2()):
         assert OmniConfig.from_official(cfg.to_official()) == cfg
 
 

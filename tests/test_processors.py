@@ -60,12 +60,26 @@ def test_log_mel_matches_transformers_whisper(n_mels, n_samples):
     numerics.assert_close("log_mel", feats[0], ref)
 
 
-def test_mel_filterbank_is_slaney():
-    import librosa
+# sha256 of the float32 bytes of librosa.filters.mel(sr=16000, n_fft=400, n_mels=n) (librosa 0.11.0): the filters
+# whisper ships. Pinned so the check stands without librosa installed.
+MEL_SHA256 = {80: "4f2701b1d287d74a0dc9871026e9519d98cb76426615f2539b0d151a0ae4ec2e",
+              128: "2a5f9822897750e047c85dea37cc268d3be0ecfd23c28a5f10da129d99d05afe"}
 
-    fb = audio.mel_filterbank(128)
-    assert fb.shape == (128, audio.N_FFT // 2 + 1) and fb.dtype == np.float32
-    np.testing.assert_array_equal(fb, librosa.filters.mel(sr=16000, n_fft=400, n_mels=128, htk=False, norm="slaney"))
+
+@pytest.mark.parametrize("n_mels", [128, 80])
+def test_mel_filterbank_bits_are_whispers(n_mels):
+    import hashlib
+
+    fb = audio.mel_filterbank(n_mels)
+    assert fb.shape == (n_mels, audio.N_FFT // 2 + 1) and fb.dtype == np.float32
+    assert hashlib.sha256(np.ascontiguousarray(fb).tobytes()).hexdigest() == MEL_SHA256[n_mels]
+
+
+@pytest.mark.parametrize("n_mels", [128, 80])
+def test_mel_filterbank_is_librosas_slaney(n_mels):
+    librosa = pytest.importorskip("librosa")
+    ref = librosa.filters.mel(sr=16000, n_fft=400, n_mels=n_mels, htk=False, norm="slaney", dtype=np.float32)
+    np.testing.assert_array_equal(audio.mel_filterbank(n_mels), ref)
 
 
 def test_silence_hits_the_floor():
@@ -199,6 +213,146 @@ def test_bad_rates_and_mels():
         WhisperFrontendConfig(n_mels=100)
     with pytest.raises(ConfigError, match="unknown"):
         WhisperFrontendConfig.from_official({"n_mels": 128, "hop": 160})
+
+
+@pytest.mark.parametrize("orig_sr", [44100, 22050, 48000, 8000])
+def test_resample_sounds_like_librosa(orig_sr):
+    """librosa (soxr) is a different filter, so only close: 2e-3 relative max-abs when downsampling and 1e-2 when
+    upsampling 8 kHz (soxr's steeper transition band moves the 2.5 kHz tone, at 0.63 of the 4 kHz Nyquist, most),
+    away from the first / last 400 output samples where the two treat the clip's edges differently. Exactness is
+    `test_resample_matches_definition`'s job (torchaudio's sinc_interp_hann, what the official processor runs)."""
+    librosa = pytest.importorskip("librosa")
+    x = _sine(orig_sr // 2, orig_sr, 300.0, 0.3) + _sine(orig_sr // 2, orig_sr, 2500.0, 0.3)  # no noise above
+    ours = audio.resample(x, orig_sr, 16000)  # the cut-off: there the filters differ by design
+    ref = librosa.resample(x, orig_sr=orig_sr, target_sr=16000, res_type="soxr_hq")
+    assert ours.shape == ref.shape
+    tol = 1e-2 if orig_sr < 16000 else 2e-3
+    numerics.assert_close(f"resample_{orig_sr}_vs_soxr", ours[400:-400], ref[400:-400], tol=tol)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Audio files through PyAV: AAC / M4A and the audio track of a video (what librosa 1.0 no longer reads)
+
+
+def _sine(n: int, sr: int, freq: float, amp: float = 0.5) -> np.ndarray:
+    return (amp * np.sin(2 * np.pi * freq * np.arange(n) / sr)).astype(np.float32)
+
+
+def _write_av(path, *, container: str, codec: str, sr: int, channels: list[np.ndarray], fmt: str = "fltp",
+              video: bool = False, audio_track: bool = True):
+    """Encode `channels` (float32 [T] each) with PyAV into `path`; `video` adds a 10 fps 32x32 mpeg4 track."""
+    import av
+
+    layout = {1: "mono", 2: "stereo"}[len(channels)]
+    with av.open(str(path), "w", format=container) as out:
+        vs = None
+        if video:
+            vs = out.add_stream("mpeg4", rate=10)
+            vs.width, vs.height, vs.pix_fmt = 32, 32, "yuv420p"
+        if audio_track:
+            st = out.add_stream(codec, rate=sr, layout=layout)
+            data = np.stack(channels)  # planar [C, T]
+            if fmt == "s16":  # packed, interleaved int16 [1, T * C]
+                data = np.round(data.T * 32767).astype(np.int16).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(data, format=fmt, layout=layout)
+            frame.sample_rate = sr
+            for packet in [*st.encode(frame), *st.encode(None)]:
+                out.mux(packet)
+        if vs is not None:
+            for i in range(5):
+                img = np.full((32, 32, 3), 40 * i, np.uint8)
+                for packet in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    out.mux(packet)
+            for packet in vs.encode(None):
+                out.mux(packet)
+    return data if audio_track else None
+
+
+def _peak_hz(x: np.ndarray, sr: int) -> float:
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.argmax(spectrum) * sr / len(x))
+
+
+@pytest.mark.parametrize("name, container, with_video", [("clip.m4a", "ipod", False), ("clip.aac", "adts", False),
+                                                          ("movie.mp4", "mp4", True), ("movie.mkv", "matroska", True)])
+def test_load_aac_and_video_audio_track(tmp_path, name, container, with_video):
+    """AAC in M4A / raw ADTS, and the AAC track of MP4 / MKV videos (a video stream first), at 44.1 kHz stereo with
+    a different tone per channel: the rate, the channel order, the tones and the length survive, and the clip goes
+    through the processor (resampled to 16 kHz)."""
+    sr, n = 44100, 22050
+    left, right = _sine(n, sr, 440.0), _sine(n, sr, 1000.0, amp=0.25)
+    path = tmp_path / name
+    _write_av(path, container=container, codec="aac", sr=sr, channels=[left, right], video=with_video)
+    wav, got_sr = audio.load_audio(path)
+    assert got_sr == sr and wav.dtype == np.float32 and wav.shape[0] == 2
+    assert n <= wav.shape[1] <= n + 3 * 1024  # AAC codes whole 1024-sample frames, plus the encoder's priming
+    body = slice(2048, n - 1024)  # clear of the priming / tail transients
+    assert abs(_peak_hz(wav[0, body], sr) - 440.0) < 5 and abs(_peak_hz(wav[1, body], sr) - 1000.0) < 5
+    assert 0.45 < np.abs(wav[0, body]).max() < 0.55 and 0.2 < np.abs(wav[1, body]).max() < 0.3  # lossy, not wrong
+    out = process_audios([(wav, got_sr)])  # channel 0, resampled 44.1 -> 16 kHz
+    assert out["audio_feats"].shape == (1, math.ceil(wav.shape[1] * 16000 / sr) // audio.HOP_LENGTH, 128)
+
+
+def test_load_pcm_in_a_video_container_is_exact(tmp_path):
+    """Packed int16 PCM in Matroska (which libsndfile cannot open, so PyAV decodes it): de-interleaved channel by
+    channel and scaled by 1 / 2**15 exactly as soundfile scales a WAV; 22.05 kHz is kept, not assumed 16 kHz."""
+    sr, n = 22050, 5000
+    rng = np.random.default_rng(7)
+    chans = [rng.uniform(-0.9, 0.9, n).astype(np.float32), _sine(n, sr, 300.0)]
+    packed = _write_av(tmp_path / "pcm.mkv", container="matroska", codec="pcm_s16le", sr=sr, channels=chans,
+                       fmt="s16")
+    wav, got_sr = audio.load_audio(tmp_path / "pcm.mkv")
+    pcm = packed.reshape(-1, 2).T  # [2, T] int16
+    assert got_sr == sr and wav.shape == (2, n)
+    np.testing.assert_array_equal(wav, pcm.astype(np.float32) / 32768.0)
+    ready = audio.prepare_waveform(wav, got_sr)
+    np.testing.assert_array_equal(ready, audio.resample(pcm[0].astype(np.float32) / 32768.0, sr, 16000))
+
+
+def test_bad_av_files(tmp_path):
+    good = tmp_path / "clip.m4a"
+    _write_av(good, container="ipod", codec="aac", sr=16000, channels=[_sine(8000, 16000, 440.0)])
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.m4a"
+    truncated.write_bytes(data[: len(data) // 2])
+    zeroed = tmp_path / "zeroed.m4a"
+    zeroed.write_bytes(data[:64] + bytes(len(data) - 64))
+    for bad in (truncated, zeroed):
+        with pytest.raises(AudioError, match=f"cannot decode audio file {bad}.*soundfile.*PyAV"):
+            audio.load_audio(bad)
+    silent = tmp_path / "silent.mp4"
+    _write_av(silent, container="mp4", codec="aac", sr=16000, channels=[np.zeros(1)], video=True, audio_track=False)
+    with pytest.raises(AudioError, match="no audio stream.*video"):
+        audio.load_audio(silent)
+
+
+def test_stream_changing_rate_or_channels_is_refused():
+    """One waveform has one rate: a stream whose decoded frames change rate (or channel count) midway is an error
+    naming the change, not a clip silently played at the wrong speed."""
+    a = np.zeros((2, 1024), np.float32)
+    wav, sr = audio.join_chunks([(a, 44100), (a, 44100)], "x.aac")
+    assert wav.shape == (2, 2048) and sr == 44100
+    with pytest.raises(AudioError, match="x.aac: sample rate changes from 44100 to 48000 Hz at decoded frame 1"):
+        audio.join_chunks([(a, 44100), (a, 48000)], "x.aac")
+    with pytest.raises(AudioError, match="channel count changes from 2 to 1"):
+        audio.join_chunks([(a, 44100), (a[:1], 44100)], "x.aac")
+
+
+def test_audio_reading_needs_no_librosa(tmp_path):
+    """Reading WAV and M4A and building the mel filters never imports librosa (it may leave the dependencies)."""
+    import soundfile
+    import subprocess
+    import sys
+
+    soundfile.write(tmp_path / "a.wav", _sine(4000, 16000, 440.0), 16000)
+    _write_av(tmp_path / "a.m4a", container="ipod", codec="aac", sr=16000, channels=[_sine(8000, 16000, 440.0)])
+    code = ("import sys; from ming_jax.processors import audio; "
+            f"[audio.process_audios([audio.load_audio(p)]) for p in ({str(tmp_path / 'a.wav')!r}, "
+            f"{str(tmp_path / 'a.m4a')!r})]; "
+            "assert 'librosa' not in sys.modules, 'librosa imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ming_jax.config.runtime import Runtime
 from ming_jax.config.llm import LLMConfig
 from ming_jax.models import llm
 
@@ -23,11 +24,13 @@ qwix = pytest.importorskip("qwix")
 
 NOT_ROUTER = r"^(?!.*router).*$"
 
+UNROLLED = Runtime(scan_layers=False)  # the MoE layers as a Python loop: what qwix's providers need
+
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = LLMConfig.tiny(scan_layers=False)
-    model = llm.create(cfg)
+    cfg = LLMConfig.tiny()
+    model = llm.create(cfg, UNROLLED)
     ids = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(8), (3, 2, 8))
     embeds = model.embed_tokens(ids)
@@ -40,7 +43,7 @@ def _flat(state):
 
 def test_unrolled_layers_equal_the_scan():
     cfg = LLMConfig.tiny()
-    scanned, unrolled = llm.create(cfg), llm.create(LLMConfig.tiny(scan_layers=False))
+    scanned, unrolled = llm.create(cfg), llm.create(cfg, UNROLLED)
     assert _flat(nnx.state(scanned, nnx.Param)).keys() == _flat(nnx.state(unrolled, nnx.Param)).keys()
     ids = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(8), (3, 2, 8))

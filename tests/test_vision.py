@@ -17,6 +17,7 @@ from flax import nnx
 from ming_jax.parity import golden, numerics, run as parity
 from ming_jax import weights
 from ming_jax.config.base import ConfigError
+from ming_jax.config.runtime import Runtime
 from ming_jax.config.vision import VisionConfig
 from ming_jax.sharding import logical_axes
 from ming_jax.weights.vision import OMNI_PROJECTOR_PREFIX, OMNI_VISION_PREFIX, projector_table, vision_table
@@ -29,12 +30,15 @@ OMNI_CASE = os.path.join(GOLDEN, "full_mm_forward")
 REFERENCE_CONFIG = "/work/shared/reference/config.json"
 
 
-def abstract_tower(cfg: VisionConfig, use_deepstack: bool = True) -> VisionTransformer:
-    return nnx.eval_shape(lambda: VisionTransformer(cfg, use_deepstack=use_deepstack, rngs=nnx.Rngs(0)))
+def abstract_tower(cfg: VisionConfig, use_deepstack: bool = True, runtime: Runtime | None = None,
+                   segment_layout: str = "grouped") -> VisionTransformer:
+    return nnx.eval_shape(lambda: VisionTransformer(cfg, runtime, use_deepstack=use_deepstack,
+                                                    segment_layout=segment_layout, rngs=nnx.Rngs(0)))
 
 
-def loaded_tower(cfg: VisionConfig, tensors, use_deepstack: bool = True, prefix: str = "") -> VisionTransformer:
-    model = abstract_tower(cfg, use_deepstack)
+def loaded_tower(cfg: VisionConfig, tensors, use_deepstack: bool = True, prefix: str = "",
+                 runtime: Runtime | None = None, segment_layout: str = "grouped") -> VisionTransformer:
+    model = abstract_tower(cfg, use_deepstack, runtime, segment_layout)
     weights.load_state_dict(model, vision_table(cfg, prefix), tensors)
     return model
 
@@ -66,7 +70,7 @@ def test_masked_attention_matches_grouped(case, case_cfg):
     distinct segment lengths, where the grouped path has to permute)."""
     name = max(sub_cases(case), key=lambda n: len({h * w for _, h, w in as_grid(case.inputs[f"{n}_grid_thw"])}))
     px, grid = case.inputs[f"{name}_pixel_values"], as_grid(case.inputs[f"{name}_grid_thw"])
-    masked = loaded_tower(case_cfg.replace(attention_impl="masked"), case.weights)
+    masked = loaded_tower(case_cfg, case.weights, segment_layout="masked")
     hidden, deepstack = vision_forward(masked, px, grid)
     numerics.assert_close(f"{name}_last_hidden", hidden, case.outputs[f"{name}_last_hidden"])
     for j, feature in enumerate(deepstack):
@@ -81,9 +85,10 @@ def test_without_deepstack_returns_hidden_only(case, case_cfg):
 
 
 def test_bfloat16_run_within_bfloat16_tolerance(case):
-    cfg = VisionConfig.from_official(case.config, dtype="bfloat16", param_dtype="bfloat16")
+    cfg = VisionConfig.from_official(case.config)
     name = sub_cases(case)[0]
-    hidden, deepstack = vision_forward(loaded_tower(cfg, case.weights), case.inputs[f"{name}_pixel_values"],
+    tower = loaded_tower(cfg, case.weights, runtime=Runtime.bf16())
+    hidden, deepstack = vision_forward(tower, case.inputs[f"{name}_pixel_values"],
                                        as_grid(case.inputs[f"{name}_grid_thw"]))
     assert hidden.dtype == np.dtype("bfloat16")
     numerics.assert_close(f"{name}_last_hidden", hidden.astype(np.float32), case.outputs[f"{name}_last_hidden"],
@@ -178,7 +183,7 @@ def test_full_size_preset_matches_reference_config():
         if key in official:
             assert official[key] == value, key
     read = VisionConfig.from_official(reference)  # the whole omni config.json holds the section
-    assert read == ours.replace(dtype="float32", param_dtype="float32")
+    assert read == ours
     assert (ours.depth, ours.hidden_size, ours.num_heads, ours.patch_size, ours.temporal_patch_size,
             ours.spatial_merge_size, ours.out_hidden_size) == (27, 1152, 16, 16, 2, 2, 4096)
     assert ours.deepstack_visual_indexes == (8, 16, 24) and ours.position_grid_side == 48

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ming_jax.config.runtime import Runtime
 from ming_jax.config.audio import AudioConfig
 from ming_jax.config.llm import LLMConfig
 from ming_jax.config.vision import VisionConfig
@@ -91,8 +92,8 @@ def test_every_llm_weight_goes_through_read():
 
 
 def test_every_llm_weight_goes_through_read_unscanned_and_tied():
-    cfg = LLMConfig.tiny(scan_layers=False, tie_word_embeddings=True)
-    model = llm.create(cfg)
+    cfg = LLMConfig.tiny(tie_word_embeddings=True)
+    model = llm.create(cfg, Runtime(scan_layers=False))
     ids = jax.random.randint(jax.random.key(1), (1, 6), 0, cfg.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(6), (3, 1, 6))
 

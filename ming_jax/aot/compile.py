@@ -31,7 +31,10 @@ from ming_jax import sharding
 from ming_jax.aot.memory_plan import MemoryPlan
 from ming_jax.aot.topology import HBM_BYTES, chip_of, topology_devices
 from ming_jax.config.llm import LLMConfig
-from ming_jax.gen.steps import make_decode_step
+from ming_jax.config.runtime import Runtime
+from ming_jax.gen import text
+from ming_jax.gen.sampling import SamplingConfig
+from ming_jax.gen.steps import make_decode_step, make_prefill
 from ming_jax.layers.kv_cache import KVCache, kv_cache_shardings
 from ming_jax.models import llm as model_lib
 from ming_jax.train.optimizer import f32, optimizer
@@ -43,15 +46,25 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
+STEPS = ("train", "prefill", "decode", "decode_step")
+
+
 def lower_step(cfg: LLMConfig, mesh, rules: sharding.ShardingRules, step: str, *, batch: int, seq: int,
-               cache_layout: str = "auto"):
-    """The jitted step lowered for `mesh` from abstract, sharded arguments. seq: training sequence length, or the
-    KV-cache length for decode. cache_layout (decode): "auto" lets the compiler choose the KV cache's memory layout
+               cache_layout: str = "auto", runtime: Runtime | None = None, new_tokens: int = 256):
+    """The jitted step lowered for `mesh` from abstract, sharded arguments.
+
+    step: "train" (`ming_jax.train.step`, seq = training length); "prefill" (`ming_jax.gen.steps.prefill` of a
+    [batch, seq] prompt into a cache of seq + new_tokens slots); "decode" (the generation program users run:
+    `ming_jax.gen.text`'s `lax.while_loop` of `new_tokens` steps with its token / position buffers, over a donated
+    cache of seq slots); "decode_step" (one token against a cache of seq slots: the step body alone).
+    cache_layout (decode_step): "auto" lets the compiler choose the KV cache's memory layout
     (`compiled.input_formats` then says which; allocate the cache in it, e.g. by jitting `KVCache.create` with
     that format as out_shardings); "default": row-major. With "default" the TPU compiler gives the layer loop's
     carried cache another tiled layout and copies the MoE stacks in and out of the loop (one cache-sized
-    temporary)."""
-    abstract = model_lib.create_abstract(cfg)
+    temporary). runtime: dtypes, kernels, remat, expert parallelism (default: `Runtime.bf16(remat=True)`, how the
+    release trains)."""
+    runtime = Runtime.bf16(remat=True) if runtime is None else runtime
+    abstract = model_lib.create_abstract(cfg, runtime)
     graphdef, params = nnx.split(abstract)
     p_shard = sharding.state_shardings(abstract, mesh, rules)
     a_params = _abstract(params, p_shard)
@@ -69,8 +82,8 @@ def lower_step(cfg: LLMConfig, mesh, rules: sharding.ShardingRules, step: str, *
             fn = jax.jit(make_train_step(graphdef, tx), out_shardings=(p_shard, o_shard, replicated),
                          donate_argnums=(0, 1))
             return fn.lower(a_params, a_opt, tokens((batch, seq)), tokens((batch, seq)))
-        if step == "decode":
-            cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, seq))
+        if step == "decode_step":
+            cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, seq, runtime.dtype))
             c_shard = kv_cache_shardings(mesh, rules, cache)
             if cache_layout == "auto":  # the compiler picks the cache's layout (in = out, so the donation holds)
                 from jax.experimental.layout import Format, Layout
@@ -81,26 +94,51 @@ def lower_step(cfg: LLMConfig, mesh, rules: sharding.ShardingRules, step: str, *
                          out_shardings=(sharding.named_sharding(mesh, rules, ("batch", "act_vocab")), c_shard),
                          donate_argnums=(1,))
             return fn.lower(a_params, cache, t, t)
-    raise ValueError(f"step={step!r} (train or decode)")
+        if step == "prefill":
+            fn = jax.jit(make_prefill(graphdef, seq + new_tokens))
+            return fn.lower(a_params, tokens((batch, seq)), _batched(mesh, rules, (batch, seq), jnp.bool_),
+                            jax.ShapeDtypeStruct((3, batch, seq), jnp.int32, sharding=sharding.named_sharding(
+                                mesh, rules, (None, "batch", None), (3, batch, seq), what="positions")))
+        if step == "decode":
+            if new_tokens >= seq:
+                raise ValueError(f"decode: the cache of {seq} slots must hold the prompt and {new_tokens} new tokens")
+            cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, seq, runtime.dtype))
+            cache = _abstract(cache, kv_cache_shardings(mesh, rules, cache))
+            logits = jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32, sharding=sharding.named_sharding(
+                mesh, rules, ("batch", "act_vocab"), (batch, cfg.vocab_size), what="logits"))
+            key = jax.eval_shape(lambda: jax.random.key(0))
+            key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+            return text._decode.lower(graphdef, a_params, logits, tokens((batch,)), cache, key,
+                                      sampling=SamplingConfig(max_new_tokens=new_tokens), pad_id=0,
+                                      return_logits=False)
+    raise ValueError(f"step={step!r} (known: {', '.join(STEPS)})")
+
+
+def _batched(mesh, rules, shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.named_sharding(
+        mesh, rules, ("batch",) + (None,) * (len(shape) - 1), shape, what=f"batch of shape {shape}"))
 
 
 def compile_step(cfg: LLMConfig, topology: str, mesh_spec: str, rules_name: str, step: str, *, batch: int, seq: int,
-                 num_slices: int = 1, devices: Sequence | None = None,
-                 cache_layout: str = "auto") -> tuple[MemoryPlan, object]:
+                 num_slices: int = 1, devices: Sequence | None = None, cache_layout: str = "auto",
+                 runtime: Runtime | None = None, new_tokens: int = 256) -> tuple[MemoryPlan, object]:
     """Compile one step for a topology; -> (its memory plan, the compiled executable)."""
+    runtime = Runtime.bf16(remat=True) if runtime is None else runtime
     devices = topology_devices(topology, num_slices) if devices is None else devices
     mesh = sharding.make_mesh(mesh_spec, devices)
     rules = sharding.ShardingRules.preset(rules_name)
     t0 = time.perf_counter()
-    compiled = lower_step(cfg, mesh, rules, step, batch=batch, seq=seq, cache_layout=cache_layout).compile()
+    compiled = lower_step(cfg, mesh, rules, step, batch=batch, seq=seq, cache_layout=cache_layout,
+                          runtime=runtime, new_tokens=new_tokens).compile()
     m = compiled.memory_analysis()
     shape = ",".join(f"{a}={s}" for a, s in mesh.shape.items() if s > 1) or "1 chip"
     plan = MemoryPlan(topology + (f" x{num_slices}" if num_slices > 1 else ""), step, shape, rules_name, batch, seq,
                       int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
                       int(m.alias_size_in_bytes), int(m.generated_code_size_in_bytes),
                       HBM_BYTES[chip_of(topology)] * 1.0, time.perf_counter() - t0,
-                      note=f"cache layout {cache_layout}" if step == "decode" else "",
-                      attention=cfg.attention_impl, capacity_factor=cfg.moe_capacity_factor or 0.0)
+                      note=(f"cache layout {cache_layout}" if step == "decode_step" else
+                            f"{new_tokens} new tokens" if step in ("decode", "prefill") else ""),
+                      attention=runtime.attention, capacity_factor=runtime.capacity_factor or 0.0)
     return plan, compiled
 
 

@@ -1,7 +1,10 @@
-"""The release (PyTorch safetensors shards) -> our orbax checkpoint, streamed one tensor at a time; and back.
+"""The release (PyTorch safetensors shards) -> our orbax checkpoint, streamed tensor by tensor with bounded parallel
+reads under a byte budget (not one tensor at a time); and back.
 
     plan = plan_conversion(src)          # every check that needs no tensor data: raises naming every problem
-    convert(src, dst)                    # plan, then stream: read one tensor, re-layout, write its slot, repeat
+    convert(src, dst)                    # plan, then stream: `workers` threads each read a tensor, re-lay it out
+                                         # and write its slot, while at most `read_bytes` of tensors are in
+                                         # flight; written batches of `flush_bytes` commit in the background
     export_official(ckpt, dst)           # our checkpoint -> official names, size-limited shards + index
 
 What a conversion guarantees, in the order it checks:
@@ -15,12 +18,15 @@ What a conversion guarantees, in the order it checks:
 * every parameter slice is filled exactly once (`Table.plan` + `Table.check_coverage`), each tensor's shape after
   its layout transform equals the slice the config implies, every tensor has a floating dtype and all tensors that
   stack into one parameter share it;
-* memory stays bounded whatever the checkpoint size: a tensor is read with `preadv` into one buffer (at most
-  `read_bytes` of tensors are being read and re-laid out at once, by `workers` threads), handed to its zarr slot
-  and kept only until its batch commits; written data waits in a tensorstore transaction of at most `flush_bytes`
-  before it is compressed and committed (one commit in flight while the next batch fills). Peak: about
-  read_bytes + 2 x flush_bytes + twice the largest tensor (its buffer and its re-laid-out copy), i.e. ~1 GB +
-  2 x 1.3 GB for the release's embedding; `benchmarks/convert.py` measures it;
+* memory stays bounded whatever the checkpoint size: up to `workers` tensors are read concurrently, each with
+  `preadv` into its own buffer, but a byte budget admits a read only while at most `read_bytes` of tensors are
+  being read and re-laid out (a tensor larger than the budget waits and runs alone); each is handed to its zarr
+  slot and kept only until its batch commits; written data waits in a tensorstore transaction of at most
+  `flush_bytes` before it is compressed and committed (one commit in flight while the next batch fills). Peak:
+  about read_bytes + 2 x flush_bytes + twice the largest tensor (its buffer and its re-laid-out copy), i.e.
+  ~1 GB + 2 x 1.3 GB for the release's embedding, independent of the checkpoint's total size;
+  `benchmarks/convert.py` measures it and `tests/test_convert_memory.py` asserts that peak RSS stays flat as the
+  source grows;
 * the output appears atomically: everything is written under `DST.partial/` and renamed to DST when complete. An
   interrupted run leaves `DST.partial/` with a journal of committed tensors; re-running the same conversion resumes
   from it (a different source or different options restart from scratch).

@@ -13,10 +13,12 @@ config.json + safetensors is a release, its tensors read lazily one by one, mapp
 placed with `jax.device_put` onto their `NamedSharding`s. Which components exist, their abstract modules and tables
 come from `ming_jax.models.registry.describe`, and nothing else.
 
-Dtypes: a converted checkpoint keeps, per component, the dtype most of its parameters are stored in (each array
-cast to the dtype the model gives that parameter, e.g. float32 router biases); a release folder uses the configs'
-default parameter dtype (float32). `dtype` sets the parameter dtype instead (converted: every array cast to it);
-`compute_dtype` the activation dtype (default: the configs', float32).
+Dtypes: parameters stay in the checkpoint's dtype. A converted checkpoint keeps, per component, the dtype most of
+its parameters are stored in (each array cast to the dtype the model gives that parameter, e.g. float32 router
+biases); a release folder the dtype its config.json declares (`torch_dtype`, e.g. bfloat16 for the release; float32
+when absent: `release_dtype`). `dtype` sets the parameter dtype instead (converted: every array cast to it);
+`compute_dtype` the activation dtype (default: the runtime's, float32). `checkpoint_dtype(DIR)` tells the dtype
+without loading anything (the generate CLI computes in it by default).
 
 `restore_params(DIR, abstract_model, subtree=...)` is the converted-checkpoint primitive; `load_llm`,
 `load_vision`, `load_audio`, `load_omni` are thin wrappers over `load` kept for their callers.
@@ -36,6 +38,7 @@ from ming_jax.checkpoint.manifest import (CONFIG_FILE, MANIFEST_FILE, PARAMS_DIR
                                           np_dtype, read_config)
 from ming_jax.checkpoint.safetensors import CheckpointError, SourceCheckpoint, TensorMapping
 from ming_jax.config.omni import OmniConfig
+from ming_jax.config.runtime import Runtime
 from ming_jax.models import registry
 from ming_jax.models.omni import OmniModel
 from ming_jax.sharding import ShardingRules, param_shardings
@@ -182,7 +185,8 @@ class Loaded:
                 else OmniConfig(llm=self.parts["llm"].config, vision=None, audio=None))
         cfg = dataclasses.replace(base, **{c: (self.parts[c].config if c in self.parts else None)
                                            for c in registry.COMPONENTS})
-        model = nnx.eval_shape(lambda: OmniModel(cfg, deepstack=self.deepstack, rngs=nnx.Rngs(0)))
+        runtime = self.parts["llm"].runtime
+        model = nnx.eval_shape(lambda: OmniModel(cfg, runtime, deepstack=self.deepstack, rngs=nnx.Rngs(0)))
         model.llm = llm
         for key in ("vision", "vision_proj", "audio"):
             setattr(model, key, self.modules.get(key))
@@ -199,16 +203,49 @@ def detect_format(path: str) -> str:
                           f"converted ming_jax checkpoint ({MANIFEST_FILE})")
 
 
+def release_dtype(raw: Mapping) -> str:
+    """The parameter dtype a release's config.json declares (`torch_dtype`, or transformers' newer `dtype`, at the
+    top level or in `llm_config`): "bfloat16" or "float32" (float16 checkpoints are held in float32, which
+    represents them exactly; absent: float32)."""
+    for section in (raw, raw.get("llm_config") or {}):
+        name = section.get("torch_dtype") or section.get("dtype")
+        if name is not None:
+            if name not in ("bfloat16", "float32", "float16"):
+                raise CheckpointError(f"config.json declares torch_dtype={name!r}; expected bfloat16, float16 or "
+                                      f"float32")
+            return "bfloat16" if name == "bfloat16" else "float32"
+    return "float32"
+
+
+def checkpoint_dtype(path: str) -> str:
+    """The parameter dtype `load(path)` keeps by default: the LLM's stored dtype for a converted checkpoint (or the
+    first converted component's), `release_dtype` for a release folder."""
+    if detect_format(path) == CONVERTED:
+        manifest = Manifest.read(path)
+        first = "llm" if "llm" in manifest.components else manifest.components[0]
+        return _param_dtype(manifest, registry.COMPONENTS[first].subtrees[0])
+    return release_dtype(read_config(path))
+
+
+def _runtime(runtime: Runtime | None, dtype: str | None, compute_dtype: str | None) -> Runtime:
+    """`runtime` (default `Runtime()`) with the explicit parameter / compute dtypes applied."""
+    runtime = Runtime() if runtime is None else runtime
+    kw = {k: v for k, v in (("param_dtype", dtype), ("dtype", compute_dtype)) if v is not None}
+    return runtime.replace(**kw) if kw else runtime
+
+
 def load(path: str, *, components: Sequence[str] | None = None, mesh: jax.sharding.Mesh | None = None,
          rules: ShardingRules | str | None = None, dtype: str | None = None, compute_dtype: str | None = None,
-         deepstack: bool = False, shardings: Mapping[str, Any] | None = None) -> Loaded:
+         runtime: Runtime | None = None, deepstack: bool = False,
+         shardings: Mapping[str, Any] | None = None) -> Loaded:
     """Load the `components` (None: all the folder holds) of a release folder or a converted checkpoint.
 
     mesh / rules: place every parameter with `ming_jax.sharding.param_shardings(module, mesh, rules)` (rules: a
     `ShardingRules` or a preset name, default "ep_fsdp"); no mesh: the default device. `shardings` instead gives,
     per subtree key, a pytree of `NamedSharding` matching `nnx.state(module, nnx.Param)`. `dtype`: parameter dtype
-    (see the module docstring for the defaults), `compute_dtype`: activation dtype. `deepstack`: the vision tower
-    also returns its deepstack features.
+    (see the module docstring for the defaults), `compute_dtype`: activation dtype; both override `runtime`'s
+    (the other run settings: kernels, remat, expert parallelism). `deepstack`: the vision tower also returns its
+    deepstack features.
     """
     if isinstance(rules, str):
         rules = ShardingRules.preset(rules)
@@ -217,15 +254,17 @@ def load(path: str, *, components: Sequence[str] | None = None, mesh: jax.shardi
     shardings = dict(shardings or {})
     fmt = detect_format(path)
     raw = read_config(path)
-    kw = dict(dtype=compute_dtype, deepstack=deepstack)
-    described = registry.describe(raw, param_dtype=dtype, **kw)
+    base = _runtime(runtime, None, compute_dtype)
+    if fmt == RELEASE and dtype is None and runtime is None:
+        dtype = release_dtype(raw)  # the parameters stay in the release's dtype
+    described = registry.describe(raw, _runtime(base, dtype, None), deepstack=deepstack)
     if fmt == CONVERTED:
         manifest = Manifest.read(path)
         chosen = (registry.select(described, components) if components
                   else [c for c in described if c in manifest.components])
         for c in chosen:
             _needs(manifest, c, path)
-        parts = _converted_parts(raw, manifest, described, chosen, dtype, kw)
+        parts = _converted_parts(raw, manifest, described, chosen, dtype, base, deepstack)
         for part in parts.values():
             for key, module in part.modules.items():
                 restore_params(path, module, subtree=key, shardings=shardings.get(key), mesh=mesh, rules=rules,
@@ -256,7 +295,7 @@ def _needs(manifest: Manifest, component: str, ckpt_dir: str) -> None:
 
 
 def _converted_parts(raw: dict, manifest: Manifest, described: Mapping[str, registry.Part], chosen: list[str],
-                     dtype: str | None, kw: dict) -> dict[str, registry.Part]:
+                     dtype: str | None, base: Runtime, deepstack: bool) -> dict[str, registry.Part]:
     """The chosen parts, each built in the dtype most of its parameters are stored in (unless `dtype`)."""
     by_dtype: dict[str, list[str]] = {}
     for c in chosen:
@@ -264,23 +303,23 @@ def _converted_parts(raw: dict, manifest: Manifest, described: Mapping[str, regi
         by_dtype.setdefault(pdt, []).append(c)
     parts: dict[str, registry.Part] = {}
     for pdt, names in by_dtype.items():
-        if any(described[c].config.param_dtype != pdt for c in names):
-            described = registry.describe(raw, param_dtype=pdt, **kw)
+        if any(described[c].runtime.param_dtype != pdt for c in names):
+            described = registry.describe(raw, base.replace(param_dtype=pdt), deepstack=deepstack)
         parts.update({c: described[c] for c in names})
     return {c: parts[c] for c in chosen}
 
 
 def load_tensors(raw: Mapping, tensors: Mapping[str, Any], *, components: Sequence[str] | None = None,
                  mesh: jax.sharding.Mesh | None = None, rules: ShardingRules | str | None = None,
-                 dtype: str | None = None, compute_dtype: str | None = None, deepstack: bool = False,
-                 source: str = "tensors") -> Loaded:
+                 dtype: str | None = None, compute_dtype: str | None = None, runtime: Runtime | None = None,
+                 deepstack: bool = False, source: str = "tensors") -> Loaded:
     """`load` for official tensors already at hand: `raw` a config.json dict, `tensors` {official name: array}
     (e.g. a golden case's weights, or a lazy `TensorMapping`). Strict like the release path of `load`."""
     if isinstance(rules, str):
         rules = ShardingRules.preset(rules)
     if mesh is not None and rules is None:
         rules = ShardingRules.preset(DEFAULT_RULES)
-    described = registry.describe(raw, param_dtype=dtype, dtype=compute_dtype, deepstack=deepstack)
+    described = registry.describe(raw, _runtime(runtime, dtype, compute_dtype), deepstack=deepstack)
     parts = {c: described[c] for c in registry.select(described, components)}
     _fill_from_tensors(source, tensors, described, parts, {}, mesh, rules)
     return Loaded(source, RELEASE, dict(raw), parts, deepstack, mesh, rules)

@@ -16,10 +16,11 @@ import jax
 from absl import flags
 
 from ming_jax import cli, sharding
-from ming_jax.aot.compile import _libtpu_version, _param_count, compile_step
+from ming_jax.aot.compile import STEPS, _libtpu_version, _param_count, compile_step
 from ming_jax.aot.memory_plan import MemoryPlan
 from ming_jax.aot.topology import topology_devices
 from ming_jax.config.llm import PRESETS
+from ming_jax.config.runtime import Runtime
 
 
 def main(argv):
@@ -31,53 +32,65 @@ def main(argv):
             for plan in MemoryPlan.load(path):
                 print(plan.markdown())
         return 0
-    overrides = dict(remat=True, attention_impl=f.attention_impl)
-    if f.layers:
-        overrides["num_layers"] = f.layers
-    if f.capacity_factor:
-        overrides["moe_capacity_factor"] = f.capacity_factor
-    cfg = PRESETS[f.preset](**overrides)
+    cfg = PRESETS[f.preset](**({"num_layers": f.layers} if f.layers else {}))
+    runtime = Runtime(dtype=f.dtype, param_dtype=f.dtype, remat=True, attention=f.attention_impl,
+                      capacity_factor=f.capacity_factor or None)
     devices = topology_devices(f.topology, f.num_slices)
     n = len(devices)
-    batch = f.batch or (n if f.step == "train" else 4 * n)
-    seq = f.seq or (4096 if f.step == "train" else 8192)
+    batch = f.batch or (n if f.step in ("train", "prefill") else 4 * n)
+    seq = f.seq or (4096 if f.step in ("train", "prefill") else 8192)
     print(f"{cfg.__class__.__name__} {f.preset}: {_param_count(cfg) / 1e9:.1f}B parameters; {f.topology} "
-          f"x{f.num_slices} = {n} chips; step={f.step} batch={batch} {'seq' if f.step == 'train' else 'max_len'}="
+          f"x{f.num_slices} = {n} chips; step={f.step} batch={batch} {'max_len' if f.step.startswith('decode') else 'seq'}="
           f"{seq}; jax {jax.__version__}, libtpu {_libtpu_version()}", flush=True)
-    plans = []
+    plans, failed = [], []
     print(MemoryPlan.header(), flush=True)
     for mesh_spec in f.mesh:
         try:
             plan, _ = compile_step(cfg, f.topology, mesh_spec, f.rules, f.step, batch=batch, seq=seq,
-                                   num_slices=f.num_slices, devices=devices, cache_layout=f.cache_layout)
-        except Exception as e:  # one bad mesh must not hide the others' results
+                                   num_slices=f.num_slices, devices=devices, cache_layout=f.cache_layout,
+                                   runtime=runtime, new_tokens=f.new_tokens)
+        except Exception as e:  # noqa: BLE001 - reported per mesh; the exit status says that one failed
             print(f"{mesh_spec}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+            failed.append(mesh_spec)
+            if not f.keep_going:
+                break
             continue
         plans.append(plan)
         print(plan.row(), flush=True)
     if f.json:
         with open(f.json, "w") as fh:
             json.dump([dict(dataclasses.asdict(p), total=p.total, fits=p.fits) for p in plans], fh, indent=1)
-    return 0 if plans and all(p.fits for p in plans) else 1
+    if failed:
+        print(f"{len(failed)} mesh(es) failed to compile: {', '.join(failed)}"
+              + ("" if f.keep_going else " (stopped there; --keep_going compiles the rest)"), flush=True)
+    return 0 if plans and all(p.fits for p in plans) and not failed else 1
 
 
 def _define_flags():
     flags.DEFINE_enum("preset", "ming-flash-omni-2.0", list(PRESETS), "LLM config preset.")
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype (the release: "
+                      "bfloat16; AdamW moments are float32 either way).")
     flags.DEFINE_string("topology", "v5p:4x4x4", "TPU topology, e.g. v5p:4x4x4 (64 chips), v6e:16x16.")
     flags.DEFINE_integer("num_slices", 1, "Slices of that topology (multi-slice: DCN between them).")
     flags.DEFINE_multi_string("mesh", ["fsdp=-1"], "Mesh spec(s) (sharding.MeshSpec), e.g. fsdp=16,expert=4; "
                               "repeat to compare several.")
     flags.DEFINE_enum("rules", "ep_fsdp", list(sharding.PRESETS), "Sharding rules preset.")
-    flags.DEFINE_enum("step", "train", ["train", "decode"], "Which step to compile.")
+    flags.DEFINE_enum("step", "train", list(STEPS), "Which program to compile: train (the train step), prefill (a "
+                      "prompt into a fresh cache), decode (the generation loop of --new_tokens steps), decode_step "
+                      "(one token against the cache).")
+    flags.DEFINE_integer("new_tokens", 256, "prefill / decode: tokens generated after the prompt.")
+    flags.DEFINE_bool("keep_going", False, "Compile every --mesh even after one fails (the exit status is still 1).")
     flags.DEFINE_integer("batch", 0, "Global batch (default: 1 sequence per chip for train, 4 for decode).")
-    flags.DEFINE_integer("seq", 0, "Train sequence length / decode KV-cache length (default 4096 / 8192).")
+    flags.DEFINE_integer("seq", 0, "Train / prefill sequence length, decode KV-cache length (default 4096 / "
+                         "8192).")
     flags.DEFINE_integer("layers", 0, "Override the number of layers (0: the preset's).")
     flags.DEFINE_float("capacity_factor", 0.0, "Expert capacity factor (0: dropless).")
     flags.DEFINE_enum("attention_impl", "auto", ["xla", "auto", "splash"],
                       "Attention backend: 'auto' compiles the splash kernel for TPU (in a shard_map under the mesh; "
                       "decode steps against the cache use XLA attention), 'xla' the reference everywhere.")
     flags.DEFINE_enum("cache_layout", "auto", ["auto", "default"],
-                      "Decode: KV cache memory layout chosen by the compiler ('auto') or row-major ('default').")
+                      "decode_step: KV cache memory layout chosen by the compiler ('auto') or row-major "
+                      "('default').")
     flags.DEFINE_string("json", "", "Write the memory plans here as JSON.")
     flags.DEFINE_multi_string("table", [], "Print the plans of these --json files as a markdown table and exit.")
 

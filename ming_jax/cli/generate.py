@@ -27,11 +27,14 @@ import os
 import sys
 import time
 
+import jax
 from absl import app, flags
+from flax import nnx
 
 from ming_jax import cli, sharding
 from ming_jax.checkpoint import restore
 from ming_jax.config.llm import PRESETS
+from ming_jax.config.runtime import Runtime
 from ming_jax.config.omni import OmniConfig
 from ming_jax.gen import omni
 from ming_jax.gen import text as generation
@@ -57,7 +60,9 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = of
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling / random-weights seed.")
 _PADDING = flags.DEFINE_enum("padding_side", "left", ["left", "right"], "How the prompt batch is padded.")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the config's).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter and compute dtype (default: the "
+                           "checkpoint's: a release's torch_dtype, a converted checkpoint's stored dtype; float32 "
+                           "for the random tiny presets).")
 _IMAGE = flags.DEFINE_multi_string("image", [], "Image file for the omni model; repeatable.")
 _AUDIO = flags.DEFINE_multi_string("audio", [], "Audio file for the omni model; repeatable.")
 _VIDEO = flags.DEFINE_multi_string("video", [], "Video file (or folder of frames) for the omni model; repeatable.")
@@ -86,7 +91,7 @@ def _omni_setup():
     processor = ProcessorConfig.ming_flash_omni_2()
     if _CHECKPOINT.value:
         ckpt = _CHECKPOINT.value
-        cfg = OmniConfig.from_official(restore.read_config(ckpt), dtype=_DTYPE.value)
+        cfg = OmniConfig.from_official(restore.read_config(ckpt))
         tok = tokenizer.ReleaseTokenizer(ckpt)
         pre = os.path.join(ckpt, "preprocessor_config.json")
         if os.path.exists(pre):
@@ -96,12 +101,13 @@ def _omni_setup():
     if _PRESET.value != "tiny":
         raise app.UsageError(f"preset {_PRESET.value} needs --checkpoint: random weights of that size are "
                              "neither useful nor likely to fit in memory")
-    cfg = OmniConfig.tiny().with_dtypes(_DTYPE.value) if _DTYPE.value else OmniConfig.tiny()
+    cfg = OmniConfig.tiny()
+    runtime = Runtime(dtype=_DTYPE.value, param_dtype=_DTYPE.value) if _DTYPE.value else Runtime()
     print("No --checkpoint given: running the TINY OMNI preset with RANDOM weights and a byte-level stand-in "
           "tokenizer. The output is meaningless text; it only shows the image / audio / video pipeline working "
           "end to end.", file=sys.stderr)
     tok = prompt_lib.StandInTokenizer(prompt_lib.tiny_special_ids(cfg.llm))
-    return cfg, tok, processor, lambda: omni.create(cfg, seed=_SEED.value)
+    return cfg, tok, processor, lambda: omni.create(cfg, runtime, seed=_SEED.value)
 
 
 def _omni_conversation() -> list[dict]:
@@ -187,11 +193,20 @@ def _batch_rows(n: int) -> int:
     return -(-n // ways) * ways
 
 
+def _param_dtypes(model) -> str:
+    """The dtypes the parameters are held in, most common first (router biases are always float32)."""
+    counts: dict[str, int] = {}
+    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+        counts[str(leaf.dtype)] = counts.get(str(leaf.dtype), 0) + leaf.size
+    return ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def _load(ckpt: str, **kw) -> restore.Loaded:
     mesh, rules = _mesh()
     where = f" onto mesh {dict(mesh.shape)} ({_RULES.value})" if mesh is not None else ""
     print(f"loading {ckpt}{where} ...", file=sys.stderr)
-    return restore.load(ckpt, mesh=mesh, rules=rules, compute_dtype=_DTYPE.value, **kw)
+    dtype = _DTYPE.value or restore.checkpoint_dtype(ckpt)  # parameters and compute: the checkpoint's by default
+    return restore.load(ckpt, mesh=mesh, rules=rules, dtype=dtype, compute_dtype=dtype, **kw)
 
 
 def _prompt_ids() -> list[list[int]]:
@@ -208,7 +223,6 @@ def main(argv):
     del argv
     if _IMAGE.value or _AUDIO.value or _VIDEO.value or _ASR.value:
         return _omni_main()
-    overrides = {"dtype": _DTYPE.value} if _DTYPE.value else {}
     if _CHECKPOINT.value:
         model = _load(_CHECKPOINT.value, components=["llm"]).llm
         if os.path.exists(os.path.join(_CHECKPOINT.value, "tokenizer.json")):
@@ -221,14 +235,16 @@ def main(argv):
         if _PRESET.value != "tiny":
             raise app.UsageError(f"preset {_PRESET.value} needs --checkpoint: random weights of that size are "
                                  "neither useful nor likely to fit in memory")
-        cfg = PRESETS["tiny"](**overrides)
+        cfg = PRESETS["tiny"]()
         print("No --checkpoint given: running the TINY preset with RANDOM weights. The output is meaningless text; "
               "it only shows the pipeline working end to end.", file=sys.stderr)
-        model = model_lib.create(cfg, seed=_SEED.value)
+        runtime = Runtime(dtype=_DTYPE.value, param_dtype=_DTYPE.value) if _DTYPE.value else None
+        model = model_lib.create(cfg, runtime, seed=_SEED.value)
         tok = tokenizer.ByteTokenizer(cfg.vocab_size)
     cfg = model.cfg
     print(f"model: {cfg.num_layers} layers, {cfg.num_experts} experts (top-{cfg.num_experts_per_tok}), "
-          f"{model_lib.param_count(model) / 1e6:.1f}M parameters, dtype {cfg.dtype}", file=sys.stderr)
+          f"{model_lib.param_count(model) / 1e6:.1f}M parameters ({_param_dtypes(model)}), compute dtype "
+          f"{model.runtime.dtype}", file=sys.stderr)
 
     if _PROMPT_IDS.value:
         prompts, labels = _prompt_ids(), [f"ids {t}" for t in _PROMPT_IDS.value]

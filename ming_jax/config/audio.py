@@ -18,7 +18,6 @@ _ENCODER_KEYS = ("n_mels", "n_ctx", "n_state", "n_head", "n_layer")
 # `tie_word_embeddings` is written by `PretrainedConfig.to_dict()` into every section; it has no meaning here.
 _AUDIO_KEYS = frozenset({"ds_kernel_size", "ds_stride", "norm_query_embeds", "whisper_encoder_config",
                          "tie_word_embeddings"})
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +65,6 @@ class AudioConfig:
     ds_kernel_size: int = 3
     ds_stride: int = 2
     norm_query_embeds: bool = True  # L2-normalise the projected embeddings
-    # Run settings (not in official configs).
-    dtype: str = "float32"  # activation / compute dtype
-    param_dtype: str = "float32"
 
     def __post_init__(self):
         if not isinstance(self.encoder, WhisperEncoderConfig):
@@ -81,8 +77,6 @@ class AudioConfig:
             # The official conv pads kernel // 2 on both sides and reads the clip lengths with the matching formula;
             # with an even kernel and stride 1 it would promise more frames than the encoder has.
             problems.append(f"ds_kernel_size={self.ds_kernel_size} must be odd")
-        if self.dtype not in _DTYPES or self.param_dtype not in _DTYPES:
-            problems.append(f"dtype={self.dtype!r} / param_dtype={self.param_dtype!r} not supported ({_DTYPES})")
         if problems:
             raise ConfigError("AudioConfig: " + "; ".join(problems))
 

@@ -60,21 +60,6 @@ class LLMConfig:
     video_start_token: int | None = None
     spatial_merge_size: int = 2  # the official model forces 2
     use_interleaved_frame_timestamp: bool = True
-    # Run settings (not in official configs).
-    dtype: str = "float32"  # activation / compute dtype
-    param_dtype: str = "float32"
-    moe_impl: str = "auto"  # grouped-matmul backend for the experts: "auto" | "xla" | "pallas" | "loop"
-    attention_impl: str = "auto"  # attention backend (`ming_jax.pallas.attention.api.attention`): "auto" | "xla" | "splash" | "cudnn"
-    remat: bool = False
-    # True: the MoE layers run as one `nnx.scan` over their stacked parameters. False: a Python loop over per-layer
-    # slices of the same stacked parameters (same layout and paths), for tools that rewrite a module's weights while
-    # it runs (qwix PTQ / LoRA), which a scan body cannot do; compile time grows with the depth.
-    scan_layers: bool = True
-    # Expert parallelism (ming_jax.moe.expert_parallel) under an active mesh: "auto" (when the mesh's experts axis is
-    # > 1; ragged exchange on TPU / GPU, padded on CPU), "off", or "ragged" / "padded" to force that exchange.
-    expert_parallel: str = "auto"
-    moe_capacity_factor: float | None = None  # expert-parallel path only: rows/expert <= factor x mean; None: dropless
-
     def __post_init__(self):
         problems = []
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
@@ -104,16 +89,6 @@ class LLMConfig:
             problems.append(f"rope_type={self.rope_type!r} (supported: video_rope, default)")
         if self.rotary_dim % 2 or self.rotary_dim <= 0:
             problems.append(f"rotary dim {self.rotary_dim} (head_dim * partial_rotary_factor) must be even and > 0")
-        if self.dtype not in ("float32", "bfloat16", "float16") or self.param_dtype not in ("float32", "bfloat16"):
-            problems.append(f"dtype={self.dtype!r} / param_dtype={self.param_dtype!r} not supported")
-        if self.moe_impl not in ("auto", "xla", "pallas", "loop"):
-            problems.append(f"moe_impl={self.moe_impl!r} (auto, xla, pallas, loop)")
-        if self.expert_parallel not in ("auto", "off", "ragged", "padded"):
-            problems.append(f"expert_parallel={self.expert_parallel!r} (auto, off, ragged, padded)")
-        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
-            problems.append(f"moe_capacity_factor={self.moe_capacity_factor} must be > 0 (None: dropless)")
-        if self.attention_impl not in ("auto", "xla", "splash", "cudnn"):
-            problems.append(f"attention_impl={self.attention_impl!r} (auto, xla, splash, cudnn)")
         if problems:
             raise ConfigError("LLMConfig: " + "; ".join(problems))
 
@@ -261,7 +236,7 @@ class LLMConfig:
             rope_type="video_rope", max_position_embeddings=32768, use_qkv_bias=False, use_bias=False,
             tie_word_embeddings=False, pad_token_id=156892, eos_token_id=156895, image_patch_token=157157,
             video_patch_token=157175, image_start_token=157158, video_start_token=157159,
-            use_interleaved_frame_timestamp=True, dtype="bfloat16", param_dtype="bfloat16",
+            use_interleaved_frame_timestamp=True,
         )
         kw.update(overrides)
         return cls(**kw)

@@ -81,19 +81,11 @@ class OmniConfig:
                                                mlp_depth=overrides.get("mlp_depth", self.mlp_depth))
         return replace(self, **overrides)
 
-    def with_dtypes(self, dtype: str, param_dtype: str | None = None) -> "OmniConfig":
-        """Every component's compute (and parameter) dtype set at once."""
-        kw = {"dtype": dtype, "param_dtype": param_dtype or dtype}
-        return dataclasses.replace(
-            self, llm=self.llm.replace(**kw), vision=None if self.vision is None else self.vision.replace(**kw),
-            audio=None if self.audio is None else self.audio.replace(**kw))
-
     # --- official config.json ----------------------------------------------------------------------------------
     @classmethod
-    def from_official(cls, d: Mapping[str, Any], *, dtype: str | None = None,
-                      param_dtype: str | None = None) -> "OmniConfig":
-        """Read a whole official omni `config.json` dict (strict at every level). `dtype` / `param_dtype` are run
-        settings, not in the file: they apply to every component (default float32)."""
+    def from_official(cls, d: Mapping[str, Any]) -> "OmniConfig":
+        """Read a whole official omni `config.json` dict (strict at every level). Dtypes and kernels are run
+        settings (`ming_jax.config.runtime.Runtime`), not part of this config."""
         if not isinstance(d, Mapping):
             raise ConfigError(f"omni config must be a dict, got {type(d).__name__}")
         check_keys(d, set(_SECTIONS) | {"mlp_depth"} | _BOOKKEEPING, "config.json")
@@ -105,7 +97,7 @@ class OmniConfig:
         vision = VisionConfig.from_official(d["vision_config"]) if d.get("vision_config") else None
         audio = AudioConfig.from_official(d) if d.get("audio_config") else None
         cfg = cls(llm=llm, vision=vision, audio=audio, mlp_depth=int(d.get("mlp_depth", 1)))
-        return cfg.with_dtypes(dtype, param_dtype) if dtype or param_dtype else cfg
+        return cfg
 
     def to_official(self) -> dict[str, Any]:
         """The official config.json dict (model keys of every section)."""
@@ -121,9 +113,9 @@ class OmniConfig:
     # --- presets ---------------------------------------------------------------------------------------------
     @classmethod
     def ming_flash_omni_2(cls, **overrides) -> "OmniConfig":
-        """Ming-flash-omni 2.0 (the numbers of the release's config.json), bfloat16 throughout."""
+        """Ming-flash-omni 2.0 (the numbers of the release's config.json; run it with `Runtime.bf16()`)."""
         base = cls(llm=LLMConfig.ming_flash_omni_2(), vision=VisionConfig.ming_flash_omni_2(),
-                   audio=AudioConfig.ming_flash_omni_2(mlp_depth=2), mlp_depth=2).with_dtypes("bfloat16")
+                   audio=AudioConfig.ming_flash_omni_2(mlp_depth=2), mlp_depth=2)
         return base.replace(**overrides) if overrides else base
 
     @classmethod

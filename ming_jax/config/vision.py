@@ -43,10 +43,6 @@ class VisionConfig:
     # Constants the release hard-codes (kept as fields so that nothing reads a magic number).
     layer_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # Run settings (not in official configs).
-    dtype: str = "float32"  # activation / compute dtype
-    param_dtype: str = "float32"
-    attention_impl: str = "grouped"  # "grouped": dense per equal-length segment batch; "masked": one packed sequence
 
     def __post_init__(self):
         if isinstance(self.deepstack_visual_indexes, list):
@@ -74,10 +70,6 @@ class VisionConfig:
             problems.append(f"deepstack_visual_indexes {list(self.deepstack_visual_indexes)} repeat a block")
         if self.hidden_act not in GELU_ACTS:
             problems.append(f"hidden_act={self.hidden_act!r} (supported: {', '.join(GELU_ACTS)})")
-        if self.dtype not in ("float32", "bfloat16", "float16") or self.param_dtype not in ("float32", "bfloat16"):
-            problems.append(f"dtype={self.dtype!r} / param_dtype={self.param_dtype!r} not supported")
-        if self.attention_impl not in ("grouped", "masked"):
-            problems.append(f"attention_impl={self.attention_impl!r} (grouped, masked)")
         if problems:
             raise ConfigError("VisionConfig: " + "; ".join(problems))
 
@@ -155,8 +147,7 @@ class VisionConfig:
         kw = dict(
             depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
             num_position_embeddings=2304, deepstack_visual_indexes=(8, 16, 24), hidden_act="gelu_pytorch_tanh",
-            in_channels=3, patch_size=16, temporal_patch_size=2, spatial_merge_size=2, dtype="bfloat16",
-            param_dtype="bfloat16",
+            in_channels=3, patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
         )
         kw.update(overrides)
         return cls(**kw)

@@ -20,7 +20,7 @@ def prefill(model, input_ids, attention_mask, positions, modality, features, fea
     """The prompt ([B, S] ids, mask, positions [3, B, S], modality or None, features [N, D] + their flat index or
     None) into a new cache of `max_len` slots -> (logits at each row's last real token [B, V] float32, cache).
     The cache is made here, inside the caller's jit, so there is no second copy to donate."""
-    cache = KVCache.create(model.cfg, input_ids.shape[0], max_len)
+    cache = KVCache.create(model.cfg, input_ids.shape[0], max_len, model.runtime.dtype)
     x = model.embed_tokens(input_ids, features, feature_index)
     out = model(x, positions, attention_mask=attention_mask, modality=modality, cache=cache,
                 logits_at=last_real_index(attention_mask), prefill=True)
@@ -42,5 +42,16 @@ def make_decode_step(graphdef):
 
     def step(params, cache, tokens, positions):
         return decode_step(nnx.merge(graphdef, params), tokens, positions, cache)
+
+    return step
+
+
+def make_prefill(graphdef, max_len: int):
+    """(params, input_ids [B, S], attention_mask [B, S], positions [3, B, S]) -> (logits [B, V], cache of
+    `max_len` slots): the text prefill as a function of the parameters (what `ming_jax.aot` compiles)."""
+
+    def step(params, input_ids, attention_mask, positions):
+        return prefill(nnx.merge(graphdef, params), input_ids, attention_mask, positions, None, None, None,
+                       max_len=max_len)
 
     return step

@@ -52,43 +52,44 @@ def _decode(graphdef, state, first_logits, next_pos, cache, key, *, sampling: Sa
     n = sampling.max_new_tokens
     stops = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
 
-    def emit(i, logits, key, tokens, done, step_logits, positions, pos):
+    def emit(i, logits, key, tokens, done, lengths, step_logits, positions, pos):
         key, sub = jax.random.split(key)
         tok = jnp.where(done, pad_id, sample(logits, sub, sampling))
         tokens = tokens.at[:, i].set(tok)
         positions = positions.at[:, i].set(pos)
         if return_logits:
             step_logits = step_logits.at[:, i].set(logits)
-        done = done | jnp.isin(tok, stops)
-        return key, tok, tokens, done, step_logits, positions
+        stopped = ~done & jnp.isin(tok, stops)  # recorded here: a stop token may equal pad_id
+        lengths = jnp.where(stopped, i + 1, lengths)
+        done = done | stopped
+        return key, tok, tokens, done, lengths, step_logits, positions
 
     tokens = jnp.full((b, n), pad_id, jnp.int32)
     positions = jnp.zeros((b, n), jnp.int32)
     step_logits = jnp.zeros((b, n, v), jnp.float32) if return_logits else None
     done = jnp.zeros((b,), bool)
-    key, tok, tokens, done, step_logits, positions = emit(0, first_logits, key, tokens, done, step_logits,
-                                                          positions, jnp.full_like(next_pos, -1))
+    lengths = jnp.full((b,), n, jnp.int32)
+    key, tok, tokens, done, lengths, step_logits, positions = emit(0, first_logits, key, tokens, done, lengths,
+                                                                   step_logits, positions, jnp.full_like(next_pos, -1))
 
     def cond(c):
         i, _, _, _, done, *_ = c
         return (i < n) & ~jnp.all(done)
 
     def body(c):
-        i, tok, key, tokens, done, step_logits, positions, cache, pos, state = c
+        i, tok, key, tokens, done, lengths, step_logits, positions, cache, pos, state = c
         # The weights ride in the loop carry (unchanged): nnx transforms inside the body need them at its trace level.
         logits, cache = steps.decode_step(nnx.merge(graphdef, state), tok, pos, cache)
-        key, tok, tokens, done, step_logits, positions = emit(i, logits, key, tokens, done, step_logits,
-                                                              positions, pos)
+        key, tok, tokens, done, lengths, step_logits, positions = emit(i, logits, key, tokens, done, lengths,
+                                                                       step_logits, positions, pos)
         if progress is not None:  # host callback per step, e.g. a progress bar; absent from the graph otherwise
             jax.debug.callback(progress, i + 1, jnp.sum(~done))
-        return i + 1, tok, key, tokens, done, step_logits, positions, cache, pos + 1, state
+        return i + 1, tok, key, tokens, done, lengths, step_logits, positions, cache, pos + 1, state
 
-    init = (jnp.int32(1), tok, key, tokens, done, step_logits, positions, cache, next_pos, state)
-    _, _, _, tokens, done, step_logits, positions, cache, _, _ = jax.lax.while_loop(cond, body, init)
-    is_stop = jnp.isin(tokens, stops) & (tokens != pad_id)
-    first_stop = jnp.where(is_stop.any(1), jnp.argmax(is_stop, axis=1) + 1, n)
+    init = (jnp.int32(1), tok, key, tokens, done, lengths, step_logits, positions, cache, next_pos, state)
+    _, _, _, tokens, done, lengths, step_logits, positions, cache, _, _ = jax.lax.while_loop(cond, body, init)
     # The final cache is returned so the donated input cache can back the loop's cache in place.
-    return Generated(tokens, first_stop.astype(jnp.int32), positions, step_logits), cache
+    return Generated(tokens, lengths, positions, step_logits), cache
 
 
 def generate(model: BailingMoeV2, prep: Prepared, sampling: SamplingConfig, *, seed: int = 0,

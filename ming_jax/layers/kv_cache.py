@@ -30,8 +30,9 @@ class KVCache:
     length: jax.Array  # [] int32: next slot to write
 
     @classmethod
-    def create(cls, cfg: LLMConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-        dtype = jnp.dtype(dtype or cfg.dtype)
+    def create(cls, cfg: LLMConfig, batch: int, max_len: int, dtype="float32") -> "KVCache":
+        """Zeros for `batch` rows of `max_len` slots; `dtype`: the model's compute dtype (`Runtime.dtype`)."""
+        dtype = jnp.dtype(dtype)
         shape = lambda n: (n, batch, cfg.num_kv_heads, max_len, cfg.head_dim)  # noqa: E731
         z = lambda n: jnp.zeros(shape(n), dtype)  # noqa: E731
         return cls(z(cfg.num_dense_layers), z(cfg.num_dense_layers), z(cfg.num_moe_layers), z(cfg.num_moe_layers),

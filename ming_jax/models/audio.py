@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from ming_jax.config.audio import AudioConfig, WhisperEncoderConfig
+from ming_jax.config.runtime import Runtime
 from ming_jax.pallas.attention.reference import attend
 from ming_jax.layers.mlp import GeluMLP
 from ming_jax.layers.norms import LayerNorm
@@ -40,7 +41,6 @@ from ming_jax.layers.linear import Linear
 from ming_jax.layers.norms import l2_normalize
 from ming_jax.layers.params import fan_in_normal, param, read, zeros
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 # --- pure math -------------------------------------------------------------------------------------------------------
@@ -295,9 +295,11 @@ class AudioFeatures:
 class AudioTower(nnx.Module):
     """Whisper encoder + projector: the module whose parameters `ming_jax.weights.audio.audio_table` names."""
 
-    def __init__(self, cfg: AudioConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: AudioConfig, runtime: Runtime | None = None, *, rngs: nnx.Rngs):
+        runtime = Runtime() if runtime is None else runtime
         self.cfg = cfg
-        pdt = _DTYPES[cfg.param_dtype]
+        self.runtime = runtime
+        pdt = jnp.dtype(runtime.param_dtype)
         self.encoder = WhisperEncoder(cfg.encoder, param_dtype=pdt, rngs=rngs)
         self.projector = AudioProjector(cfg, param_dtype=pdt, rngs=rngs)
 
@@ -308,7 +310,7 @@ class AudioTower(nnx.Module):
             raise ValueError(f"audio features: expected [batch, frames, {cfg.encoder.n_mels}] mel features, got "
                              f"{feats.shape}")
         with jax.named_scope("audio_tower"):
-            clips = unwrap_clips(feats.astype(_DTYPES[cfg.dtype]), layout)  # [S, Tmax, M]
+            clips = unwrap_clips(feats.astype(self.runtime.dtype), layout)  # [S, Tmax, M]
             enc = self.encoder(clips)  # [S, T', D]
             proj = self.projector(enc)  # [S, L', H]
             projected = wrap_clips(proj, layout)  # [B, W, H]

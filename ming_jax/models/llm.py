@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ming_jax.config.llm import LLMConfig
+from ming_jax.config.runtime import Runtime
 from ming_jax.layers import rotary
 from ming_jax.layers.kv_cache import CacheSlot, KVCache
 from ming_jax.layers.mlp import GatedMLP
@@ -49,11 +50,11 @@ class Attention(nnx.Module):
     is regrouped by the weight table.
     """
 
-    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: LLMConfig, runtime: Runtime, *, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        pdt = jnp.dtype(cfg.param_dtype)
+        pdt = jnp.dtype(runtime.param_dtype)
         self.g = h // kv
-        self.attention_impl = cfg.attention_impl
+        self.attention_impl = runtime.attention
         self.qkv = param(rngs, fan_in_normal(), (d, kv, self.g + 2, hd), ("embed", "kv_heads", "qkv", "head_dim"),
                          pdt)
         self.qkv_bias = (param(rngs, zeros, (kv, self.g + 2, hd), ("kv_heads", "qkv", "head_dim"), pdt)
@@ -95,15 +96,15 @@ class Attention(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)); the MLP is dense or the MoE block."""
 
-    def __init__(self, cfg: LLMConfig, *, moe: bool, rngs: nnx.Rngs):
-        pdt = jnp.dtype(cfg.param_dtype)
+    def __init__(self, cfg: LLMConfig, runtime: Runtime, *, moe: bool, rngs: nnx.Rngs):
+        pdt = jnp.dtype(runtime.param_dtype)
         self.input_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", param_dtype=pdt,
                                   rngs=rngs)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, runtime, rngs=rngs)
         self.post_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", param_dtype=pdt,
                                  rngs=rngs)
         if moe:
-            self.moe = MoEBlock(cfg, rngs=rngs)
+            self.moe = MoEBlock(cfg, runtime, rngs=rngs)
         else:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, param_dtype=pdt, rngs=rngs)
 
@@ -138,17 +139,22 @@ class ModelOutput:
 
 
 class BailingMoeV2(nnx.Module):
-    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
+    """`cfg`: the architecture (what config.json says); `runtime`: dtypes, kernels, remat, layer scanning, expert
+    parallelism (`ming_jax.config.runtime.Runtime`)."""
+
+    def __init__(self, cfg: LLMConfig, runtime: Runtime | None = None, *, rngs: nnx.Rngs):
+        runtime = Runtime() if runtime is None else runtime
         self.cfg = cfg
-        pdt = jnp.dtype(cfg.param_dtype)
+        self.runtime = runtime
+        pdt = jnp.dtype(runtime.param_dtype)
         self.embed = param(rngs, normal(1.0), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt)
-        self.dense_layers = nnx.List([DecoderLayer(cfg, moe=False, rngs=rngs) for _ in range(cfg.num_dense_layers)])
+        self.dense_layers = nnx.List([DecoderLayer(cfg, runtime, moe=False, rngs=rngs) for _ in range(cfg.num_dense_layers)])
         if cfg.num_moe_layers:
 
             @nnx.split_rngs(splits=cfg.num_moe_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS_AXIS)
             def make(r):
-                return DecoderLayer(cfg, moe=True, rngs=r)
+                return DecoderLayer(cfg, runtime, moe=True, rngs=r)
 
             self.moe_layers = make(rngs)
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", param_dtype=pdt,
@@ -159,7 +165,7 @@ class BailingMoeV2(nnx.Module):
     # -- pieces usable on their own --
     def embed_tokens(self, input_ids, features=None, feature_index=None):
         """input_ids [B, T] -> [B, T, D]; `features [N, D]` overwrite the flat positions `feature_index [N]`."""
-        x = jnp.take(read(self.embed), input_ids, axis=0).astype(self.cfg.dtype)
+        x = jnp.take(read(self.embed), input_ids, axis=0).astype(self.runtime.dtype)
         if features is not None:
             b, t, d = x.shape
             x = x.reshape(b * t, d).at[feature_index].set(features.astype(x.dtype)).reshape(b, t, d)
@@ -214,7 +220,7 @@ class BailingMoeV2(nnx.Module):
             return None if cache is None else CacheSlot(k_stack, v_stack, jnp.asarray(layer, jnp.int32),
                                                         attend_cache=not prefill)
 
-        x = embeds.astype(cfg.dtype)
+        x = embeds.astype(self.runtime.dtype)
         layer_outputs = []
         k_dense, v_dense = (None, None) if cache is None else (cache.k_dense, cache.v_dense)
         for i, layer in enumerate(self.dense_layers):
@@ -234,10 +240,10 @@ class BailingMoeV2(nnx.Module):
                                  collect)
                 return (x, None if kv is None else (kv.k, kv.v)), r, (x if collect else None)
 
-            if cfg.remat:  # recompute each layer's activations in the backward pass instead of storing them
+            if self.runtime.remat:  # recompute each layer's activations in the backward pass instead of storing them
                 body = nnx.remat(body)
             run_moe = (nnx.scan(body, in_axes=(0, nnx.Carry, None, None, None, None, None, 0),
-                                out_axes=(nnx.Carry, 0, 0)) if cfg.scan_layers else
+                                out_axes=(nnx.Carry, 0, 0)) if self.runtime.scan_layers else
                        functools.partial(self._unrolled, body))
             kv_in = None if cache is None else (cache.k_moe, cache.v_moe)
             (x, kv_out), routing, ys = run_moe(self.moe_layers, (x, kv_in), cos, sin, mask, modality, start,
@@ -288,13 +294,13 @@ class BailingMoeV2(nnx.Module):
         return carry, stack(routes), stack(ys)
 
 
-def create(cfg: LLMConfig, *, seed: int = 0) -> BailingMoeV2:
-    return BailingMoeV2(cfg, rngs=nnx.Rngs(seed))
+def create(cfg: LLMConfig, runtime: Runtime | None = None, *, seed: int = 0) -> BailingMoeV2:
+    return BailingMoeV2(cfg, runtime, rngs=nnx.Rngs(seed))
 
 
-def create_abstract(cfg: LLMConfig) -> BailingMoeV2:
+def create_abstract(cfg: LLMConfig, runtime: Runtime | None = None) -> BailingMoeV2:
     """The model with `jax.ShapeDtypeStruct` leaves: no memory allocated, any size."""
-    return nnx.eval_shape(lambda: BailingMoeV2(cfg, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: BailingMoeV2(cfg, runtime, rngs=nnx.Rngs(0)))
 
 
 def param_count(model) -> int:

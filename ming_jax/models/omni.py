@@ -36,6 +36,7 @@ from ming_jax.models import inputs as multimodal
 from ming_jax.layers.norms import l2_normalize
 from ming_jax.models.audio import AudioFeatures, AudioTower, encode_audio, sinusoids
 from ming_jax.config.omni import OmniConfig
+from ming_jax.config.runtime import Runtime
 from ming_jax.models.inputs import OmniInputs
 from ming_jax.models.llm import BailingMoeV2
 from ming_jax.models.vision import Grid, VisionProjector, VisionTransformer, as_grid
@@ -48,18 +49,23 @@ class OmniModel(nnx.Module):
     """`llm` (BailingMoeV2), `vision` + `vision_proj` (None without a vision tower), `audio` (encoder + projector;
     None without an audio tower). Parameter paths are what `ming_jax.models.registry.omni_table` names."""
 
-    def __init__(self, cfg: OmniConfig, *, deepstack: bool = False, rngs: nnx.Rngs):
+    def __init__(self, cfg: OmniConfig, runtime: Runtime | None = None, *, deepstack: bool = False,
+                 rngs: nnx.Rngs):
+        runtime = Runtime() if runtime is None else runtime
         self.cfg = cfg
-        self.llm = BailingMoeV2(cfg.llm, rngs=rngs)
+        self.runtime = runtime
+        self.llm = BailingMoeV2(cfg.llm, runtime, rngs=rngs)
         has_vision = cfg.vision is not None
-        self.vision = VisionTransformer(cfg.vision, use_deepstack=deepstack, rngs=rngs) if has_vision else None
+        self.vision = (VisionTransformer(cfg.vision, runtime, use_deepstack=deepstack, rngs=rngs) if has_vision
+                       else None)
         self.vision_proj = VisionProjector(
             cfg.vision.out_hidden_size, cfg.llm.hidden_size, cfg.mlp_depth,
-            param_dtype=jnp.dtype(cfg.vision.param_dtype), rngs=rngs) if has_vision else None
-        self.audio = AudioTower(cfg.audio, rngs=rngs) if cfg.audio is not None else None
+            param_dtype=jnp.dtype(runtime.param_dtype), rngs=rngs) if has_vision else None
+        self.audio = AudioTower(cfg.audio, runtime, rngs=rngs) if cfg.audio is not None else None
 
 
-def create(cfg: OmniConfig, *, seed: int = 0, deepstack: bool = False, host: bool = True) -> OmniModel:
+def create(cfg: OmniConfig, runtime: Runtime | None = None, *, seed: int = 0, deepstack: bool = False,
+           host: bool = True) -> OmniModel:
     """Random weights (tests, the CLI's tiny demo).
 
     `host=True` (default) draws them with numpy into the abstract model: no initializer is compiled, which on a
@@ -67,8 +73,8 @@ def create(cfg: OmniConfig, *, seed: int = 0, deepstack: bool = False, host: boo
     scales are 1, biases 0, whisper's position table its sinusoids, every other tensor N(0, 0.02^2).
     `host=False` runs the modules' own initializers."""
     if not host:
-        return OmniModel(cfg, deepstack=deepstack, rngs=nnx.Rngs(seed))
-    model = create_abstract(cfg, deepstack=deepstack)
+        return OmniModel(cfg, runtime, deepstack=deepstack, rngs=nnx.Rngs(seed))
+    model = create_abstract(cfg, runtime, deepstack=deepstack)
     rng = np.random.default_rng(seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     flat = []
@@ -88,15 +94,16 @@ def create(cfg: OmniConfig, *, seed: int = 0, deepstack: bool = False, host: boo
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
-def create_abstract(cfg: OmniConfig, *, deepstack: bool = False) -> OmniModel:
+def create_abstract(cfg: OmniConfig, runtime: Runtime | None = None, *, deepstack: bool = False) -> OmniModel:
     """`jax.ShapeDtypeStruct` leaves only: the shape of the model at any size, nothing allocated."""
-    return nnx.eval_shape(lambda: OmniModel(cfg, deepstack=deepstack, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: OmniModel(cfg, runtime, deepstack=deepstack, rngs=nnx.Rngs(0)))
 
 
-def load(cfg: OmniConfig, tensors, *, deepstack: bool = False, names=None, put=None) -> OmniModel:
+def load(cfg: OmniConfig, tensors, runtime: Runtime | None = None, *, deepstack: bool = False, names=None,
+         put=None) -> OmniModel:
     """The model with every parameter filled from official tensors (strict over the whole omni state dict)."""
-    return load_state_dict(create_abstract(cfg, deepstack=deepstack), omni_table(cfg), tensors, names=names,
-                                   put=put)
+    return load_state_dict(create_abstract(cfg, runtime, deepstack=deepstack), omni_table(cfg), tensors,
+                           names=names, put=put)
 
 
 # --- media encoders -----------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from ming_jax.config.audio import AudioConfig
 from ming_jax.config.base import ConfigError
 from ming_jax.config.llm import LLMConfig
 from ming_jax.config.omni import OmniConfig
+from ming_jax.config.runtime import Runtime
 from ming_jax.config.vision import VisionConfig
 from ming_jax.models.audio import AudioTower
 from ming_jax.models.llm import BailingMoeV2
@@ -71,6 +72,7 @@ class Part:
 
     name: str
     config: Any  # LLMConfig | VisionConfig | AudioConfig
+    runtime: Runtime  # what the modules were built with (dtypes, kernels)
     modules: Mapping[str, nnx.Module]  # subtree key -> abstract module
     table: Table  # official names -> our dotted paths, under the subtree keys
     prefixes: tuple[str, ...]  # official names starting with one of these belong here
@@ -88,40 +90,42 @@ def abstract(make: Callable[[], nnx.Module]) -> nnx.Module:
     return nnx.eval_shape(make)
 
 
-def llm_part(cfg: LLMConfig, prefix: str) -> Part:
+def llm_part(cfg: LLMConfig, prefix: str, runtime: Runtime) -> Part:
     """`prefix`: what precedes `model.` / `lm_head.` in the official names ("model." inside the omni release)."""
-    module = abstract(lambda: BailingMoeV2(cfg, rngs=nnx.Rngs(0)))
-    return Part("llm", cfg, {"llm": module}, nested(llm_table(cfg, prefix), "llm."), (prefix,))
+    module = abstract(lambda: BailingMoeV2(cfg, runtime, rngs=nnx.Rngs(0)))
+    return Part("llm", cfg, runtime, {"llm": module}, nested(llm_table(cfg, prefix), "llm."), (prefix,))
 
 
-def vision_part(cfg: VisionConfig, prefix: str, projector: tuple[int, int] | None, *,
+def vision_part(cfg: VisionConfig, prefix: str, projector: tuple[int, int] | None, runtime: Runtime, *,
                 deepstack: bool = False) -> Part:
     """projector: (LLM hidden size, mlp_depth) of the omni release's `linear_proj`, or None for a bare tower."""
-    modules = {"vision": abstract(lambda: VisionTransformer(cfg, use_deepstack=deepstack, rngs=nnx.Rngs(0)))}
+    modules = {"vision": abstract(lambda: VisionTransformer(cfg, runtime, use_deepstack=deepstack,
+                                                            rngs=nnx.Rngs(0)))}
     table = vision_table(cfg, prefix, "vision.")
     prefixes: tuple[str, ...] = (prefix,)
     if projector is not None:
         out_dim, depth = projector
         modules["vision_proj"] = abstract(lambda: VisionProjector(
-            cfg.out_hidden_size, out_dim, depth, param_dtype=jnp.dtype(cfg.param_dtype), rngs=nnx.Rngs(0)))
+            cfg.out_hidden_size, out_dim, depth, param_dtype=jnp.dtype(runtime.param_dtype), rngs=nnx.Rngs(0)))
         table = table + projector_table(depth, OMNI_PROJECTOR_PREFIX, "vision_proj.")
         prefixes += (OMNI_PROJECTOR_PREFIX,)
-    return Part("vision", cfg, modules, table, prefixes)
+    return Part("vision", cfg, runtime, modules, table, prefixes)
 
 
-def audio_part(cfg: AudioConfig) -> Part:
-    module = abstract(lambda: AudioTower(cfg, rngs=nnx.Rngs(0)))
-    return Part("audio", cfg, {"audio": module}, audio_table(cfg, "", "audio."), AUDIO_PREFIXES)
+def audio_part(cfg: AudioConfig, runtime: Runtime) -> Part:
+    module = abstract(lambda: AudioTower(cfg, runtime, rngs=nnx.Rngs(0)))
+    return Part("audio", cfg, runtime, {"audio": module}, audio_table(cfg, "", "audio."), AUDIO_PREFIXES)
 
 
-def omni_parts(cfg: OmniConfig, *, deepstack: bool = False) -> dict[str, Part]:
+def omni_parts(cfg: OmniConfig, runtime: Runtime | None = None, *, deepstack: bool = False) -> dict[str, Part]:
     """The parts of an omni model (the towers its config has)."""
-    parts = {"llm": llm_part(cfg.llm, LLM_PREFIX)}
+    runtime = Runtime() if runtime is None else runtime
+    parts = {"llm": llm_part(cfg.llm, LLM_PREFIX, runtime)}
     if cfg.vision is not None:
         parts["vision"] = vision_part(cfg.vision, OMNI_VISION_PREFIX, (cfg.llm.hidden_size, cfg.mlp_depth),
-                                      deepstack=deepstack)
+                                      runtime, deepstack=deepstack)
     if cfg.audio is not None:
-        parts["audio"] = audio_part(cfg.audio)
+        parts["audio"] = audio_part(cfg.audio, runtime)
     return parts
 
 
@@ -150,23 +154,19 @@ def release_kind(raw: Mapping) -> str:
                       f"audio-only config")
 
 
-def describe(raw: Mapping, *, dtype: str | None = None, param_dtype: str | None = None,
-             deepstack: bool = False) -> dict[str, Part]:
-    """The components `raw` (a config.json dict) describes, each as a `Part`, in COMPONENTS order.
-
-    `dtype` / `param_dtype` are run settings applied to every part (None: the configs' defaults)."""
-    kw = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+def describe(raw: Mapping, runtime: Runtime | None = None, *, deepstack: bool = False) -> dict[str, Part]:
+    """The components `raw` (a config.json dict) describes, each as a `Part` built with `runtime` (default:
+    `Runtime()`), in COMPONENTS order."""
+    runtime = Runtime() if runtime is None else runtime
     kind = release_kind(raw)
     if kind == "omni":
-        cfg = OmniConfig.from_official(raw, dtype=dtype)  # cross-section checks (projector widths, depth, ids)
-        if param_dtype is not None:  # (with_dtypes needs the compute dtype too: keep the config's)
-            cfg = cfg.with_dtypes(cfg.llm.dtype, param_dtype)
-        return omni_parts(cfg, deepstack=deepstack)
+        cfg = OmniConfig.from_official(raw)  # cross-section checks (projector widths, depth, token ids)
+        return omni_parts(cfg, runtime, deepstack=deepstack)
     if kind == "llm":
-        return {"llm": llm_part(LLMConfig.from_official(raw, **kw), "")}
+        return {"llm": llm_part(LLMConfig.from_official(raw), "", runtime)}
     if kind == "vision":
-        return {"vision": vision_part(VisionConfig.from_official(raw, **kw), "", None, deepstack=deepstack)}
-    return {"audio": audio_part(AudioConfig.from_official(raw, **kw))}
+        return {"vision": vision_part(VisionConfig.from_official(raw), "", None, runtime, deepstack=deepstack)}
+    return {"audio": audio_part(AudioConfig.from_official(raw), runtime)}
 
 
 def select(available, requested) -> list[str]:

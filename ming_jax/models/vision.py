@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ming_jax.config.runtime import Runtime
 from ming_jax.config.vision import VisionConfig
 from ming_jax.pallas.attention.reference import attend, segment_mask
 from ming_jax.layers.mlp import GeluMLP, gelu_mlp
@@ -226,8 +227,8 @@ def segment_attention(q, k, v, layout: VisionLayout, impl: str = "grouped"):
 class PatchEmbed(nnx.Module):
     """The official Conv3d with kernel == stride over one patch, as the matmul it is on flattened patch rows."""
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
-        pdt = jnp.dtype(cfg.param_dtype)
+    def __init__(self, cfg: VisionConfig, *, param_dtype, rngs: nnx.Rngs):
+        pdt = param_dtype
         self.kernel = param(rngs, fan_in_normal(), (cfg.patch_dim, cfg.hidden_size), ("patch", "embed"), pdt)
         self.bias = param(rngs, zeros, (cfg.hidden_size,), ("embed",), pdt)
 
@@ -237,10 +238,10 @@ class PatchEmbed(nnx.Module):
 
 
 class VisionAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, segment_layout: str, rngs: nnx.Rngs):
         d, h, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-        pdt = jnp.dtype(cfg.param_dtype)
-        self.impl = cfg.attention_impl
+        pdt = param_dtype
+        self.impl = segment_layout
         self.qkv_kernel = param(rngs, fan_in_normal(), (d, 3, h, hd), ("embed", None, "heads", "head_dim"), pdt)
         self.qkv_bias = param(rngs, zeros, (3, h, hd), (None, "heads", "head_dim"), pdt)
         self.out_kernel = param(rngs, fan_in_normal((0, 1)), (h, hd, d), ("heads", "head_dim", "embed"), pdt)
@@ -260,10 +261,10 @@ class VisionAttention(nnx.Module):
 class VisionBlock(nnx.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
-        pdt = jnp.dtype(cfg.param_dtype)
+    def __init__(self, cfg: VisionConfig, *, param_dtype, segment_layout: str, rngs: nnx.Rngs):
+        pdt = param_dtype
         self.norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=pdt, rngs=rngs)
-        self.attn = VisionAttention(cfg, rngs=rngs)
+        self.attn = VisionAttention(cfg, param_dtype=pdt, segment_layout=segment_layout, rngs=rngs)
         self.norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=pdt, rngs=rngs)
         self.mlp = GeluMLP(cfg.hidden_size, cfg.intermediate_size, approximate=cfg.gelu_approximate,
                            param_dtype=pdt, rngs=rngs)
@@ -284,8 +285,8 @@ class PatchMerger(nnx.Module):
     normalise the concatenated window.
     """
 
-    def __init__(self, cfg: VisionConfig, *, postshuffle: bool, rngs: nnx.Rngs):
-        pdt = jnp.dtype(cfg.param_dtype)
+    def __init__(self, cfg: VisionConfig, *, postshuffle: bool, param_dtype, rngs: nnx.Rngs):
+        pdt = param_dtype
         m, o = cfg.merged_size, cfg.out_hidden_size
         self.postshuffle = postshuffle
         self.merged_size = m
@@ -315,25 +316,33 @@ class VisionTransformer(nnx.Module):
     model builds its tower that way and would discard them); their weights are still part of the tower.
 
     Blocks are stacked on a leading "layers" axis and run with `lax.scan`, split at the deepstack taps.
+    `runtime` sets the dtypes. `segment_layout` is the XLA formulation of the per-image attention (see
+    `segment_attention`): "grouped" (default, sum(L^2) work) or "masked" (one N x N masked attention, the reference).
     """
 
-    def __init__(self, cfg: VisionConfig, *, use_deepstack: bool = False, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, runtime: Runtime | None = None, *, use_deepstack: bool = False,
+                 segment_layout: str = "grouped", rngs: nnx.Rngs):
+        if segment_layout not in ("grouped", "masked"):
+            raise ValueError(f"segment_layout={segment_layout!r} (grouped, masked)")
+        runtime = Runtime() if runtime is None else runtime
         self.cfg = cfg
+        self.runtime = runtime
         self.use_deepstack = use_deepstack
-        pdt = jnp.dtype(cfg.param_dtype)
-        self.patch_embed = PatchEmbed(cfg, rngs=rngs)
+        self.segment_layout = segment_layout
+        pdt = jnp.dtype(runtime.param_dtype)
+        self.patch_embed = PatchEmbed(cfg, param_dtype=pdt, rngs=rngs)
         self.pos_embed = param(rngs, normal(0.02), (cfg.num_position_embeddings, cfg.hidden_size), ("pos", "embed"),
                                pdt)
 
         @nnx.split_rngs(splits=cfg.depth)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(r):
-            return VisionBlock(cfg, rngs=r)
+            return VisionBlock(cfg, param_dtype=pdt, segment_layout=segment_layout, rngs=r)
 
         self.blocks = make_blocks(rngs)
-        self.merger = PatchMerger(cfg, postshuffle=False, rngs=rngs)
+        self.merger = PatchMerger(cfg, postshuffle=False, param_dtype=pdt, rngs=rngs)
         self.deepstack_mergers = nnx.List(
-            [PatchMerger(cfg, postshuffle=True, rngs=rngs) for _ in cfg.deepstack_visual_indexes])
+            [PatchMerger(cfg, postshuffle=True, param_dtype=pdt, rngs=rngs) for _ in cfg.deepstack_visual_indexes])
 
     def layout(self, pixel_values, grid_thw) -> VisionLayout:
         grid = as_grid(grid_thw)
@@ -354,12 +363,12 @@ class VisionTransformer(nnx.Module):
     def __call__(self, pixel_values, grid_thw):
         cfg = self.cfg
         layout = self.layout(pixel_values, grid_thw)
-        dt = jnp.dtype(cfg.dtype)
+        dt = jnp.dtype(self.runtime.dtype)
         with jax.named_scope("vit_embed"):
             x = self.patch_embed(jnp.asarray(pixel_values, dt))  # [N, D]
             x = x + interpolate_positions(read(self.pos_embed, dt), layout)
             cos, sin = vision_rope(layout, cfg.head_dim, cfg.rope_theta)  # [N, hd]
-        grouped = cfg.attention_impl == "grouped"
+        grouped = self.segment_layout == "grouped"
         if grouped:  # blocks run in grouped row order; `restore` brings rows back wherever they leave the blocks
             x, cos, sin = (to_grouped(a, layout) for a in (x, cos, sin))
         restore = (lambda a: from_grouped(a, layout)) if grouped else (lambda a: a)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ming_jax.config.llm import LLMConfig
+from ming_jax.config.runtime import Runtime
 from ming_jax.layers.mlp import GatedMLP
 from ming_jax.layers.params import fan_in_normal, param, read
 from ming_jax.moe import dispatch, expert_parallel
@@ -15,13 +16,14 @@ from ming_jax.moe.router import Router
 
 
 class MoEBlock(nnx.Module):
-    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: LLMConfig, runtime: Runtime | None = None, *, rngs: nnx.Rngs):
+        runtime = Runtime() if runtime is None else runtime
         d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
-        pdt = jnp.dtype(cfg.param_dtype)
+        pdt = jnp.dtype(runtime.param_dtype)
         self.num_experts = e
-        self.impl = cfg.moe_impl
-        self.expert_parallel = cfg.expert_parallel
-        self.capacity_factor = cfg.moe_capacity_factor
+        self.impl = runtime.gmm
+        self.expert_parallel = runtime.expert_parallel
+        self.capacity_factor = runtime.capacity_factor
         self.router = Router(d, e, cfg.num_routers, top_k=cfg.num_experts_per_tok, n_group=cfg.n_group,
                              topk_group=cfg.topk_group, scaling=cfg.routed_scaling_factor, param_dtype=pdt, rngs=rngs)
         # Experts stacked on a leading axis: [E, D, F] / [E, F, D]. Their model dim is "expert_embed", not "embed":

@@ -53,11 +53,12 @@ import jax
 import jax.numpy as jnp
 
 from ming_jax import sharding
+from ming_jax.config.runtime import EXPERT_PARALLEL_MODES
 from ming_jax.moe import dispatch
 from ming_jax.pallas.gmm import api as gmm
 
 EXCHANGES = ("ragged", "padded", "none")
-MODES = ("auto", "off", "ragged", "padded")
+MODES = EXPERT_PARALLEL_MODES
 
 
 # --- layout ---------------------------------------------------------------------------------------------------------

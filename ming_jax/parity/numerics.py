@@ -2,7 +2,8 @@
 
 Error metric: max |ours - ref| divided by max |ref| ("relative max-abs"). It is scale-free, so one number per dtype
 works for logits, hidden states and routing weights alike, and it is the metric the project's parity bar is stated in.
-Integer tensors (token ids, expert ids, positions, masks) must match exactly.
+Integer tensors (token ids, expert ids, positions, masks) must match exactly, and ours must be integers too: a float
+output compared with an integer reference fails (naming both dtypes) instead of being cast, so 3.7 never passes for 3.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class Comparison:
         if self.exact:
             detail = "exact" if self.ok else self.note
             return f"{self.name:<44} {'int':>11} {'':>11} {detail:>11}  {status}"
-        return f"{self.name:<44} {self.max_abs:11.3e} {self.ref_max_abs:11.3e} {self.rel:11.3e}  {status}"
+        row = f"{self.name:<44} {self.max_abs:11.3e} {self.ref_max_abs:11.3e} {self.rel:11.3e}  {status}"
+        return f"{row}  ({self.note})" if self.note and not self.ok else row
 
 
 def compare(name: str, ours, ref, *, dtype: str = "float32", tol: float | None = None) -> Comparison:
@@ -47,7 +49,10 @@ def compare(name: str, ours, ref, *, dtype: str = "float32", tol: float | None =
         return Comparison(name, np.inf, np.nan, np.inf, tol, False, False, f"shape {ours.shape} != ref {ref.shape}")
     exact = not _is_float(ref.dtype)
     if exact:
-        n_bad = int(np.sum(ours.astype(np.int64) != ref.astype(np.int64)))
+        if not _is_exact(ours.dtype):  # 3.7 must not pass against 3: an id / position / mask output is an integer
+            return Comparison(name, np.inf, 0.0, np.inf, 0.0, True, False,
+                              f"ours {ours.dtype}, ref {ref.dtype}: integer reference needs an integer output")
+        n_bad = int(np.sum(ours != ref))  # numpy compares mixed integer dtypes by value (no wrap-around cast)
         return Comparison(name, float(n_bad), 0.0, 0.0, 0.0, True, n_bad == 0, f"{n_bad} differ")
     diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
     max_abs = float(diff.max()) if diff.size else 0.0
@@ -62,6 +67,12 @@ def _is_float(dtype) -> bool:
     import jax.numpy as jnp
 
     return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def _is_exact(dtype) -> bool:
+    """Integer or boolean: the dtypes compared exactly."""
+    dtype = np.dtype(dtype)
+    return dtype == np.bool_ or np.issubdtype(dtype, np.integer)
 
 
 def report(rows: Iterable[Comparison]) -> str:

@@ -15,11 +15,15 @@ torchaudio or whisper:
   pipeline sample for sample rather than merely sounding the same.
 * `log_mel_spectrogram` is whisper's: periodic Hann window of 400 samples, hop 160, centred frames with reflect
   padding, power spectrum with the last frame dropped (so 1 frame per 10 ms: T_mel = T // 160), Slaney-scale and
-  Slaney-normalised mel filters (whisper ships them as `librosa.filters.mel(sr=16000, n_fft=400, n_mels)`, which we
-  call directly: bit-identical), log10 with a 1e-10 floor, dynamic range clipped to 8 decades below the clip's
-  maximum, then (x + 4) / 4.
+  Slaney-normalised mel filters (whisper ships them as `librosa.filters.mel(sr=16000, n_fft=400, n_mels)`; built
+  here with librosa's formulas in librosa's operation order, so bit-identical without importing it), log10 with a
+  1e-10 floor, dynamic range clipped to 8 decades below the clip's maximum, then (x + 4) / 4.
 
-Files are read with librosa (soundfile / audioread backends) at their native rate and resampled here.
+`load_audio` reads files at their native rate (resampling is `resample`'s job): with soundfile (libsndfile: WAV, FLAC,
+OGG / Vorbis / Opus, MP3, AIFF, ...) first, and otherwise with PyAV (FFmpeg: AAC / M4A, WMA, and the audio track of
+video containers such as MP4 / MKV / MOV / WebM). Both give float samples in [-1, 1] the way torchaudio does (integer
+PCM divided by 2**(bits-1)). librosa is not used: its 1.0 release dropped the audioread fallback that decoded AAC and
+video containers.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import dataclasses
 import functools
 import math
 import os
-import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -151,25 +154,115 @@ def resample(waveform: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -
 
 
 def load_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Read an audio file at its native rate. Returns (float32 [channels, T] in [-1, 1], sample_rate).
+    """Read an audio file (or the first audio stream of a video file) at its native rate.
+    Returns (float32 [channels, T] in [-1, 1], sample_rate).
 
-    Raises `AudioError` naming the file when it is missing, cannot be decoded, or holds no samples."""
-    import librosa  # heavy import (numba); only needed when reading files
-
+    soundfile reads what libsndfile knows; anything else goes to PyAV. Raises `AudioError` naming the file when it
+    is missing, neither reader can decode it, it has no audio stream, states no sample rate (or changes rate or
+    channel count midway), or holds no samples."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise AudioError(f"audio file not found: {path}")
     try:
-        with warnings.catch_warnings():  # librosa warns when it falls back from soundfile to audioread; we report
-            warnings.simplefilter("ignore", UserWarning)  # the outcome ourselves
-            warnings.simplefilter("ignore", FutureWarning)
-            wav, sr = librosa.load(path, sr=None, mono=False, dtype=np.float32)
-    except Exception as e:  # soundfile / audioread raise many unrelated types; name the file and keep the cause
-        raise AudioError(f"cannot decode audio file {path}: {type(e).__name__}: {e}") from e
-    wav = np.atleast_2d(wav)  # [C, T]
+        wav, sr = _read_soundfile(path)
+    except _NotForThisReader as sf_err:
+        try:
+            wav, sr = _read_av(path)
+        except _NotForThisReader as av_err:
+            raise AudioError(f"cannot decode audio file {path}: soundfile: {sf_err}; PyAV: {av_err}") from av_err
+    if sr <= 0:
+        raise AudioError(f"audio file {path} states no valid sample rate ({sr})")
     if wav.shape[-1] == 0:
         raise AudioError(f"audio file {path} holds no samples")
     return wav, int(sr)
+
+
+class _NotForThisReader(Exception):
+    """A reader could not decode the file (the next reader is tried; the message goes into the final error)."""
+
+
+def _read_soundfile(path: str) -> tuple[np.ndarray, int]:
+    import soundfile
+
+    try:
+        data, sr = soundfile.read(path, dtype="float32", always_2d=True)  # [T, C]; int PCM / 2**(bits-1)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as e:  # unknown / corrupt format
+        raise _NotForThisReader(f"{type(e).__name__}: {e}") from e
+    return np.ascontiguousarray(data.T), int(sr)
+
+
+# PyAV sample formats (planar or packed) -> (numpy dtype, offset, divisor) mapping them to [-1, 1] as FFmpeg's own
+# conversion to float does (and torchaudio, which reads through FFmpeg or libsndfile).
+_AV_FORMATS = {
+    "u8": (np.uint8, 128.0, 2.0**7),
+    "s16": (np.int16, 0.0, 2.0**15),
+    "s32": (np.int32, 0.0, 2.0**31),
+    "s64": (np.int64, 0.0, 2.0**63),
+    "flt": (np.float32, 0.0, 1.0),
+    "dbl": (np.float64, 0.0, 1.0),
+}
+
+
+def _av_frame_samples(frame) -> np.ndarray:
+    """One decoded PyAV AudioFrame -> float32 [channels, samples]."""
+    name = frame.format.name.removesuffix("p")  # "fltp" -> "flt": planar and packed hold the same values
+    if name not in _AV_FORMATS:
+        raise _NotForThisReader(f"unsupported sample format {frame.format.name}")
+    dtype, offset, scale = _AV_FORMATS[name]
+    channels = len(frame.layout.channels)
+    arr = frame.to_ndarray()
+    if frame.format.is_planar:  # [channels, samples]
+        arr = arr.reshape(channels, -1)
+    else:  # packed: [1, samples * channels], interleaved
+        arr = arr.reshape(-1, channels).T
+    arr = arr.astype(np.float64)
+    if offset or scale != 1.0:
+        arr = (arr - offset) / scale
+    return arr.astype(np.float32)
+
+
+def join_chunks(chunks: Sequence[tuple[np.ndarray, int]], path: str) -> tuple[np.ndarray, int]:
+    """Decoded chunks [(float32 [C, n], sample_rate)] -> ([C, T], sample_rate). A stream whose rate or channel count
+    changes midway cannot be one waveform: `AudioError` names the chunk."""
+    if not chunks:
+        raise AudioError(f"audio file {path} holds no samples")
+    c0, sr0 = chunks[0][0].shape[0], chunks[0][1]
+    for i, (arr, sr) in enumerate(chunks):
+        if sr != sr0:
+            raise AudioError(f"audio file {path}: sample rate changes from {sr0} to {sr} Hz at decoded frame {i}")
+        if arr.shape[0] != c0:
+            raise AudioError(f"audio file {path}: channel count changes from {c0} to {arr.shape[0]} at decoded "
+                             f"frame {i}")
+    return np.concatenate([a for a, _ in chunks], axis=1), int(sr0)
+
+
+def _read_av(path: str) -> tuple[np.ndarray, int]:
+    try:
+        import av
+    except ImportError:
+        raise _NotForThisReader("not installed (pip install av)") from None
+    try:
+        container = av.open(path)
+    except Exception as e:  # av.error.* (InvalidDataError, ...) / OSError
+        raise _NotForThisReader(f"{type(e).__name__}: {e}") from e
+    try:
+        if not container.streams.audio:
+            kinds = ", ".join(s.type for s in container.streams) or "none"
+            raise AudioError(f"{path} has no audio stream (streams: {kinds})")
+        stream = container.streams.audio[0]
+        chunks = []
+        try:
+            for frame in container.decode(stream):
+                chunks.append((_av_frame_samples(frame), int(frame.sample_rate or stream.rate or 0)))
+        except _NotForThisReader:
+            raise
+        except Exception as e:  # a corrupt packet midway: name the file and how far decoding got
+            raise _NotForThisReader(f"decoding failed after {len(chunks)} frames: {type(e).__name__}: {e}") from e
+        if not chunks:
+            raise AudioError(f"audio file {path} holds no samples")
+        return join_chunks(chunks, path)
+    finally:
+        container.close()
 
 
 def prepare_waveform(waveform, sample_rate: int, *, max_duration_s: float | None = None) -> np.ndarray:
@@ -191,9 +284,42 @@ def mel_filterbank(n_mels: int) -> np.ndarray:
     float32 [n_mels, 201]: exactly the matrices whisper ships in mel_filters.npz."""
     if n_mels not in SUPPORTED_N_MELS:
         raise AudioError(f"n_mels must be one of {SUPPORTED_N_MELS}, got {n_mels}")
-    import librosa
+    # librosa.filters.mel(sr=16000, n_fft=400, n_mels, htk=False, norm="slaney", dtype=float32), step for step:
+    # band edges n_mels + 2 points evenly spaced on the Slaney mel scale from 0 Hz to Nyquist, triangles computed
+    # in float64 and stored row by row into float32, then scaled in place by 2 / (upper edge - lower edge).
+    fftfreqs = np.fft.rfftfreq(n=N_FFT, d=1.0 / SAMPLE_RATE)
+    mels = np.linspace(_hz_to_mel(0.0), _hz_to_mel(SAMPLE_RATE / 2), n_mels + 2)
+    mel_f = _mel_to_hz(mels)
+    fdiff = np.diff(mel_f)
+    ramps = np.subtract.outer(mel_f, fftfreqs)
+    weights = np.zeros((n_mels, N_FFT // 2 + 1), dtype=np.float32)
+    for i in range(n_mels):
+        lower = -ramps[i] / fdiff[i]
+        upper = ramps[i + 2] / fdiff[i + 1]
+        weights[i] = np.maximum(0, np.minimum(lower, upper))
+    weights *= (2.0 / (mel_f[2: n_mels + 2] - mel_f[:n_mels]))[:, np.newaxis]
+    weights.setflags(write=False)  # cached: callers share one array
+    return weights
 
-    return librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=n_mels, dtype=np.float32)
+
+# Slaney's auditory-toolbox mel scale (librosa's default, htk=False): linear below 1 kHz, logarithmic above.
+_MEL_F_SP = 200.0 / 3  # Hz per mel in the linear part
+_MEL_MIN_LOG_HZ = 1000.0
+_MEL_MIN_LOG_MEL = _MEL_MIN_LOG_HZ / _MEL_F_SP
+_MEL_LOGSTEP = np.log(6.4) / 27.0
+
+
+def _hz_to_mel(hz: float) -> float:
+    if hz >= _MEL_MIN_LOG_HZ:
+        return _MEL_MIN_LOG_MEL + np.log(hz / _MEL_MIN_LOG_HZ) / _MEL_LOGSTEP
+    return hz / _MEL_F_SP
+
+
+def _mel_to_hz(mels: np.ndarray) -> np.ndarray:
+    freqs = _MEL_F_SP * mels
+    log_t = mels >= _MEL_MIN_LOG_MEL
+    freqs[log_t] = _MEL_MIN_LOG_HZ * np.exp(_MEL_LOGSTEP * (mels[log_t] - _MEL_MIN_LOG_MEL))
+    return freqs
 
 
 @functools.lru_cache(maxsize=1)

@@ -30,11 +30,12 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from ming_jax import sharding
+from ming_jax.config.runtime import ATTENTION_IMPLEMENTATIONS
 from ming_jax.pallas.attention import reference as attention_reference
 from ming_jax.pallas.attention.reference import attend
 from ming_jax.pallas.attention.splash import splash_attention
 
-IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
+IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 
 
 @jax.tree_util.register_dataclass

@@ -4,10 +4,13 @@
     gmm_glu(x, w_gate, w_up, group_sizes, rows=)       h = silu(x @ w_gate[g]) * (x @ w_up[g]), permute optionally fused
     grouped_glu(x, group_sizes, w_gate, w_up, w_down)  the expert FFN: gmm(gmm_glu(x), w_down)
 
-Implementations (`implementation=`), a fallback list in which "xla" is always present:
-  "xla"     `xla.py`: jax.lax.ragged_dot, portable (differentiated by autodiff);
+Implementations (`implementation=`):
+  "portable" `portable.py`: a loop over (row tile, expert) steps with plain dots and custom VJPs; useful work plus
+            at most one straddled tile per expert, temporaries O(rows x width): the CPU and GPU path;
+  "xla"     `xla.py`: jax.lax.ragged_dot (differentiated by autodiff); native on XLA:TPU, but lowered densely
+            elsewhere (O(rows x experts x width) work and memory), so kept by name only;
   "pallas"  `kernel.py` + `vjp.py`: the Mosaic TPU kernels with their custom VJPs;
-  "auto"    "pallas" when the program is lowered for TPU, "xla" otherwise.
+  "auto"    "pallas" when the program is lowered for TPU, "portable" otherwise.
 The choice is made when lowering (`lax.platform_dependent`), never from the host's backend, so an ahead-of-time
 compile for a TPU topology from a CPU host gets the compiled kernels, and the same jitted function serves every
 platform. `interpret`: None (default) runs a "pallas" request compiled on TPU and in the Pallas interpreter
@@ -21,10 +24,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ming_jax.pallas.gmm import vjp, xla
+from ming_jax.pallas.gmm import portable, vjp, xla
 from ming_jax.pallas.gmm.kernel import BlockSizes, GmmTiling
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "portable")
 
 
 def _check(lhs, weights, group_sizes, implementation):
@@ -42,13 +45,16 @@ def _check(lhs, weights, group_sizes, implementation):
         )
 
 
-def _choose(implementation, interpret, pallas_fn, xla_fn, *args):
-    """Run `pallas_fn(interpret)(*args)` or `xla_fn(*args)` per `implementation` (see the module docstring)."""
+def _choose(implementation, interpret, pallas_fn, xla_fn, portable_fn, *args):
+    """Run `pallas_fn(interpret)(*args)`, `xla_fn(*args)` or `portable_fn(*args)` per `implementation` (see the
+    module docstring)."""
     if implementation == "xla":
         return xla_fn(*args)
+    if implementation == "portable":
+        return portable_fn(*args)
     if interpret is not None and (implementation == "pallas" or interpret is not False):
         return pallas_fn(interpret)(*args)
-    default = pallas_fn(True) if implementation == "pallas" else xla_fn
+    default = pallas_fn(True) if implementation == "pallas" else portable_fn
     return lax.platform_dependent(*args, tpu=pallas_fn(False), default=default)
 
 
@@ -76,6 +82,7 @@ def gmm(
             implementation, interpret,
             lambda interp: lambda a, b, gs: vjp.gmm_pallas(a, b, gs, out_dtype, tiling, interp),
             lambda a, b, gs: xla.gmm(a, b, gs, out_dtype),
+            lambda a, b, gs: portable.gmm(a, b, gs, out_dtype, None),
             lhs, rhs, group_sizes,
         )
 
@@ -113,7 +120,7 @@ def gmm_glu(
     per routed expert); the result is [M, F] in sorted order. The Pallas kernels copy those rows out of x themselves
     (forward, backward recompute and weight gradient), so the sorted [M, D] copy of x never exists; d_x comes out of
     the input-gradient kernel in sorted order and is summed back onto the T rows (float32). The XLA path gathers
-    x[rows] first, so both agree. With the Pallas kernels D must be a multiple of the k tile (or fit one k tile).
+    x[rows] first; the portable path gathers each tile's rows inside its loop and scatter-adds d_x per tile; all agree. With the Pallas kernels D must be a multiple of the k tile (or fit one k tile).
     """
     if rows is not None:
         _check_rows(x, rows)
@@ -131,12 +138,14 @@ def gmm_glu(
                 implementation, interpret,
                 lambda interp: lambda a, wg, wu, gs: vjp.glu_pallas(a, wg, wu, gs, None, tiling, interp),
                 xla.gmm_glu,
+                lambda a, wg, wu, gs: portable.gmm_glu(a, wg, wu, gs, None, None),
                 x, w_gate, w_up, group_sizes,
             )
         return _choose(
             implementation, interpret,
             lambda interp: lambda a, wg, wu, gs, r: vjp.glu_pallas(a, wg, wu, gs, r, tiling, interp),
             lambda a, wg, wu, gs, r: xla.gmm_glu(xla.gather_rows(a, r), wg, wu, gs),
+            lambda a, wg, wu, gs, r: portable.gmm_glu(a, wg, wu, gs, r, None),
             x, w_gate, w_up, group_sizes, rows,
         )
 

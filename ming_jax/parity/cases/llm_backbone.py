@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import jax
 import numpy as np
 
 from ming_jax.gen import text as generation
@@ -17,9 +20,25 @@ def load_model(case: golden.GoldenCase) -> model_lib.BailingMoeV2:
 
 
 def sorted_topk(experts, weights_):
-    """The release's top-k uses sorted=False, which (on CPU) returns experts in id order: sort ours to compare."""
+    """Top-k pairs in expert-id order, ids and weights moved together. The release's top-k uses sorted=False, whose
+    order is an implementation detail (on CPU it happens to be id order); the selection is a set, so both sides are
+    put in id order before comparing."""
+    experts, weights_ = np.asarray(experts), np.asarray(weights_)
     order = np.argsort(experts, axis=-1, kind="stable")
     return np.take_along_axis(experts, order, -1), np.take_along_axis(weights_, order, -1)
+
+
+def topk_rows(name: str, experts, weights_, want: dict) -> list[numerics.Comparison]:
+    """`{name}_topk_idx` / `{name}_topk_weight` against the reference, both sides sorted by expert id (pairs kept)."""
+    ki, kw = f"{name}_topk_idx", f"{name}_topk_weight"
+    if ki not in want and kw not in want:
+        return []
+    if ki not in want or kw not in want:  # one without the other cannot be put in id order: compare it as stored
+        k, v = (ki, experts) if ki in want else (kw, weights_)
+        return [numerics.compare(k, v, want[k])]
+    idx, w = sorted_topk(experts, weights_)
+    ref_idx, ref_w = sorted_topk(want[ki], want[kw])
+    return [numerics.compare(ki, idx, ref_idx), numerics.compare(kw, w, ref_w)]
 
 
 def forward_rows(model, prep, prefix: str, want: dict) -> list[numerics.Comparison]:
@@ -30,35 +49,61 @@ def forward_rows(model, prep, prefix: str, want: dict) -> list[numerics.Comparis
             f"{prefix}position_ids": prep.positions}
     for i in range(cfg.num_layers):
         ours[f"{prefix}layer_{i}_output"] = out.layer_outputs[i]
+    topk = []
     for j in range(cfg.num_moe_layers):
         li = j + cfg.num_dense_layers
         r = out.routing
-        idx, w = sorted_topk(r.experts[j], r.weights[j])
         ours[f"{prefix}layer_{li}_router_logits"] = r.logits[j].reshape(b, s, -1)
-        ours[f"{prefix}layer_{li}_topk_idx"] = idx.reshape(b, s, -1)
-        ours[f"{prefix}layer_{li}_topk_weight"] = w.reshape(b, s, -1)
+        topk += topk_rows(f"{prefix}layer_{li}", r.experts[j].reshape(b, s, -1), r.weights[j].reshape(b, s, -1), want)
         g = out.gate_routing
         for gi in range(g.experts.shape[1]):
-            idx, w = sorted_topk(g.experts[j, gi], g.weights[j, gi])
             name = f"{prefix}layer_{li}_{GATE_NAMES[gi]}"
-            ours[f"{name}_logits"], ours[f"{name}_topk_idx"], ours[f"{name}_topk_weight"] = g.logits[j, gi], idx, w
+            ours[f"{name}_logits"] = g.logits[j, gi]
+            topk += topk_rows(name, g.experts[j, gi], g.weights[j, gi], want)
     if prep.modality is not None:
         ours[f"{prefix}router_mask_vision"] = (prep.modality == VISION).astype(np.int64)
         ours[f"{prefix}router_mask_audio"] = (prep.modality == AUDIO).astype(np.int64)
     if not prefix:
         ours["rope_deltas"] = prep.rope_deltas[:, None]
-    return [numerics.compare(k, ours[k], want[k]) for k in sorted(ours) if k in want]
+    return sorted([numerics.compare(k, ours[k], want[k]) for k in ours if k in want] + topk, key=lambda r: r.name)
+
+
+@contextlib.contextmanager
+def fed_decode_positions(model: model_lib.BailingMoeV2):
+    """Record the positions the rotary embedding receives on every one-token (decode) step, as fed: a list that
+    fills with one int [3, B, 1] array per step while the block runs (and the jitted decode loop calls back).
+
+    The model's class is swapped for a subclass whose `rotary` reports its argument and then does the same work, so
+    nothing is inferred from the generation loop's own bookkeeping: a decode that fed wrong h / w rows would show."""
+    fed: list[np.ndarray] = []
+    base = type(model)
+
+    class _Recording(base):
+        def rotary(self, positions):
+            if positions.shape[-1] == 1:  # static: decode steps only (the prefill feeds the whole prompt)
+                jax.debug.callback(lambda p: fed.append(np.array(p)), positions, ordered=True)
+            return super().rotary(positions)
+
+    model.__class__ = _Recording
+    try:
+        yield fed
+        jax.effects_barrier()
+    finally:
+        model.__class__ = base
 
 
 def decode_rows(model, prep, prefix: str, want: dict) -> list[numerics.Comparison]:
     n = want[f"{prefix}decode_tokens"].shape[1]
     sampling = generation.SamplingConfig(max_new_tokens=n)  # greedy, no stop tokens: the release ran n steps
-    gen = generation.as_numpy(generation.generate(model, prep, sampling, return_logits=True))
+    with fed_decode_positions(model) as fed:
+        gen = generation.as_numpy(generation.generate(model, prep, sampling, return_logits=True))
     rows = [numerics.compare(f"{prefix}decode_tokens", gen.tokens, want[f"{prefix}decode_tokens"]),
             numerics.compare(f"{prefix}decode_step_logits", gen.step_logits, want[f"{prefix}decode_step_logits"])]
     key = f"{prefix}decode_position_ids"
-    if key in want:  # positions of decode steps 2..n, on all three rope rows
-        rows.append(numerics.compare(key, np.broadcast_to(gen.positions[None, :, 1:], want[key].shape), want[key]))
+    if key in want:  # positions of decode steps 2..n: the three rope rows the rotary embedding got, step by step
+        b = prep.input_ids.shape[0]
+        ours = np.concatenate(fed, axis=-1) if fed else np.zeros((3, b, 0), np.int64)
+        rows.append(numerics.compare(key, ours, want[key]))
     return rows
 
 

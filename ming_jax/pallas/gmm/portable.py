@@ -1,0 +1,231 @@
+"""The portable implementation of the grouped matmuls: a loop over (expert, row chunk) steps, for CPU and GPU.
+
+`jax.lax.ragged_dot` lowers densely off TPU (every row against every group: O(M x G x N) work and memory). This
+path walks each expert's sorted rows in `tm`-row chunks that start at the expert's first row: step s multiplies one
+chunk by the weights of its group and keeps only that group's rows (the last chunk of a group is partial). The loop is a
+`lax.fori_loop` with the traced step count as its bound (a while loop), each step a plain [tm, K] x [K, N] dot on a
+dynamic slice of the weights, and the outputs are updated in place on the loop carry.
+
+    work        <= (ceil(M / tm) + G) * tm rows of matmul (useful rows + at most one partial chunk per group)
+    temporaries  the [M, N] output, one [tm, K] tile and one [K, N] weight slice per step (gradients: the
+                 [G, K, N] weight gradient plus one float32 [K, N] accumulator); nothing of size M x G.
+
+A chunk that would run past row M is shifted back to end there (no padded copy of the rows); the rows it then
+shares with the group's previous chunk are masked by the nominal chunk start, so every (row, group) pair is
+computed exactly once. Rows at or past sum(group_sizes) are padding: outputs and input gradients there are 0.
+
+Gradients are custom VJPs over the same loop (no autodiff of the loop, which would keep per-step residuals and
+scatter full-size zeros into the weight gradient):
+  gmm:     d_lhs rows = d_out @ rhs[g]^T;  d_rhs[g] = sum over g's tiles of lhs^T d_out (float32 per group, written
+           in rhs.dtype once per step).
+  gmm_glu: saves (x, w_gate, w_up); one backward loop recomputes gate and up per tile, forms
+           d_gate = d_h * up * silu'(gate), d_up = d_h * silu(gate), and emits d_x and both weight gradients.
+  rows=r (fused permute): each step gathers its tile's token rows x[r[tile]] itself (the sorted [M, D] copy never
+           exists) and, backward, scatter-adds its d_x rows onto the T tokens (float32).
+Cotangents are cast to the operand dtype before the matmuls, which accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ming_jax.pallas.gmm import kernel, metadata
+
+# Rows per step. Chosen by benchmarks/gmm_cpu.py on a 2-core CPU (see docs/benchmarks.md): smaller tiles waste
+# fewer rows on partial chunks, larger ones pay less per-step overhead.
+DEFAULT_TM = 128
+
+
+def _tm(m: int, tm: int | None) -> int:
+    return max(1, min(DEFAULT_TM if tm is None else int(tm), m))
+
+
+class _Steps:
+    """The step list for M rows: each group's rows in tm-row chunks starting at the group's first row.
+
+    Chunks are aligned to their group, not to a global tile grid, so a group costs ceil(size / tm) steps and only its
+    last chunk is partial: at most one partial chunk per group, sum over groups <= ceil(M / tm) + G steps. Steps are
+    ordered by group; empty groups get none.
+    """
+
+    def __init__(self, group_sizes, m: int, tm: int):
+        self.m, self.tm = m, tm
+        self.offsets = metadata.group_offsets(group_sizes, m, tail_group=False)  # [G + 1], cut at m
+        sizes = jnp.diff(self.offsets)
+        chunks = (sizes + tm - 1) // tm  # [G]
+        self.first_step = jnp.cumsum(chunks) - chunks
+        self.count = jnp.sum(chunks).astype(jnp.int32)
+        length = -(-m // tm) + group_sizes.shape[0]
+        self.group_ids = jnp.repeat(jnp.arange(group_sizes.shape[0], dtype=jnp.int32), chunks,
+                                    total_repeat_length=length)
+
+    def at(self, s):
+        """(group, first row of the slice, [tm] bool mask of the rows this step owns) for step s."""
+        g = self.group_ids[s]
+        nominal = self.offsets[g] + (s - self.first_step[g]) * self.tm
+        start = jnp.minimum(nominal, self.m - self.tm)  # a chunk running past row M is shifted back to end there
+        hi = jnp.minimum(self.offsets[g + 1], nominal + self.tm)
+        r = start + jnp.arange(self.tm, dtype=jnp.int32)
+        return g, start, (r >= nominal) & (r < hi)
+
+    def new_group(self, s):
+        """True at the first step of each group."""
+        return s == self.first_step[self.group_ids[s]]
+
+
+def _pin(*tiles):
+    """Keep per-step slices per step. Backends without bf16 dots (XLA:CPU) convert their operands to float32, and
+    without the barrier that convert is moved ahead of the slice and hoisted out of the loop: a float32 copy of the
+    whole operand (12 GiB of expert weights at Ling-flash shapes) instead of one tile."""
+    return lax.optimization_barrier(tiles)
+
+
+def _load(x, rows, start, tm):
+    """The tile's [tm, K] rows of the sorted layout: x[start:start+tm], or x[rows[start:start+tm]]."""
+    if rows is None:
+        return lax.dynamic_slice_in_dim(x, start, tm, 0)
+    return jnp.take(x, lax.dynamic_slice_in_dim(rows, start, tm, 0), axis=0)
+
+
+def _dot(a, b, dims):
+    return lax.dot_general(a, b, (dims, ((), ())), precision=kernel._dot_precision(a.dtype),
+                           preferred_element_type=jnp.float32)
+
+
+_NN = ((1,), (0,))  # [tm, K] x [K, N]
+_NT = ((1,), (1,))  # [tm, N] x [K, N] -> [tm, K]
+_TN = ((0,), (0,))  # [tm, K] x [tm, N] -> [K, N]
+
+
+def _masked_write(out, start, mask, tile):
+    old = lax.dynamic_slice_in_dim(out, start, tile.shape[0], 0)
+    (merged,) = _pin(jnp.where(mask[:, None], tile.astype(out.dtype), old))  # the update stays tile-sized, in place
+    return lax.dynamic_update_slice_in_dim(out, merged, start, 0)
+
+
+def _write_group(d_w, acc, g):
+    """d_w[g] = acc (the group's float32 running sum so far), in d_w.dtype, in place."""
+    (upd,) = _pin(acc.astype(d_w.dtype))
+    return lax.dynamic_update_index_in_dim(d_w, upd, g, 0)
+
+
+def _clip_rows(x, rows):
+    return None if rows is None else jnp.clip(rows, 0, x.shape[0] - 1).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------------- gmm
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def gmm(lhs, rhs, group_sizes, out_dtype, tm=None):
+    """[M, K] x [G, K, N] -> [M, N] out_dtype; see the module docstring."""
+    return _gmm_fwd_loop(lhs, rhs, group_sizes, jnp.dtype(out_dtype), _tm(lhs.shape[0], tm))
+
+
+def _gmm_fwd_loop(lhs, rhs, group_sizes, out_dtype, tm):
+    m = lhs.shape[0]
+    steps = _Steps(group_sizes, m, tm)
+
+    def body(s, out):
+        g, start, mask = steps.at(s)
+        a, w = _pin(_load(lhs, None, start, tm), rhs[g])
+        return _masked_write(out, start, mask, _dot(a, w, _NN))
+
+    return lax.fori_loop(0, steps.count, body, jnp.zeros((m, rhs.shape[2]), out_dtype))
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, out_dtype, tm):
+    return gmm(lhs, rhs, group_sizes, out_dtype, tm), (lhs, rhs, group_sizes)
+
+
+def _gmm_bwd(out_dtype, tm, residuals, d_out):
+    lhs, rhs, group_sizes = residuals
+    m = lhs.shape[0]
+    tm = _tm(m, tm)
+    steps = _Steps(group_sizes, m, tm)
+    d_out = d_out.astype(lhs.dtype)
+
+    def body(s, carry):
+        d_lhs, d_rhs, acc = carry
+        g, start, mask = steps.at(s)
+        a, dy, w = _pin(_load(lhs, None, start, tm), _load(d_out, None, start, tm), rhs[g])
+        dy = jnp.where(mask[:, None], dy, 0)  # [tm, N], other groups' rows zeroed
+        d_lhs = _masked_write(d_lhs, start, mask, _dot(dy, w, _NT))
+        acc = jnp.where(steps.new_group(s), 0.0, acc) + _dot(a, dy, _TN)
+        d_rhs = _write_group(d_rhs, acc, g)
+        return d_lhs, d_rhs, acc
+
+    init = (jnp.zeros(lhs.shape, lhs.dtype), jnp.zeros(rhs.shape, rhs.dtype),
+            jnp.zeros(rhs.shape[1:], jnp.float32))
+    d_lhs, d_rhs, _ = lax.fori_loop(0, steps.count, body, init)
+    return d_lhs, d_rhs, None
+
+
+gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+# --------------------------------------------------------------------------------------------------- gmm_glu
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def gmm_glu(x, w_gate, w_up, group_sizes, rows=None, tm=None):
+    """h = silu(x @ w_gate[g]) * (x @ w_up[g]) -> [M, F] in x.dtype; with rows [M] int32, sorted row r is x[rows[r]]."""
+    rows = _clip_rows(x, rows)
+    m = x.shape[0] if rows is None else rows.shape[0]
+    tm = _tm(m, tm)
+    steps = _Steps(group_sizes, m, tm)
+
+    def body(s, h):
+        g, start, mask = steps.at(s)
+        a, wg, wu = _pin(_load(x, rows, start, tm), w_gate[g], w_up[g])
+        gate, up = _dot(a, wg, _NN), _dot(a, wu, _NN)
+        return _masked_write(h, start, mask, jax.nn.silu(gate) * up)
+
+    return lax.fori_loop(0, steps.count, body, jnp.zeros((m, w_gate.shape[2]), x.dtype))
+
+
+def _glu_fwd(x, w_gate, w_up, group_sizes, rows, tm):
+    return gmm_glu(x, w_gate, w_up, group_sizes, rows, tm), (x, w_gate, w_up, group_sizes, rows)
+
+
+def _glu_bwd(tm, residuals, d_h):
+    x, w_gate, w_up, group_sizes, rows = residuals
+    rows_c = _clip_rows(x, rows)
+    m = x.shape[0] if rows is None else rows.shape[0]
+    tm = _tm(m, tm)
+    steps = _Steps(group_sizes, m, tm)
+    dt = x.dtype
+
+    def body(s, carry):
+        d_x, d_wg, d_wu, acc_g, acc_u = carry
+        g, start, mask = steps.at(s)
+        a, dh, wg, wu = _pin(_load(x, rows_c, start, tm), _load(d_h, None, start, tm), w_gate[g], w_up[g])
+        gate, up = _dot(a, wg, _NN), _dot(a, wu, _NN)  # [tm, F] float32, recomputed
+        dh = jnp.where(mask[:, None], dh.astype(jnp.float32), 0.0)
+        sig = jax.nn.sigmoid(gate)
+        d_gate = (dh * up * sig * (1.0 + gate * (1.0 - sig))).astype(dt)
+        d_up = (dh * gate * sig).astype(dt)
+        dx_tile = _dot(d_gate, wg, _NT) + _dot(d_up, wu, _NT)  # [tm, D] float32, zero off the mask
+        if rows_c is None:
+            d_x = _masked_write(d_x, start, mask, dx_tile)
+        else:  # a token's copies sum; rows this step does not own add exact zeros
+            d_x = d_x.at[lax.dynamic_slice_in_dim(rows_c, start, tm, 0)].add(dx_tile)
+        fresh = steps.new_group(s)
+        acc_g = jnp.where(fresh, 0.0, acc_g) + _dot(a, d_gate, _TN)
+        acc_u = jnp.where(fresh, 0.0, acc_u) + _dot(a, d_up, _TN)
+        d_wg, d_wu = _write_group(d_wg, acc_g, g), _write_group(d_wu, acc_u, g)
+        return d_x, d_wg, d_wu, acc_g, acc_u
+
+    dx_dtype = dt if rows_c is None else jnp.float32
+    acc = jnp.zeros(w_gate.shape[1:], jnp.float32)
+    init = (jnp.zeros(x.shape, dx_dtype), jnp.zeros(w_gate.shape, w_gate.dtype), jnp.zeros(w_up.shape, w_up.dtype),
+            acc, acc)
+    d_x, d_wg, d_wu, _, _ = lax.fori_loop(0, steps.count, body, init)
+    return d_x.astype(dt), d_wg, d_wu, None, None
+
+
+gmm_glu.defvjp(_glu_fwd, _glu_bwd)
