@@ -8,13 +8,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_generate_cli_without_checkpoint():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    """Also: with libtpu installed (tools/setup_env.sh installs it for the TPU compile tests) and JAX_PLATFORMS
+    unset, a CPU host initialises no TPU backend (no libtpu errors; the lock file stays free for other programs)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     r = subprocess.run([sys.executable, "-m", "ming_jax.generate", "--prompt", "hi", "--prompt", "a longer one",
                         "--max_new_tokens", "4", "--temperature", "0.7", "--top_k", "20"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "RANDOM weights" in r.stderr and "decoding 4/4" in r.stderr
     assert r.stdout.count("+++ ") == 2
+    assert "TPU_WORKER_HOSTNAMES" not in r.stderr and "backend 'tpu'" not in r.stderr, r.stderr[:2000]
 
 
 def test_generate_cli_rejects_full_preset_without_checkpoint():
@@ -62,3 +65,26 @@ def test_generate_cli_keeps_a_bf16_release_in_bf16(tmp_path):
     assert r.returncode == 0, r.stderr
     line = next(x for x in r.stderr.splitlines() if "parameters (" in x)
     assert "bfloat16" not in line and "compute dtype float32" in line, line
+
+
+def test_generate_cli_applies_the_chat_template_and_reads_conversations(tmp_path):
+    """Text prompts get the release's chat template by default (--raw: not); a JSON conversation (system, several
+    turns) is one prompt; a bad role is a clear error."""
+    import json
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."}]
+    (tmp_path / "conv.json").write_text(json.dumps(conv))
+    base = [sys.executable, "-m", "ming_jax.generate", "--max_new_tokens", "2"]
+    r = subprocess.run(base + ["--conversation", str(tmp_path / "conv.json"), "--prompt", "hi", "--raw=false"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "1 prompt(s) with the release's chat template" in r.stderr and "conversation 0 (3 turns)" in r.stdout
+    r = subprocess.run(base + ["--prompt", "hi", "--raw"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "1 prompt(s) with raw text: 2 tokens" in r.stderr, r.stderr
+    (tmp_path / "bad.json").write_text(json.dumps([{"role": "robot", "content": "x"}]))
+    r = subprocess.run(base + ["--conversation", str(tmp_path / "bad.json")], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "role 'robot'" in r.stderr

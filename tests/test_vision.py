@@ -98,7 +98,7 @@ def test_bfloat16_run_within_bfloat16_tolerance(case):
 def test_full_size_shapes_abstractly():
     """The release's tower on an image and a 4-frame video, traced only: output widths and deepstack count."""
     cfg = VisionConfig.ming_flash_omni_2()
-    tower = abstract_tower(cfg)
+    tower = abstract_tower(cfg, runtime=Runtime.bf16())  # as the release runs
     grid = ((1, 32, 48), (4, 16, 16))
     n = sum(t * h * w for t, h, w in grid)
     hidden, deepstack = nnx.eval_shape(lambda m, px: m(px, grid), tower,

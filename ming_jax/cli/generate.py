@@ -12,7 +12,8 @@ converted checkpoint (`python -m ming_jax.convert`); both load through `ming_jax
 parameters are placed on that device mesh (sharding rules: --rules) and generation runs under it. A folder without
 tokenizer.json (a converted checkpoint, the golden cases) decodes with the byte stand-in tokenizer: give the prompt
 as token ids (--prompt_ids).
-Text only: several --prompt flags run as one padded batch, fed as raw text. With any --image / --audio / --video
+Text only: several --prompt flags (or the conversations of --conversation FILE.json) run as one padded batch,
+each wrapped in the release's chat template (--raw: the text as it is). With any --image / --audio / --video
 (each repeatable) or --asr, the whole omni model runs on one chat-formatted prompt: the media first, in flag order
 by kind, then the text. All logic lives in `ming_jax.gen.text`, `ming_jax.models.omni` and `ming_jax.processors.prompt`;
 this file only parses flags and prints.
@@ -66,7 +67,12 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter an
 _IMAGE = flags.DEFINE_multi_string("image", [], "Image file for the omni model; repeatable.")
 _AUDIO = flags.DEFINE_multi_string("audio", [], "Audio file for the omni model; repeatable.")
 _VIDEO = flags.DEFINE_multi_string("video", [], "Video file (or folder of frames) for the omni model; repeatable.")
-_SYSTEM = flags.DEFINE_string("system", None, "Replaces the default persona of the system turn (omni model).")
+_SYSTEM = flags.DEFINE_string("system", None, "Replaces the default persona of the system turn.")
+_RAW = flags.DEFINE_bool("raw", False, "Text prompts: feed the text as it is, without the release's chat template.")
+_CONVERSATION = flags.DEFINE_string("conversation", None, "Text: a JSON file holding one conversation (a list of "
+                                    "{role, content} messages, roles HUMAN / ASSISTANT or user / assistant / "
+                                    "system) or a list of conversations (a batch); the model answers the last "
+                                    "human turn of each.")
 _ASR = flags.DEFINE_bool("asr", False, "Transcribe the --audio clip(s) with the release's ASR instruction.")
 _ASR_TOPIC = flags.DEFINE_string("asr_topic", None, "Contextual ASR: what the audio is about.")
 _HOTWORD = flags.DEFINE_multi_string("hotword", [], "Contextual ASR: a word or phrase likely to occur; repeatable.")
@@ -209,6 +215,51 @@ def _load(ckpt: str, **kw) -> restore.Loaded:
     return restore.load(ckpt, mesh=mesh, rules=rules, dtype=dtype, compute_dtype=dtype, **kw)
 
 
+_ROLES = {"HUMAN": "HUMAN", "ASSISTANT": "ASSISTANT", "user": "HUMAN", "assistant": "ASSISTANT"}
+
+
+def _conversations(path: str) -> list[tuple[list[dict], str | None]]:
+    """(messages with the release's roles, system text or None) per conversation of a JSON file."""
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--conversation {path}: not valid JSON ({e})") from None
+    convs = data if data and isinstance(data, list) and isinstance(data[0], list) else [data]
+    out = []
+    for c, conv in enumerate(convs):
+        if not isinstance(conv, list) or not all(isinstance(m, dict) for m in conv):
+            raise ValueError(f"--conversation {path}: conversation {c} must be a list of {{role, content}} objects")
+        system, messages = None, []
+        for i, m in enumerate(conv):
+            role = m.get("role")
+            if role == "system":
+                system = m.get("content")
+                continue
+            if role not in _ROLES:
+                raise ValueError(f"--conversation {path}: conversation {c}, message {i}: role {role!r} (expected "
+                                 f"{', '.join(_ROLES)} or system)")
+            messages.append({"role": _ROLES[role], "content": m.get("content", "")})
+        out.append((messages, system))
+    return out
+
+
+def _text_prompts() -> tuple[list[str], list[str]]:
+    """(prompt texts, labels): --conversation, else each --prompt as one human turn; the release's chat template
+    unless --raw."""
+    if _CONVERSATION.value:
+        if _RAW.value:
+            raise app.UsageError("--raw applies to --prompt, not to --conversation")
+        convs = _conversations(_CONVERSATION.value)
+        texts = [prompt_lib.apply_chat_template(m, system=_SYSTEM.value if s is None else s) for m, s in convs]
+        return texts, [f"conversation {i} ({len(m)} turns)" for i, (m, _) in enumerate(convs)]
+    if _RAW.value:
+        return list(_PROMPT.value), [repr(p) for p in _PROMPT.value]
+    texts = [prompt_lib.apply_chat_template([{"role": "HUMAN", "content": p}], system=_SYSTEM.value)
+             for p in _PROMPT.value]
+    return texts, [repr(p) for p in _PROMPT.value]
+
+
 def _prompt_ids() -> list[list[int]]:
     try:
         rows = [[int(t) for t in text.replace(" ", "").split(",") if t] for text in _PROMPT_IDS.value]
@@ -223,6 +274,13 @@ def main(argv):
     del argv
     if _IMAGE.value or _AUDIO.value or _VIDEO.value or _ASR.value:
         return _omni_main()
+    texts = labels = None
+    if not _PROMPT_IDS.value:  # bad prompts fail before any loading
+        try:
+            texts, labels = _text_prompts()
+        except (prompt_lib.PromptError, OSError, ValueError) as e:
+            print(f"generate: {e}", file=sys.stderr)
+            return 1
     if _CHECKPOINT.value:
         model = _load(_CHECKPOINT.value, components=["llm"]).llm
         if os.path.exists(os.path.join(_CHECKPOINT.value, "tokenizer.json")):
@@ -249,7 +307,10 @@ def main(argv):
     if _PROMPT_IDS.value:
         prompts, labels = _prompt_ids(), [f"ids {t}" for t in _PROMPT_IDS.value]
     else:
-        prompts, labels = [tok.encode(p) for p in _PROMPT.value], [repr(p) for p in _PROMPT.value]
+        prompts = [tok.encode(t) for t in texts]
+        how = "raw text" if _RAW.value else "the release's chat template"
+        print(f"{len(prompts)} prompt(s) with {how}: {', '.join(str(len(p)) for p in prompts)} tokens",
+              file=sys.stderr)
     rows = _batch_rows(len(prompts))
     if rows > len(prompts):
         print(f"batch padded from {len(prompts)} to {rows} rows (repeats of the last prompt, not shown): the mesh "
