@@ -111,8 +111,6 @@ def test_decode_positions_are_compared_as_fed(golden_dir, monkeypatch):
     rows = {r.name: r for r in llm_backbone.decode_rows(model, prep, "mm_", case.outputs)}
     assert rows["mm_decode_position_ids"].ok, rows["mm_decode_position_ids"].row()
 
-    real = steps.decode_step
-
     def shifted_hw(model, tokens, positions, cache):  # rows h / w one ahead of t: what video rope must not do
         b = tokens.shape[0]
         pos3 = jnp.broadcast_to(positions[None, :, None], (3, b, 1)) + jnp.array([0, 1, 1])[:, None, None]
@@ -122,7 +120,6 @@ def test_decode_positions_are_compared_as_fed(golden_dir, monkeypatch):
     monkeypatch.setattr(steps, "decode_step", shifted_hw)
     rows = {r.name: r for r in llm_backbone.decode_rows(model, prep, "mm_", case.outputs)}
     assert not rows["mm_decode_position_ids"].ok
-    monkeypatch.setattr(steps, "decode_step", real)
 
 
 def test_tool_exit_status_2_for_unknown_kind(tmp_path):

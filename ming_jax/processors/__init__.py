@@ -1,6 +1,6 @@
 """Host-side preprocessing front ends: audio (waveform -> whisper log-mel) and image (RGB -> ViT patch rows).
 
-Both are numpy (+ librosa / PIL) re-implementations of the official Ming processors, bit-for-bit where the official
+Both are numpy (+ soundfile / PyAV / PIL) re-implementations of the official Ming processors, bit-for-bit where the official
 is deterministic integer / float32 arithmetic (image), and to float32 rounding where it runs FFTs (audio).
 """
 
