@@ -16,7 +16,8 @@ from ming_jax import cli
 from ming_jax.parity import golden, numerics
 from ming_jax.parity.run import UnsupportedKind, run_case
 
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32"], "Compute dtype of the comparison run.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype of our "
+                           "run; bfloat16 is judged against the float32 reference by numerics.BF16_MODEL.")
 
 
 def main(argv):
@@ -24,15 +25,17 @@ def main(argv):
         raise app.UsageError("usage: python -m ming_jax.parity CASE_DIR")
     path = argv[1]
     try:
-        rows = run_case(path)
+        rows = run_case(path, _DTYPE.value)
     except UnsupportedKind as e:
         print(f"parity: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"parity: {e}", file=sys.stderr)
         return 1
-    print(f"case {path} ({golden.case_kind(path)}), dtype {_DTYPE.value}, tolerance "
-          f"{numerics.TOLERANCES[_DTYPE.value]:g} relative max-abs (integers exact)")
+    bar = (f"tolerance {numerics.TOLERANCES['float32']:g} relative max-abs (integers exact)"
+           if _DTYPE.value == "float32" else f"bar {numerics.BF16_MODEL} (rel L2, top-1 / decision agreement; "
+           "bookkeeping ids exact; tokens up to each row's first near-tie)")
+    print(f"case {path} ({golden.case_kind(path)}), dtype {_DTYPE.value}, {bar}")
     print(numerics.report(rows))
     bad = [r.name for r in rows if not r.ok]
     print(f"{len(rows) - len(bad)} passed, {len(bad)} failed")

@@ -13,11 +13,25 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ming_jax.config.runtime import Runtime
+
 # Relative max-abs tolerance by compute dtype.
 #  float32: the project bar. Our kernels reorder float32 reductions (fused matmuls, grouped expert matmuls, softmax in
 #           one pass), which moves results by a few ulps times the depth of the network: ~1e-6 relative in practice.
 #  bfloat16: 8 mantissa bits give ~4e-3 relative rounding per op; a few layers of accumulation stay under 2e-2.
 TOLERANCES = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
+
+# A whole model run in bfloat16 against the float32 reference (`python -m ming_jax.parity CASE --dtype bfloat16`):
+# routing decisions flip on near-ties (a token then takes another expert, which moves its row by O(1)) and single
+# elements move by several bf16 ulps, so element-wise max-abs is the wrong bar. Stated instead: relative L2 error
+# ||ours - ref|| / ||ref|| <= 0.1 for every float tensor; the top-1 choice of every logits row agrees on >= 90% of
+# rows; ids that are decisions (expert ids, tokens) agree on >= 80% of entries; greedy tokens are compared exactly,
+# but only up to each row's first near-tie of the reference (`tie_free_prefix`); ids that are bookkeeping
+# (positions, grids, masks, lengths) stay exact. Measured on the golden cases (2026-12-01, CPU): towers 0.6-1.1% rel
+# L2; the 3-layer MoE backbone 4-7% rel L2 at its output with 95-97% top-1 agreement, top-k weights 4-5%.
+BF16_MODEL = {"rel_l2": 0.1, "top1": 0.90, "decisions": 0.80}
+MODEL_BF16 = "bfloat16-model"  # the `dtype` of `compare` that applies this bar
+_BOOKKEEPING = ("position", "grid", "mask", "len", "spans", "index")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,14 +48,51 @@ class Comparison:
     def row(self) -> str:
         status = "ok" if self.ok else "FAIL"
         if self.exact:
-            detail = "exact" if self.ok else self.note
+            detail = self.note if (not self.ok or self.note.endswith("agree")) else "exact"
             return f"{self.name:<44} {'int':>11} {'':>11} {detail:>11}  {status}"
         row = f"{self.name:<44} {self.max_abs:11.3e} {self.ref_max_abs:11.3e} {self.rel:11.3e}  {status}"
         return f"{row}  ({self.note})" if self.note and not self.ok else row
 
 
+def compare_model_bf16(name: str, ours, ref) -> Comparison:
+    """One tensor of a whole-model bfloat16 run against the float32 reference, by the `BF16_MODEL` bar."""
+    ours = np.asarray(ours)
+    ref = np.asarray(ref)
+    if ours.shape != ref.shape:
+        return Comparison(name, np.inf, np.nan, np.inf, 0.0, False, False, f"shape {ours.shape} != ref {ref.shape}")
+    if not _is_float(ref.dtype):
+        if any(k in name for k in _BOOKKEEPING):
+            return compare(name, ours, ref)
+        agree = float(np.mean(ours == ref)) if ref.size else 1.0
+        ok = _is_exact(ours.dtype) and agree >= BF16_MODEL["decisions"]
+        return Comparison(name, float(np.sum(ours != ref)), 0.0, 0.0, 0.0, True, ok, f"{100 * agree:.1f}% agree")
+    o, r = ours.astype(np.float64), ref.astype(np.float64)
+    norm = float(np.sqrt(np.sum(r * r)))
+    rel = float(np.sqrt(np.sum((o - r) ** 2)) / norm) if norm > 0 else float(np.abs(o).max(initial=0.0))
+    ok = bool(np.isfinite(rel) and rel <= BF16_MODEL["rel_l2"])
+    note = "rel L2"
+    if name.endswith("logits") and ref.ndim >= 2 and ref.size:
+        top1 = float(np.mean(np.argmax(o, -1) == np.argmax(r, -1)))
+        ok = ok and top1 >= BF16_MODEL["top1"]
+        note = f"rel L2, top-1 {100 * top1:.1f}%"
+    max_abs = float(np.abs(o - r).max(initial=0.0))
+    return Comparison(name, max_abs, float(np.abs(r).max(initial=0.0)), rel, BF16_MODEL["rel_l2"], False, ok, note)
+
+
+def tie_free_prefix(step_logits, margin: float) -> np.ndarray:
+    """[B, N, V] reference logits of a greedy decode -> [B] number of leading steps whose top-1 beats the top-2 by
+    more than `margin`: a lower-precision run must pick the same tokens there; after a near-tie it may not."""
+    top2 = np.sort(np.asarray(step_logits, np.float64), axis=-1)[..., -2:]
+    tied = (top2[..., 1] - top2[..., 0]) <= margin  # [B, N]
+    return np.where(tied.any(1), np.argmax(tied, axis=1), tied.shape[1])
+
+
 def compare(name: str, ours, ref, *, dtype: str = "float32", tol: float | None = None) -> Comparison:
-    """Compare one tensor; shapes must agree exactly (a shape mismatch is a failure, not an exception)."""
+    """Compare one tensor; shapes must agree exactly (a shape mismatch is a failure, not an exception).
+
+    dtype MODEL_BF16: a whole model run in bfloat16 against a float32 reference, judged by `compare_model_bf16`."""
+    if dtype == MODEL_BF16:
+        return compare_model_bf16(name, ours, ref)
     ours = np.asarray(ours)
     ref = np.asarray(ref)
     tol = TOLERANCES[dtype] if tol is None else tol
@@ -90,3 +141,8 @@ def assert_close(name: str, ours, ref, *, dtype: str = "float32", tol: float | N
     c = compare(name, ours, ref, dtype=dtype, tol=tol)
     if not c.ok:
         raise AssertionError(f"{c.row()} (tol {c.tol:g}) {c.note}")
+
+
+def runtime_for(mode: str):
+    """The run settings a parity mode computes in: float32, or bfloat16 parameters and compute (MODEL_BF16)."""
+    return Runtime.bf16() if mode == MODEL_BF16 else Runtime()

@@ -14,7 +14,6 @@ from ming_jax.parity import golden, numerics
 KINDS = ("llm_backbone", "vision_encoder", "audio_encoder", "preprocessing", "full_mm_forward")
 
 
-
 class UnsupportedKind(Exception):
     pass
 
@@ -31,11 +30,15 @@ def runner_for(kind: str):
     return module.run
 
 
-def run_case(path: str) -> list[numerics.Comparison]:
+def run_case(path: str, dtype: str = "float32") -> list[numerics.Comparison]:
+    """dtype "float32": the parity bar (relative max-abs 1e-4, integers exact). "bfloat16": the model runs with
+    bfloat16 parameters and compute and is judged against the float32 reference by `numerics.BF16_MODEL`."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"parity dtype {dtype!r} (float32 or bfloat16)")
     kind = golden.case_kind(path)
     run = runner_for(kind)
     case = golden.load_case(path)
-    rows = run(case)
+    rows = run(case, numerics.MODEL_BF16 if dtype == "bfloat16" else "float32")
     # Every tensor the case holds must be compared: an output the runner skipped is a failure, not a pass.
     compared = {r.name for r in rows}
     for name in sorted(set(case.outputs) - compared):

@@ -9,14 +9,17 @@ of the forward produces (named as in the `llm_backbone` kind, without prefix), a
 
 from __future__ import annotations
 
+import numpy as np
+
 from ming_jax.parity import golden, numerics
 from ming_jax.gen import omni
 from ming_jax.checkpoint import restore
 from ming_jax.parity.cases.llm_backbone import forward_rows
 
 
-def build(case: golden.GoldenCase) -> omni.OmniModel:
-    return restore.load_tensors(case.config, case.weights, source=case.path).omni()
+def build(case: golden.GoldenCase, mode: str = "float32") -> omni.OmniModel:
+    return restore.load_tensors(case.config, case.weights, source=case.path,
+                                runtime=numerics.runtime_for(mode)).omni()
 
 
 def inputs_of(case: golden.GoldenCase) -> omni.OmniInputs:
@@ -29,8 +32,8 @@ def inputs_of(case: golden.GoldenCase) -> omni.OmniInputs:
         audio_placeholder_loc_lens=x.get("audio_placeholder_loc_lens"))
 
 
-def run(case: golden.GoldenCase) -> list[numerics.Comparison]:
-    model = build(case)
+def run(case: golden.GoldenCase, mode: str = "float32") -> list[numerics.Comparison]:
+    model = build(case, mode)
     inputs = inputs_of(case)
     want = case.outputs
     # omni.forward = encode_media -> prepare -> backbone; the backbone rows come from the llm_backbone runner, which
@@ -41,5 +44,6 @@ def run(case: golden.GoldenCase) -> list[numerics.Comparison]:
     if media.audio is not None:
         ours["audio_embeds"] = media.audio.embeds
         ours["audio_embeds_lengths"] = media.audio.lengths
-    rows = [numerics.compare(k, v, want[k]) for k, v in ours.items() if v is not None and k in want]
-    return rows + forward_rows(model.llm, prep, "", want)
+    rows = [numerics.compare(k, np.asarray(v, np.float32) if np.asarray(v).dtype.kind not in "iub" else v, want[k],
+                             dtype=mode) for k, v in ours.items() if v is not None and k in want]
+    return rows + forward_rows(model.llm, prep, "", want, mode)

@@ -13,10 +13,16 @@ from ming_jax.parity import golden, numerics
 from ming_jax.models import llm as model_lib, inputs as multimodal
 from ming_jax.checkpoint import restore
 from ming_jax.config.modality import AUDIO, GATE_NAMES, VISION
+from ming_jax.config.runtime import Runtime
+
+# bfloat16 runs: a reference step whose top-2 logits are closer than this fraction of the largest logit is a near-tie
+# that a lower-precision run may break the other way; the greedy continuation is compared only before it.
+TIE_MARGIN = 0.02
 
 
-def load_model(case: golden.GoldenCase) -> model_lib.BailingMoeV2:
-    return restore.load_tensors(case.config, case.weights, components=("llm",), source=case.path).llm
+def load_model(case: golden.GoldenCase, runtime: Runtime | None = None) -> model_lib.BailingMoeV2:
+    return restore.load_tensors(case.config, case.weights, components=("llm",), source=case.path,
+                                runtime=runtime).llm
 
 
 def sorted_topk(experts, weights_):
@@ -28,20 +34,20 @@ def sorted_topk(experts, weights_):
     return np.take_along_axis(experts, order, -1), np.take_along_axis(weights_, order, -1)
 
 
-def topk_rows(name: str, experts, weights_, want: dict) -> list[numerics.Comparison]:
+def topk_rows(name: str, experts, weights_, want: dict, mode: str = "float32") -> list[numerics.Comparison]:
     """`{name}_topk_idx` / `{name}_topk_weight` against the reference, both sides sorted by expert id (pairs kept)."""
     ki, kw = f"{name}_topk_idx", f"{name}_topk_weight"
     if ki not in want and kw not in want:
         return []
     if ki not in want or kw not in want:  # one without the other cannot be put in id order: compare it as stored
         k, v = (ki, experts) if ki in want else (kw, weights_)
-        return [numerics.compare(k, v, want[k])]
+        return [numerics.compare(k, v, want[k], dtype=mode)]
     idx, w = sorted_topk(experts, weights_)
     ref_idx, ref_w = sorted_topk(want[ki], want[kw])
-    return [numerics.compare(ki, idx, ref_idx), numerics.compare(kw, w, ref_w)]
+    return [numerics.compare(ki, idx, ref_idx, dtype=mode), numerics.compare(kw, w, ref_w, dtype=mode)]
 
 
-def forward_rows(model, prep, prefix: str, want: dict) -> list[numerics.Comparison]:
+def forward_rows(model, prep, prefix: str, want: dict, mode: str = "float32") -> list[numerics.Comparison]:
     cfg = model.cfg
     emb, out = generation.as_numpy(generation.forward(model, prep, collect=True))
     b, s = prep.input_ids.shape
@@ -54,18 +60,24 @@ def forward_rows(model, prep, prefix: str, want: dict) -> list[numerics.Comparis
         li = j + cfg.num_dense_layers
         r = out.routing
         ours[f"{prefix}layer_{li}_router_logits"] = r.logits[j].reshape(b, s, -1)
-        topk += topk_rows(f"{prefix}layer_{li}", r.experts[j].reshape(b, s, -1), r.weights[j].reshape(b, s, -1), want)
+        topk += topk_rows(f"{prefix}layer_{li}", r.experts[j].reshape(b, s, -1), r.weights[j].reshape(b, s, -1), want,
+                          mode)
         g = out.gate_routing
         for gi in range(g.experts.shape[1]):
             name = f"{prefix}layer_{li}_{GATE_NAMES[gi]}"
             ours[f"{name}_logits"] = g.logits[j, gi]
-            topk += topk_rows(name, g.experts[j, gi], g.weights[j, gi], want)
+            topk += topk_rows(name, g.experts[j, gi], g.weights[j, gi], want, mode)
     if prep.modality is not None:
         ours[f"{prefix}router_mask_vision"] = (prep.modality == VISION).astype(np.int64)
         ours[f"{prefix}router_mask_audio"] = (prep.modality == AUDIO).astype(np.int64)
     if not prefix:
         ours["rope_deltas"] = prep.rope_deltas[:, None]
-    return sorted([numerics.compare(k, ours[k], want[k]) for k in ours if k in want] + topk, key=lambda r: r.name)
+    return sorted([numerics.compare(k, np.asarray(ours[k], np.float32) if _is_float(ours[k]) else ours[k], want[k],
+                                    dtype=mode) for k in ours if k in want] + topk, key=lambda r: r.name)
+
+
+def _is_float(a) -> bool:
+    return np.asarray(a).dtype.kind == "f" or str(np.asarray(a).dtype) == "bfloat16"
 
 
 @contextlib.contextmanager
@@ -92,18 +104,29 @@ def fed_decode_positions(model: model_lib.BailingMoeV2):
         model.__class__ = base
 
 
-def decode_rows(model, prep, prefix: str, want: dict) -> list[numerics.Comparison]:
+def decode_rows(model, prep, prefix: str, want: dict, mode: str = "float32") -> list[numerics.Comparison]:
     n = want[f"{prefix}decode_tokens"].shape[1]
     sampling = generation.SamplingConfig(max_new_tokens=n)  # greedy, no stop tokens: the release ran n steps
     with fed_decode_positions(model) as fed:
         gen = generation.as_numpy(generation.generate(model, prep, sampling, return_logits=True))
-    rows = [numerics.compare(f"{prefix}decode_tokens", gen.tokens, want[f"{prefix}decode_tokens"]),
-            numerics.compare(f"{prefix}decode_step_logits", gen.step_logits, want[f"{prefix}decode_step_logits"])]
+    tokens, ref_tokens = gen.tokens, want[f"{prefix}decode_tokens"]
+    step_logits, ref_logits = gen.step_logits, want[f"{prefix}decode_step_logits"]
+    if mode == numerics.MODEL_BF16:  # greedy continuations compared up to each row's first near-tie of the reference
+        keep = numerics.tie_free_prefix(ref_logits, TIE_MARGIN * float(np.abs(ref_logits).max()))
+        tokens = np.concatenate([t[:k] for t, k in zip(tokens, keep)])
+        ref_tokens = np.concatenate([t[:k] for t, k in zip(ref_tokens, keep)])
+        step_logits = np.concatenate([t[:k] for t, k in zip(step_logits, keep)])
+        ref_logits = np.concatenate([t[:k] for t, k in zip(ref_logits, keep)])
+        tokens_mode = "float32"  # before a near-tie every token must agree
+    else:
+        tokens_mode = mode
+    rows = [numerics.compare(f"{prefix}decode_tokens", tokens, ref_tokens, dtype=tokens_mode),
+            numerics.compare(f"{prefix}decode_step_logits", step_logits, ref_logits, dtype=mode)]
     key = f"{prefix}decode_position_ids"
     if key in want:  # positions of decode steps 2..n: the three rope rows the rotary embedding got, step by step
         b = prep.input_ids.shape[0]
         ours = np.concatenate(fed, axis=-1) if fed else np.zeros((3, b, 0), np.int64)
-        rows.append(numerics.compare(key, ours, want[key]))
+        rows.append(numerics.compare(key, ours, want[key], dtype=mode))
     return rows
 
 
@@ -117,13 +140,13 @@ def multimodal_inputs(inputs: dict) -> multimodal.MultimodalInputs:
         video_grid_thw=x.get("image_grid_thw_video"))
 
 
-def run(case: golden.GoldenCase) -> list[numerics.Comparison]:
-    model = load_model(case)
+def run(case: golden.GoldenCase, mode: str = "float32") -> list[numerics.Comparison]:
+    model = load_model(case, numerics.runtime_for(mode))
     cfg, x, want = model.cfg, case.inputs, case.outputs
     mm_prep = multimodal.prepare(cfg, x["input_ids"], mm=multimodal_inputs(x))
     text_prep = multimodal.prepare(cfg, x["text_input_ids"])
-    rows = forward_rows(model, mm_prep, "", want)
-    rows += forward_rows(model, text_prep, "text_", want)
-    rows += decode_rows(model, mm_prep, "mm_", want)
-    rows += decode_rows(model, text_prep, "text_", want)
+    rows = forward_rows(model, mm_prep, "", want, mode)
+    rows += forward_rows(model, text_prep, "text_", want, mode)
+    rows += decode_rows(model, mm_prep, "mm_", want, mode)
+    rows += decode_rows(model, text_prep, "text_", want, mode)
     return rows
