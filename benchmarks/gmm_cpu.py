@@ -1,7 +1,7 @@
 """Grouped-matmul candidates for XLA backends (CPU here), measured: time, compiled temporaries and FLOPs.
 
     python benchmarks/gmm_cpu.py [--tokens 2048] [--experts 64] [--top_k 8] [--d 1024] [--f 256] [--dtype float32]
-                                 [--reps 3] [--json benchmarks/results/gmm_cpu.json] [--skip_xla]
+                                 [--reps 3] [--json PATH (default $TMPDIR/ming_jax_<name>.json)] [--skip_xla]
 
 The expert FFN of the MoE block (`api.grouped_glu` with the fused permute `rows=`, as `moe/block.py` calls it) on
 T tokens routed top-k uniformly at random, forward and forward+backward (gradients of x and the three weights):
@@ -10,7 +10,9 @@ T tokens routed top-k uniformly at random, forward and forward+backward (gradien
   padded_bmm/tmN a candidate not kept: rows padded per expert to N-row tiles, one batched matmul over all tiles,
                  each tile with a gathered copy of its expert's weights ([tiles, D, F] temporary), autodiff;
   dense          a lower bound: all rows through one expert's weights (three plain matmuls, same FLOPs as useful).
-Prints a table and writes JSON (date, machine, jax version, every row).
+Prints a table and writes JSON (date, machine, jax version, every row). The FLOPs column is XLA's cost_analysis,
+which counts a while loop's body once (not per trip): meaningful for xla / padded_bmm / dense, ~0 for portable,
+whose work is (sum over experts of ceil(rows / tm)) x tm rows.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def main(argv=None):
     p.add_argument("--tms", default="32,64,128,256,512")
     p.add_argument("--skip_xla", action="store_true", help="skip ragged_dot (seconds per call, GiB temporaries)")
     p.add_argument("--only", default="", help="comma-separated candidate names (default: all)")
-    p.add_argument("--json", default="benchmarks/results/gmm_cpu.json")
+    p.add_argument("--json", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "ming_jax_gmm_cpu.json"))
     a = p.parse_args(argv)
 
     dt = jnp.dtype(a.dtype)
@@ -166,7 +168,8 @@ def main(argv=None):
 
     print(f"\nT={t} top-{k} of {e} experts (M={m} rows), d {d}, f {f}, {a.dtype}; useful forward "
           f"{useful / 1e9:.2f} GFLOP; permuted activations [M, d] {act_bytes / 2**20:.0f} MiB")
-    head = (f"| {'candidate':<16} | fwd ms | fwd+bwd ms | fwd tok/s | fwd temp MiB | bwd temp MiB | fwd FLOPs / useful |"
+    head = (f"| {'candidate':<16} | fwd ms | fwd+bwd ms | fwd tok/s | fwd temp MiB | bwd temp MiB "
+            "| fwd FLOPs / useful |"
             "\n|---|---:|---:|---:|---:|---:|---:|")
     print(head)
     for r in results:

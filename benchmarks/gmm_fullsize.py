@@ -1,7 +1,8 @@
 """Full-size check without a GPU: compile (never run) the routed-expert FFN at Ling-flash shapes on this CPU and
 report XLA's `memory_analysis()` temporaries against the permuted activations [T * top_k, d].
 
-    python benchmarks/gmm_fullsize.py [--impl auto,xla] [--tokens 8192] [--json benchmarks/results/gmm_fullsize.json]
+    python benchmarks/gmm_fullsize.py [--impl auto,xla] [--tokens 8192]
+        [--json PATH (default $TMPDIR/ming_jax_<name>.json)]
 
 Shapes: T tokens routed top-8 of 256 experts, d 4096, f 1024, bfloat16, the permute fused (`rows=`) as in the MoE
 block. Inputs are abstract (jax.ShapeDtypeStruct): nothing is allocated, so the dense ragged_dot lowering can be
@@ -55,7 +56,7 @@ def main(argv=None):
     p.add_argument("--d", type=int, default=4096)
     p.add_argument("--f", type=int, default=1024)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--json", default="benchmarks/results/gmm_fullsize.json")
+    p.add_argument("--json", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "ming_jax_gmm_fullsize.json"))
     a = p.parse_args(argv)
     m = a.tokens * a.top_k
     act = m * a.d * jnp.dtype(a.dtype).itemsize

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from ming_jax.models import llm as model_lib
 from ming_jax.parity import numerics
@@ -22,10 +21,12 @@ from ming_jax.weights.llm import llm_table
 from flax import nnx
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("e, n_group, topk_group, k", [(16, 4, 2, 4), (32, 8, 3, 6), (16, 1, 1, 2), (64, 8, 4, 8)])
 def test_router_matches_transformers_deepseek_v3(e, n_group, topk_group, k):
     """DeepSeek-V3's router is the same rule (sigmoid, correction bias for selection, top-2 group scores).
     It fills excluded groups with 0 rather than -inf, so the bias is kept positive here to make that immaterial."""
+    torch = pytest.importorskip("torch")
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 

@@ -19,8 +19,9 @@ DTYPES = ("float32", "bfloat16", "float16")  # activation / compute dtypes
 PARAM_DTYPES = ("float32", "bfloat16")
 # Attention backends: splash (Pallas TPU kernel), cudnn (GPU flash attention), xla (the reference: any mask).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
-# Grouped-matmul backends of the routed experts: pallas (TPU kernels), xla (jax.lax.ragged_dot).
-GMM_IMPLEMENTATIONS = ("auto", "xla", "pallas")
+# Grouped-matmul backends of the routed experts: pallas (TPU kernels), portable (chunked per-expert dots, any
+# backend: what "auto" picks off TPU), xla (jax.lax.ragged_dot, dense off TPU: for comparison only).
+GMM_IMPLEMENTATIONS = ("auto", "xla", "pallas", "portable")
 # Expert parallelism under an active mesh: "auto" (when the mesh's experts axis is > 1: the ragged exchange on
 # TPU / GPU, the padded one on CPU), "off", or "ragged" / "padded" to force that exchange.
 EXPERT_PARALLEL_MODES = ("auto", "off", "ragged", "padded")

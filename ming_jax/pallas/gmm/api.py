@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ming_jax.config.runtime import GMM_IMPLEMENTATIONS
 from ming_jax.pallas.gmm import portable, vjp, xla
 from ming_jax.pallas.gmm.kernel import BlockSizes, GmmTiling
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas", "portable")
+IMPLEMENTATIONS = GMM_IMPLEMENTATIONS
 
 
 def _check(lhs, weights, group_sizes, implementation):
@@ -120,7 +121,8 @@ def gmm_glu(
     per routed expert); the result is [M, F] in sorted order. The Pallas kernels copy those rows out of x themselves
     (forward, backward recompute and weight gradient), so the sorted [M, D] copy of x never exists; d_x comes out of
     the input-gradient kernel in sorted order and is summed back onto the T rows (float32). The XLA path gathers
-    x[rows] first; the portable path gathers each tile's rows inside its loop and scatter-adds d_x per tile; all agree. With the Pallas kernels D must be a multiple of the k tile (or fit one k tile).
+    x[rows] first; the portable path gathers each tile's rows inside its loop and scatter-adds d_x per tile; all
+    agree. With the Pallas kernels D must be a multiple of the k tile (or fit one k tile).
     """
     if rows is not None:
         _check_rows(x, rows)

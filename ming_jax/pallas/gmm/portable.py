@@ -8,7 +8,8 @@ dynamic slice of the weights, and the outputs are updated in place on the loop c
 
     work        <= (ceil(M / tm) + G) * tm rows of matmul (useful rows + at most one partial chunk per group)
     temporaries  the [M, N] output, one [tm, K] tile and one [K, N] weight slice per step (gradients: the
-                 [G, K, N] weight gradient plus one float32 [K, N] accumulator); nothing of size M x G.
+                 [G, K, N] weight gradient plus one float32 [K, N] accumulator); nothing of size M x G. Caveat:
+                 bf16 on XLA:CPU adds one 16-bit copy of the operands (see `_bits`).
 
 A chunk that would run past row M is shifted back to end there (no padded copy of the rows); the rows it then
 shares with the group's previous chunk are masked by the nominal chunk start, so every (row, group) pair is
@@ -35,13 +36,23 @@ from jax import lax
 
 from ming_jax.pallas.gmm import kernel, metadata
 
-# Rows per step. Chosen by benchmarks/gmm_cpu.py on a 2-core CPU (see docs/benchmarks.md): smaller tiles waste
-# fewer rows on partial chunks, larger ones pay less per-step overhead.
+# Rows per step (an upper bound; see `_tm`). benchmarks/gmm_cpu.py on the shared 2-core CPU (docs/benchmarks.md):
+# 64 / 128 / 256 within the run-to-run noise at 256 rows per expert; 128 keeps the partial-chunk waste at ~1.25x
+# there, where 256 computes ~1.5x the rows.
 DEFAULT_TM = 128
+MIN_TM = 8
 
 
-def _tm(m: int, tm: int | None) -> int:
-    return max(1, min(DEFAULT_TM if tm is None else int(tm), m))
+def _tm(m: int, tm: int | None, num_groups: int) -> int:
+    """Rows per step: `tm` if given, else about the mean rows per expert as a power of two in [MIN_TM, DEFAULT_TM].
+
+    Every non-empty expert costs at least one step, so with few rows per expert (decode: M = batch x top-k rows over
+    G experts) a large tile would multiply mostly-padding rows; there a step costs one read of the expert's weights.
+    """
+    if tm is None:
+        mean = -(-m // max(num_groups, 1))
+        tm = min(DEFAULT_TM, max(MIN_TM, 1 << (mean - 1).bit_length()))
+    return max(1, min(int(tm), m))
 
 
 class _Steps:
@@ -77,18 +88,33 @@ class _Steps:
         return s == self.first_step[self.group_ids[s]]
 
 
-def _pin(*tiles):
-    """Keep per-step slices per step. Backends without bf16 dots (XLA:CPU) convert their operands to float32, and
-    without the barrier that convert is moved ahead of the slice and hoisted out of the loop: a float32 copy of the
-    whole operand (12 GiB of expert weights at Ling-flash shapes) instead of one tile."""
-    return lax.optimization_barrier(tiles)
+def _bits(x):
+    """16-bit floats as uint16 (a free bitcast), other dtypes as they are.
+
+    The loops slice and update their big operands through this view. XLA:CPU has no bf16 dot or select and rewrites
+    bf16 ops to float32; on a bf16 loop operand that conversion lands on the whole array and is hoisted out of the
+    loop (a float32 copy of every expert weight: 12 GiB at Ling-flash shapes) or re-run on the whole output every
+    step. Integer slices and updates are left alone, so only the per-step tiles are converted. XLA:CPU (jax 0.10.2)
+    still materializes the entry bitcast as one 16-bit copy of each operand: 1x the bf16 weights instead of 2x
+    (measured in docs/benchmarks.md); float32 operands need no view and no copy.
+    """
+    return lax.bitcast_convert_type(x, jnp.uint16) if jnp.dtype(x.dtype).itemsize == 2 else x
 
 
-def _load(x, rows, start, tm):
-    """The tile's [tm, K] rows of the sorted layout: x[start:start+tm], or x[rows[start:start+tm]]."""
+def _float(x, dtype):
+    """Inverse of `_bits`."""
+    return lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
+
+
+def _load(x, rows, start, tm, dtype):
+    """The tile's [tm, K] rows of the sorted layout: x[start:start+tm], or x[rows[start:start+tm]] (x from _bits)."""
     if rows is None:
-        return lax.dynamic_slice_in_dim(x, start, tm, 0)
-    return jnp.take(x, lax.dynamic_slice_in_dim(rows, start, tm, 0), axis=0)
+        return _float(lax.dynamic_slice_in_dim(x, start, tm, 0), dtype)
+    return _float(jnp.take(x, lax.dynamic_slice_in_dim(rows, start, tm, 0), axis=0), dtype)
+
+
+def _weight(w_bits, g, dtype):
+    return _float(lax.dynamic_index_in_dim(w_bits, g, 0, keepdims=False), dtype)
 
 
 def _dot(a, b, dims):
@@ -101,16 +127,20 @@ _NT = ((1,), (1,))  # [tm, N] x [K, N] -> [tm, K]
 _TN = ((0,), (0,))  # [tm, K] x [tm, N] -> [K, N]
 
 
-def _masked_write(out, start, mask, tile):
-    old = lax.dynamic_slice_in_dim(out, start, tile.shape[0], 0)
-    (merged,) = _pin(jnp.where(mask[:, None], tile.astype(out.dtype), old))  # the update stays tile-sized, in place
-    return lax.dynamic_update_slice_in_dim(out, merged, start, 0)
+def _masked_write(out, start, mask, tile, dtype):
+    """out (from _bits) rows [start, start + tm) = tile where mask, in dtype."""
+    old = _float(lax.dynamic_slice_in_dim(out, start, tile.shape[0], 0), dtype)
+    merged = jnp.where(mask[:, None], tile.astype(dtype), old)
+    return lax.dynamic_update_slice_in_dim(out, _bits(merged), start, 0)
 
 
-def _write_group(d_w, acc, g):
-    """d_w[g] = acc (the group's float32 running sum so far), in d_w.dtype, in place."""
-    (upd,) = _pin(acc.astype(d_w.dtype))
-    return lax.dynamic_update_index_in_dim(d_w, upd, g, 0)
+def _write_group(d_w, acc, g, dtype):
+    """d_w[g] = acc (the group's float32 running sum so far) in dtype; d_w from _bits."""
+    return lax.dynamic_update_index_in_dim(d_w, _bits(acc.astype(dtype)), g, 0)
+
+
+def _zeros(shape, dtype):
+    return _bits(jnp.zeros(shape, dtype))
 
 
 def _clip_rows(x, rows):
@@ -123,19 +153,21 @@ def _clip_rows(x, rows):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def gmm(lhs, rhs, group_sizes, out_dtype, tm=None):
     """[M, K] x [G, K, N] -> [M, N] out_dtype; see the module docstring."""
-    return _gmm_fwd_loop(lhs, rhs, group_sizes, jnp.dtype(out_dtype), _tm(lhs.shape[0], tm))
+    return _gmm_fwd_loop(lhs, rhs, group_sizes, jnp.dtype(out_dtype), _tm(lhs.shape[0], tm, rhs.shape[0]))
 
 
 def _gmm_fwd_loop(lhs, rhs, group_sizes, out_dtype, tm):
     m = lhs.shape[0]
     steps = _Steps(group_sizes, m, tm)
+    lhs_b, rhs_b = _bits(lhs), _bits(rhs)
 
     def body(s, out):
         g, start, mask = steps.at(s)
-        a, w = _pin(_load(lhs, None, start, tm), rhs[g])
-        return _masked_write(out, start, mask, _dot(a, w, _NN))
+        y = _dot(_load(lhs_b, None, start, tm, lhs.dtype), _weight(rhs_b, g, rhs.dtype), _NN)
+        return _masked_write(out, start, mask, y, out_dtype)
 
-    return lax.fori_loop(0, steps.count, body, jnp.zeros((m, rhs.shape[2]), out_dtype))
+    out = lax.fori_loop(0, steps.count, body, _zeros((m, rhs.shape[2]), out_dtype))
+    return _float(out, out_dtype)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, out_dtype, tm):
@@ -145,24 +177,23 @@ def _gmm_fwd(lhs, rhs, group_sizes, out_dtype, tm):
 def _gmm_bwd(out_dtype, tm, residuals, d_out):
     lhs, rhs, group_sizes = residuals
     m = lhs.shape[0]
-    tm = _tm(m, tm)
+    tm = _tm(m, tm, rhs.shape[0])
     steps = _Steps(group_sizes, m, tm)
-    d_out = d_out.astype(lhs.dtype)
+    dt = lhs.dtype
+    lhs_b, rhs_b, d_out_b = _bits(lhs), _bits(rhs), _bits(d_out.astype(dt))
 
     def body(s, carry):
         d_lhs, d_rhs, acc = carry
         g, start, mask = steps.at(s)
-        a, dy, w = _pin(_load(lhs, None, start, tm), _load(d_out, None, start, tm), rhs[g])
-        dy = jnp.where(mask[:, None], dy, 0)  # [tm, N], other groups' rows zeroed
-        d_lhs = _masked_write(d_lhs, start, mask, _dot(dy, w, _NT))
-        acc = jnp.where(steps.new_group(s), 0.0, acc) + _dot(a, dy, _TN)
-        d_rhs = _write_group(d_rhs, acc, g)
-        return d_lhs, d_rhs, acc
+        w = _weight(rhs_b, g, rhs.dtype)
+        dy = jnp.where(mask[:, None], _load(d_out_b, None, start, tm, dt), 0)  # [tm, N], other groups' rows zeroed
+        d_lhs = _masked_write(d_lhs, start, mask, _dot(dy, w, _NT), dt)
+        acc = jnp.where(steps.new_group(s), 0.0, acc) + _dot(_load(lhs_b, None, start, tm, dt), dy, _TN)
+        return d_lhs, _write_group(d_rhs, acc, g, rhs.dtype), acc
 
-    init = (jnp.zeros(lhs.shape, lhs.dtype), jnp.zeros(rhs.shape, rhs.dtype),
-            jnp.zeros(rhs.shape[1:], jnp.float32))
+    init = (_zeros(lhs.shape, dt), _zeros(rhs.shape, rhs.dtype), jnp.zeros(rhs.shape[1:], jnp.float32))
     d_lhs, d_rhs, _ = lax.fori_loop(0, steps.count, body, init)
-    return d_lhs, d_rhs, None
+    return _float(d_lhs, dt), _float(d_rhs, rhs.dtype), None
 
 
 gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -176,16 +207,19 @@ def gmm_glu(x, w_gate, w_up, group_sizes, rows=None, tm=None):
     """h = silu(x @ w_gate[g]) * (x @ w_up[g]) -> [M, F] in x.dtype; with rows [M] int32, sorted row r is x[rows[r]]."""
     rows = _clip_rows(x, rows)
     m = x.shape[0] if rows is None else rows.shape[0]
-    tm = _tm(m, tm)
+    tm = _tm(m, tm, w_gate.shape[0])
     steps = _Steps(group_sizes, m, tm)
+    dt = x.dtype
+    x_b, wg_b, wu_b = _bits(x), _bits(w_gate), _bits(w_up)
 
     def body(s, h):
         g, start, mask = steps.at(s)
-        a, wg, wu = _pin(_load(x, rows, start, tm), w_gate[g], w_up[g])
-        gate, up = _dot(a, wg, _NN), _dot(a, wu, _NN)
-        return _masked_write(h, start, mask, jax.nn.silu(gate) * up)
+        a = _load(x_b, rows, start, tm, dt)
+        gate, up = _dot(a, _weight(wg_b, g, w_gate.dtype), _NN), _dot(a, _weight(wu_b, g, w_up.dtype), _NN)
+        return _masked_write(h, start, mask, jax.nn.silu(gate) * up, dt)
 
-    return lax.fori_loop(0, steps.count, body, jnp.zeros((m, w_gate.shape[2]), x.dtype))
+    h = lax.fori_loop(0, steps.count, body, _zeros((m, w_gate.shape[2]), dt))
+    return _float(h, dt)
 
 
 def _glu_fwd(x, w_gate, w_up, group_sizes, rows, tm):
@@ -196,36 +230,38 @@ def _glu_bwd(tm, residuals, d_h):
     x, w_gate, w_up, group_sizes, rows = residuals
     rows_c = _clip_rows(x, rows)
     m = x.shape[0] if rows is None else rows.shape[0]
-    tm = _tm(m, tm)
+    tm = _tm(m, tm, w_gate.shape[0])
     steps = _Steps(group_sizes, m, tm)
     dt = x.dtype
+    x_b, wg_b, wu_b, d_h_b = _bits(x), _bits(w_gate), _bits(w_up), _bits(d_h.astype(dt))
 
     def body(s, carry):
         d_x, d_wg, d_wu, acc_g, acc_u = carry
         g, start, mask = steps.at(s)
-        a, dh, wg, wu = _pin(_load(x, rows_c, start, tm), _load(d_h, None, start, tm), w_gate[g], w_up[g])
+        a = _load(x_b, rows_c, start, tm, dt)  # [tm, D]
+        wg, wu = _weight(wg_b, g, w_gate.dtype), _weight(wu_b, g, w_up.dtype)
         gate, up = _dot(a, wg, _NN), _dot(a, wu, _NN)  # [tm, F] float32, recomputed
-        dh = jnp.where(mask[:, None], dh.astype(jnp.float32), 0.0)
+        dh = jnp.where(mask[:, None], _load(d_h_b, None, start, tm, dt).astype(jnp.float32), 0.0)
         sig = jax.nn.sigmoid(gate)
         d_gate = (dh * up * sig * (1.0 + gate * (1.0 - sig))).astype(dt)
         d_up = (dh * gate * sig).astype(dt)
         dx_tile = _dot(d_gate, wg, _NT) + _dot(d_up, wu, _NT)  # [tm, D] float32, zero off the mask
         if rows_c is None:
-            d_x = _masked_write(d_x, start, mask, dx_tile)
-        else:  # a token's copies sum; rows this step does not own add exact zeros
+            d_x = _masked_write(d_x, start, mask, dx_tile, dt)
+        else:  # float32 sum onto the tokens; rows this step does not own add exact zeros
             d_x = d_x.at[lax.dynamic_slice_in_dim(rows_c, start, tm, 0)].add(dx_tile)
         fresh = steps.new_group(s)
         acc_g = jnp.where(fresh, 0.0, acc_g) + _dot(a, d_gate, _TN)
         acc_u = jnp.where(fresh, 0.0, acc_u) + _dot(a, d_up, _TN)
-        d_wg, d_wu = _write_group(d_wg, acc_g, g), _write_group(d_wu, acc_u, g)
+        d_wg, d_wu = _write_group(d_wg, acc_g, g, w_gate.dtype), _write_group(d_wu, acc_u, g, w_up.dtype)
         return d_x, d_wg, d_wu, acc_g, acc_u
 
-    dx_dtype = dt if rows_c is None else jnp.float32
+    d_x0 = _zeros(x.shape, dt) if rows_c is None else jnp.zeros(x.shape, jnp.float32)
     acc = jnp.zeros(w_gate.shape[1:], jnp.float32)
-    init = (jnp.zeros(x.shape, dx_dtype), jnp.zeros(w_gate.shape, w_gate.dtype), jnp.zeros(w_up.shape, w_up.dtype),
-            acc, acc)
+    init = (d_x0, _zeros(w_gate.shape, w_gate.dtype), _zeros(w_up.shape, w_up.dtype), acc, acc)
     d_x, d_wg, d_wu, _, _ = lax.fori_loop(0, steps.count, body, init)
-    return d_x.astype(dt), d_wg, d_wu, None, None
+    d_x = _float(d_x, dt) if rows_c is None else d_x.astype(dt)
+    return d_x, _float(d_wg, w_gate.dtype), _float(d_wu, w_up.dtype), None, None
 
 
 gmm_glu.defvjp(_glu_fwd, _glu_bwd)
