@@ -283,6 +283,23 @@ def test_forced_splash_through_dispatch_matches_xla():
            "float32")
 
 
+def test_pad_head_dim_lets_splash_take_head_dim_72():
+    """The ViT's head dim 72: refused by splash as is; with `pad_head_dim=True` "auto" picks the kernel (when lowered
+    for TPU) and a forced splash (interpreted) zero-pads q, k, v to 128 lanes and equals the reference at hd**-0.5."""
+    q, k, v = _qkv(b=2, t=40, h=2, kv=2, hd=72)
+    seg = jnp.asarray(np.stack([np.r_[np.ones(24), np.full(16, 2)], np.ones(40)]), jnp.int32)
+    mask = ops.AttentionMask.self_attention(seg, causal=False)
+    assert ops.resolve_attention_impl("auto", q, k, mask) == "xla"
+    assert ops.resolve_attention_impl("auto", q, k, mask, pad_head_dim=True) == "tpu_else_xla"
+    with pytest.raises(ValueError, match="head dim 72"):
+        ops.attention(q, k, v, mask, impl="splash")
+    ours = ops.attention(q, k, v, mask, impl="splash", pad_head_dim=True)
+    assert ours.shape == q.shape
+    _check("splash_hd72", ours, ops.attention(q, k, v, mask, impl="xla"), "float32")
+    _check("splash_hd72_scale", ops.attention(q, k, v, None, impl="splash", pad_head_dim=True, scale=0.3),
+           attend(q, k, v, scale=0.3), "float32")
+
+
 def test_runtime_attention_validated():
     assert Runtime().attention == "auto"
     assert Runtime(attention="splash").attention == "splash"

@@ -1,4 +1,5 @@
-"""Vision tower: golden parity, name table, config, an independent `transformers` reference, bad input.
+"""Vision tower: golden parity, name table, config, an independent `transformers` reference, bad input, and the
+attention backends (splash through the dispatcher vs the grouped XLA path; the release-size TPU compile).
 
 Models are built abstractly and filled through `ming_jax.weights.vision` (no random JAX init to compile); random
 reference weights are made on the torch side and moved with the same table.
@@ -219,6 +220,7 @@ def test_config_rejects_unknown_keys_and_bad_dims(case):
 # --- independent reference: transformers' Qwen3-VL-MoE vision model ---------------------------------------------
 
 
+@pytest.mark.torch
 def test_matches_transformers_qwen3_vl_moe_vision_model():
     """Other sizes than the golden case (depth 3, 2 heads of 16, 6x6 position grid, deepstack at blocks 2 and 0,
     patch 8). Random torch weights go to our model through the table; our export loads back into the torch
@@ -290,3 +292,69 @@ def test_bad_inputs_raise_clear_errors():
         tower(px[:0], np.zeros((0, 3), np.int64))
     with pytest.raises(TypeError, match="static"):
         jax.jit(lambda g: tower(px, g))(np.array([[1, 6, 8]]))
+
+
+# --- attention backends -------------------------------------------------------------------------------------------
+
+
+def _random_tower(cfg: VisionConfig, attention: str, segment_layout: str = "grouped") -> VisionTransformer:
+    return VisionTransformer(cfg, Runtime(attention=attention), use_deepstack=True, segment_layout=segment_layout,
+                             rngs=nnx.Rngs(5))
+
+
+@pytest.mark.parametrize("segment_layout", ["grouped", "masked"])
+def test_splash_dispatch_matches_grouped_xla(segment_layout):
+    """The ViT on the attention dispatcher with splash forced (the Pallas interpreter here; head dim 16 zero-padded
+    to 128 lanes) gives the grouped XLA tower's outputs, float32, on several images and a video of different sizes:
+    per-(image, frame) batch rows ("grouped") or one row with per-(image, frame) segment ids ("masked")."""
+    cfg = VisionConfig.tiny(depth=2, deepstack_visual_indexes=(0,), patch_size=4)
+    grid = ((1, 4, 6), (2, 4, 4), (1, 2, 2), (1, 6, 4))  # segment lengths 24, 16, 16, 4, 24: three groups
+    n = sum(t * h * w for t, h, w in grid)
+    px = np.asarray(jax.random.normal(jax.random.key(1), (n, cfg.patch_dim), np.float32))
+    ref_hidden, ref_deep = vision_forward(_random_tower(cfg, "xla"), px, grid)
+    tower = _random_tower(cfg, "splash", segment_layout)
+    assert tower.blocks.attn.attention == "splash"
+    assert "pallas_call" in str(jax.make_jaxpr(lambda p: tower(p, grid)[0])(px))  # the blocks ran the kernels
+    hidden, deep = vision_forward(tower, px, grid)
+    numerics.assert_close("splash_last_hidden", hidden, ref_hidden)
+    for j, (a, b) in enumerate(zip(deep, ref_deep)):
+        numerics.assert_close(f"splash_deepstack_{j}", a, b)
+
+
+def test_auto_attention_on_cpu_is_the_xla_formulation(case, case_cfg):
+    """"auto" (the default) lowered for CPU holds no Mosaic kernel and equals "xla" bit for bit."""
+    name = sub_cases(case)[-1]
+    px, grid = case.inputs[f"{name}_pixel_values"], as_grid(case.inputs[f"{name}_grid_thw"])
+    outs = {}
+    for impl in ("auto", "xla"):
+        tower = loaded_tower(case_cfg, case.weights, runtime=Runtime(attention=impl))
+        outs[impl] = vision_forward(tower, px, grid)[0]
+    assert "tpu_custom_call" not in jax.jit(lambda p: tower(p, grid)[0]).lower(px).as_text()
+    np.testing.assert_array_equal(np.asarray(outs["auto"]), np.asarray(outs["xla"]))
+
+
+def test_release_vit_attention_auto_compiles_to_splash_for_tpu():
+    """One release-size ViT attention (16 heads x head dim 72, bf16) on a 1024 x 1024 image (64 x 64 patches) and a
+    4-frame video, "auto", compiled for one v5p chip from this CPU host: the splash kernel (head dim padded to 128),
+    and no [H, L, L] logits in HBM."""
+    from tpu_compile import need_libtpu
+
+    need_libtpu()
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from ming_jax.models.vision import segment_attention
+
+    cfg = VisionConfig.ming_flash_omni_2()
+    assert cfg.head_dim == 72
+    grid = ((1, 64, 64), (4, 28, 28))
+    layout = vision_layout(grid, cfg.spatial_merge_size, cfg.position_grid_side)
+    topo = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu")
+    chip = NamedSharding(Mesh(np.array(topo.devices[:1]), ("chip",)), PartitionSpec())
+    arg = jax.ShapeDtypeStruct((layout.num_patches, cfg.num_heads, cfg.head_dim), jax.numpy.bfloat16, sharding=chip)
+    lowered = jax.jit(lambda q, k, v: segment_attention(q, k, v, layout, "grouped", "auto")).lower(arg, arg, arg)
+    kernels = lowered.as_text().count("custom_call @tpu_custom_call")
+    assert kernels == len(layout.groups) == 2, f"expected one splash kernel per segment length, got {kernels}"
+    mem = lowered.compile().memory_analysis()
+    logits = cfg.num_heads * 4096 * 4096 * 4  # the 1024 x 1024 image's float32 logits: 1 GiB
+    assert mem.temp_size_in_bytes < logits / 8, f"temp {mem.temp_size_in_bytes / 2**20:.0f} MiB"

@@ -29,6 +29,7 @@ from flax import nnx
 
 from ming_jax.config.runtime import Runtime
 from ming_jax.config.vision import VisionConfig
+from ming_jax.pallas.attention import api as attention_api
 from ming_jax.pallas.attention.reference import attend, segment_mask
 from ming_jax.layers.mlp import GeluMLP, gelu_mlp
 from ming_jax.layers.norms import LayerNorm
@@ -197,18 +198,29 @@ def from_grouped(x, layout: VisionLayout):
     return x if layout.inverse is None else x[layout.inverse]
 
 
-def segment_attention(q, k, v, layout: VisionLayout, impl: str = "grouped"):
+def segment_attention(q, k, v, layout: VisionLayout, impl: str = "grouped", attention: str = "xla"):
     """q, k, v [N, H, hd] -> [N, H, hd], each patch attending only to the patches of its own (image, frame).
 
-    "grouped": rows must be in grouped order (`to_grouped`); each run of equal-length segments is one dense
-    [G, L, L] attention, so the work is sum(L^2) with no padding and no mask. Everything else in a block is per
-    patch, so the tower permutes once before the blocks and back once after, not in every layer.
-    "masked": rows in processor order, one [N, N] attention with a block-diagonal mask from segment ids (the layout
-    that segment-id kernels such as splash attention take); it costs N^2 and is the reference of the grouped path.
+    `impl` is the layout of the work:
+    "grouped": rows must be in grouped order (`to_grouped`); each run of equal-length segments is one [G, L] batch
+    of attention calls, one (image, frame) per batch row, so the work is sum(L^2) with no padding and no mask.
+    Everything else in a block is per patch, so the tower permutes once before the blocks and back once after.
+    "masked": rows in processor order, one [1, N] call whose mask is the per-(image, frame) segment ids (1, 2, ...):
+    N^2 work (splash's static mask is full, so no tile is skipped); the reference of the grouped path.
+
+    `attention` is the backend (`Runtime.attention`): "xla" is the plain `attend` formulation above, anything else
+    goes through `ming_jax.pallas.attention.api.attention` with that impl and `pad_head_dim=True` (the release's
+    head dim is 72: splash gets q, k, v zero-padded to 128 lanes). "auto" is splash when lowered for TPU, cuDNN on
+    a GPU where it takes the call (bf16 / fp16), else exactly the "xla" formulation.
     """
+    if attention not in attention_api.IMPLEMENTATIONS:
+        raise ValueError(f"attention={attention!r} (known: {attention_api.IMPLEMENTATIONS})")
     if impl == "masked":
-        ids = jnp.asarray(layout.segment_ids)[None]  # [1, N]
-        return attend(q[None], k[None], v[None], segment_mask(ids, ids))[0]
+        ids = jnp.asarray(layout.segment_ids + 1)[None]  # [1, N]; 0 is the dispatcher's padding id
+        if attention == "xla":
+            return attend(q[None], k[None], v[None], segment_mask(ids, ids))[0]
+        mask = attention_api.AttentionMask.self_attention(ids, causal=False)
+        return attention_api.attention(q[None], k[None], v[None], mask, impl=attention, pad_head_dim=True)[0]
     outs, start = [], 0
     for length, count in layout.groups:
         stop = start + length * count
@@ -216,7 +228,11 @@ def segment_attention(q, k, v, layout: VisionLayout, impl: str = "grouped"):
         def batch(x):
             return x[start:stop].reshape((count, length) + x.shape[1:])  # [G, L, H, hd]
 
-        outs.append(attend(batch(q), batch(k), batch(v)).reshape((stop - start,) + q.shape[1:]))
+        if attention == "xla":
+            out = attend(batch(q), batch(k), batch(v))
+        else:  # each batch row is one segment: the block diagonal is the batch, no mask needed
+            out = attention_api.attention(batch(q), batch(k), batch(v), None, impl=attention, pad_head_dim=True)
+        outs.append(out.reshape((stop - start,) + q.shape[1:]))
         start = stop
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)  # [N, H, hd]
 
@@ -238,10 +254,12 @@ class PatchEmbed(nnx.Module):
 
 
 class VisionAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, param_dtype, segment_layout: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, segment_layout: str, attention: str = "xla",
+                 rngs: nnx.Rngs):
         d, h, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         pdt = param_dtype
         self.impl = segment_layout
+        self.attention = attention
         self.qkv_kernel = param(rngs, fan_in_normal(), (d, 3, h, hd), ("embed", None, "heads", "head_dim"), pdt)
         self.qkv_bias = param(rngs, zeros, (3, h, hd), (None, "heads", "head_dim"), pdt)
         self.out_kernel = param(rngs, fan_in_normal((0, 1)), (h, hd, d), ("heads", "head_dim", "embed"), pdt)
@@ -254,17 +272,19 @@ class VisionAttention(nnx.Module):
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, hd]
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        o = segment_attention(q, k, v, layout, self.impl)  # [N, H, hd]
+        o = segment_attention(q, k, v, layout, self.impl, self.attention)  # [N, H, hd]
         return jnp.einsum("nhk,hkd->nd", o, read(self.out_kernel, dt)) + read(self.out_bias, dt)
 
 
 class VisionBlock(nnx.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-    def __init__(self, cfg: VisionConfig, *, param_dtype, segment_layout: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, param_dtype, segment_layout: str, attention: str = "xla",
+                 rngs: nnx.Rngs):
         pdt = param_dtype
         self.norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=pdt, rngs=rngs)
-        self.attn = VisionAttention(cfg, param_dtype=pdt, segment_layout=segment_layout, rngs=rngs)
+        self.attn = VisionAttention(cfg, param_dtype=pdt, segment_layout=segment_layout, attention=attention,
+                                    rngs=rngs)
         self.norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=pdt, rngs=rngs)
         self.mlp = GeluMLP(cfg.hidden_size, cfg.intermediate_size, approximate=cfg.gelu_approximate,
                            param_dtype=pdt, rngs=rngs)
@@ -316,8 +336,10 @@ class VisionTransformer(nnx.Module):
     model builds its tower that way and would discard them); their weights are still part of the tower.
 
     Blocks are stacked on a leading "layers" axis and run with `lax.scan`, split at the deepstack taps.
-    `runtime` sets the dtypes. `segment_layout` is the XLA formulation of the per-image attention (see
-    `segment_attention`): "grouped" (default, sum(L^2) work) or "masked" (one N x N masked attention, the reference).
+    `runtime` sets the dtypes and the attention backend (`runtime.attention`: "auto" = splash, head dim padded to
+    128 lanes, when lowered for TPU, cuDNN on GPU where it applies, else "xla"; "xla" = plain `attend`).
+    `segment_layout` is how the per-image attention is laid out (see `segment_attention`): "grouped" (default,
+    sum(L^2) work) or "masked" (one N x N attention with per-(image, frame) segment ids, the reference).
     """
 
     def __init__(self, cfg: VisionConfig, runtime: Runtime | None = None, *, use_deepstack: bool = False,
@@ -337,7 +359,8 @@ class VisionTransformer(nnx.Module):
         @nnx.split_rngs(splits=cfg.depth)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(r):
-            return VisionBlock(cfg, param_dtype=pdt, segment_layout=segment_layout, rngs=r)
+            return VisionBlock(cfg, param_dtype=pdt, segment_layout=segment_layout, attention=runtime.attention,
+                               rngs=r)
 
         self.blocks = make_blocks(rngs)
         self.merger = PatchMerger(cfg, postshuffle=False, param_dtype=pdt, rngs=rngs)

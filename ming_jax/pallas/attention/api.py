@@ -11,10 +11,14 @@ take, and a general dense boolean mask (decoding against a KV cache) is what onl
   * GPU backend: cuDNN when it supports the call (bf16 / fp16, head dim a multiple of 8 up to 256, no dense mask),
     else "xla". (A forced "cudnn" also takes dense masks, as an additive bias.)
   * otherwise, when splash can express the mask (no dense mask; causal only for equal lengths; head dim a multiple
-    of 128): `lax.platform_dependent(tpu=splash, default=xla)`, decided when lowering. A TPU run gets the kernel,
+    of 128, or any head dim with `pad_head_dim=True`): `lax.platform_dependent(tpu=splash, default=xla)`, decided
+    when lowering. A TPU run gets the kernel,
     a CPU run the reference, and an ahead-of-time compile for a TPU topology from a CPU host gets the kernel too.
   * else "xla".
 A forced "splash" off TPU runs the same kernels in the Pallas interpreter (tests); a forced "cudnn" needs a GPU.
+`pad_head_dim=True` (the ViT: head dim 72) lets splash take a head dim that is not a multiple of the 128 TPU lanes by
+zero-padding q, k, v to the next multiple (zero lanes add nothing to q.k, the softmax scale stays hd**-0.5, and the
+output is sliced back); only the splash branch pads, "xla" and "cudnn" see the true head dim.
 Under a mesh (`ming_jax.sharding.use_mesh`) splash runs in one `shard_map`: batch split by the `batch` rule, heads by
 `act_heads`, sequences whole on every shard.
 """
@@ -36,6 +40,7 @@ from ming_jax.pallas.attention.reference import attend
 from ming_jax.pallas.attention.splash import splash_attention
 
 IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
+_LANES = 128  # TPU lane width: splash's head dim must be a multiple of it
 
 
 @jax.tree_util.register_dataclass
@@ -81,14 +86,14 @@ def as_mask(mask) -> AttentionMask:
     return mask
 
 
-def splash_supports(q, k, mask: AttentionMask) -> str | None:
-    """None if splash can run this call, else the reason it cannot."""
+def splash_supports(q, k, mask: AttentionMask, *, pad_head_dim: bool = False) -> str | None:
+    """None if splash can run this call, else the reason it cannot (`pad_head_dim`: any head dim, zero-padded)."""
     if mask.dense is not None:
         return "splash takes causal + segment ids, not a dense mask (decoding against a KV cache uses 'xla')"
     if mask.causal and q.shape[1] != k.shape[1]:
         return f"causal splash needs equal query / key lengths, got {q.shape[1]} and {k.shape[1]}"
-    if q.shape[-1] % 128:
-        return f"head dim {q.shape[-1]} is not a multiple of 128 (TPU lane width)"
+    if q.shape[-1] % _LANES and not pad_head_dim:
+        return f"head dim {q.shape[-1]} is not a multiple of 128 (TPU lane width; pad_head_dim=True pads it)"
     if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
         return f"dtype {q.dtype} (splash: bfloat16, float32)"
     return None
@@ -107,7 +112,7 @@ def cudnn_supports(q, k, mask: AttentionMask) -> str | None:
     return None
 
 
-def resolve_attention_impl(impl: str, q, k, mask) -> str:
+def resolve_attention_impl(impl: str, q, k, mask, *, pad_head_dim: bool = False) -> str:
     """The implementation `attention` will use: "xla", "splash", "cudnn" or "tpu_else_xla" (decided when lowering)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl {impl!r}; known: {IMPLEMENTATIONS}")
@@ -116,40 +121,52 @@ def resolve_attention_impl(impl: str, q, k, mask) -> str:
         return impl
     if jax.default_backend() == "gpu":
         return "cudnn" if mask.dense is None and cudnn_supports(q, k, mask) is None else "xla"
-    if splash_supports(q, k, mask) is None:
+    if splash_supports(q, k, mask, pad_head_dim=pad_head_dim) is None:
         return "splash" if jax.default_backend() == "tpu" else "tpu_else_xla"
     return "xla"
 
 
-def attention(q, k, v, mask=None, *, scale: float | None = None, impl: str = "auto"):
+def attention(q, k, v, mask=None, *, scale: float | None = None, impl: str = "auto", pad_head_dim: bool = False):
     """q [B, T, H, hd], k / v [B, S, K, hd] (H % K == 0), mask: AttentionMask | dense bool | None -> [B, T, H, hd].
 
     Every backend computes `attend(q, k, v, mask.to_dense(T, S), scale=scale)` up to float rounding, and every
     backend differentiates. Queries whose mask row is empty are the caller's problem (kernels may return anything
-    there); self-attention with causal / segment masks never has one.
+    there); self-attention with causal / segment masks never has one. `pad_head_dim`: see the module docstring.
     """
     mask = as_mask(mask)
-    choice = resolve_attention_impl(impl, q, k, mask)
+    choice = resolve_attention_impl(impl, q, k, mask, pad_head_dim=pad_head_dim)
     with jax.named_scope(f"attention_{choice}"):
         if choice == "xla":
             return _xla(q, k, v, mask, scale)
         if choice == "cudnn":
             return _cudnn(q, k, v, mask, scale)
-        reason = splash_supports(q, k, mask)
+        reason = splash_supports(q, k, mask, pad_head_dim=pad_head_dim)
         if reason is not None:
             raise ValueError(f"attention impl 'splash': {reason}")
         if choice == "splash" and jax.default_backend() == "tpu":
-            return _splash(q, k, v, mask, scale, interpret=False)
+            return _padded_splash(q, k, v, mask, scale, interpret=False)
         if choice == "splash":  # forced off TPU: the interpreter here, the compiled kernel if lowered for TPU
-            default = lambda q, k, v: _splash(q, k, v, mask, scale, interpret=True)  # noqa: E731
+            default = lambda q, k, v: _padded_splash(q, k, v, mask, scale, interpret=True)  # noqa: E731
         else:
             default = lambda q, k, v: _xla(q, k, v, mask, scale)  # noqa: E731
-        return lax.platform_dependent(q, k, v, tpu=lambda q, k, v: _splash(q, k, v, mask, scale, interpret=False),
-                                      default=default)
+        return lax.platform_dependent(
+            q, k, v, tpu=lambda q, k, v: _padded_splash(q, k, v, mask, scale, interpret=False), default=default)
 
 
 def _xla(q, k, v, mask: AttentionMask, scale):
     return attend(q, k, v, mask.to_dense(q.shape[1], k.shape[1]), scale=scale)
+
+
+def _padded_splash(q, k, v, mask: AttentionMask, scale, *, interpret):
+    """`_splash` with the head dim zero-padded to a multiple of 128 lanes (a no-op when it is one already): padded
+    lanes add 0 to every q.k, the scale stays the true hd**-0.5, and the padded output lanes (0) are sliced off."""
+    hd = q.shape[-1]
+    width = -(-hd // _LANES) * _LANES
+    if width == hd:
+        return _splash(q, k, v, mask, scale, interpret=interpret)
+    scale = hd**-0.5 if scale is None else scale
+    pad = lambda x: jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, width - hd),))  # noqa: E731
+    return _splash(pad(q), pad(k), pad(v), mask, scale, interpret=interpret)[..., :hd]
 
 
 def _splash(q, k, v, mask: AttentionMask, scale, *, interpret):
