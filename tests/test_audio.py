@@ -179,6 +179,7 @@ def _hf_name(official: str) -> str:
     return official
 
 
+@pytest.mark.torch
 def test_encoder_matches_transformers_whisper():
     """transformers' encoder only takes exactly 2 * max_source_positions mel frames (stock whisper's fixed 30 s).
 
