@@ -18,10 +18,7 @@ whose work is (sum over experts of ceil(rows / tm)) x tm rows.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -29,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.results import run_meta, write_json
 from ming_jax.pallas.gmm import api, portable
 
 
@@ -176,16 +174,11 @@ def main(argv=None):
         print(f"| {r['name']:<16} | {r['fwd_s'] * 1e3:.1f} | {r['fwd_bwd_s'] * 1e3:.1f} | {r['fwd_tokens_per_s']:.0f} "
               f"| {r['fwd_temp_bytes'] / 2**20:.1f} | {r['bwd_temp_bytes'] / 2**20:.1f} "
               f"| {r['fwd_flops'] / useful:.2f} |")
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-           "jax": jax.__version__, "backend": jax.default_backend(),
+    out = {**run_meta(), "backend": jax.default_backend(),
            "config": dict(tokens=t, experts=e, top_k=k, d=d, f=f, dtype=a.dtype, rows=m),
            "useful_fwd_flops": useful, "permuted_activation_bytes": act_bytes, "results": results}
     if a.json:
-        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
-        with open(a.json, "w") as fh:
-            json.dump(out, fh, indent=1)
-        print(f"wrote {a.json}")
+        write_json(a.json, out)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,13 @@ measured too. Forward (`grouped_glu`) and backward (gradients of x and the three
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.results import run_meta, write_json
 from ming_jax.pallas.gmm import api
 
 
@@ -72,16 +70,11 @@ def main(argv=None):
                   f"compile {r['compile_s']:.1f} s", flush=True)
     print(f"T={a.tokens} top-{a.top_k} of {a.experts}, d {a.d}, f {a.f}, {a.dtype}: permuted activations "
           f"[{m}, {a.d}] = {act / 2**30:.2f} GiB")
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-           "jax": jax.__version__, "backend": jax.default_backend(), "permuted_activation_bytes": act,
+    out = {**run_meta(), "permuted_activation_bytes": act,
            "config": dict(tokens=a.tokens, top_k=a.top_k, experts=a.experts, d=a.d, f=a.f, dtype=a.dtype),
            "results": rows}
     if a.json:
-        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
-        with open(a.json, "w") as fh:
-            json.dump(out, fh, indent=1)
-        print(f"wrote {a.json}")
+        write_json(a.json, out)
 
 
 if __name__ == "__main__":

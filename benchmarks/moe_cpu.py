@@ -12,10 +12,7 @@ runs second; "auto" is the portable grouped matmul off TPU, "xla" is jax.lax.rag
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -24,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.results import run_meta, write_json
 from ming_jax.config.llm import LLMConfig
 from ming_jax.config.runtime import Runtime
 from ming_jax.moe.block import MoEBlock
@@ -85,14 +83,9 @@ def main(argv=None):
         r = rows[impl]
         print(f"| {impl} | {r['tokens_per_s']:.0f} | {r['median_s'] * 1e3:.1f} | {r['temp_bytes'] / 2**20:.1f} "
               f"| {r['compile_s']:.1f} | {r['rel_diff_vs_' + impls[0]]:.1e} |")
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-           "jax": jax.__version__, "tokens": a.tokens, "results": list(rows.values())}
+    out = {**run_meta(), "tokens": a.tokens, "results": list(rows.values())}
     if a.json:
-        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
-        with open(a.json, "w") as fh:
-            json.dump(out, fh, indent=1)
-        print(f"wrote {a.json}")
+        write_json(a.json, out)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-import time
 from typing import Sequence
 
 import jax
@@ -13,6 +11,8 @@ import numpy as np
 from jax.experimental import topologies
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from benchmarks.results import run_meta, write_json
 
 CORES_PER_DEVICE = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}  # megacore chips expose two TensorCores as one device
 
@@ -33,7 +33,4 @@ def write_results(path: str, default_name: str, rows: list[dict], note: str) -> 
     """Write {meta, rows} as JSON to `path` (empty: <tmpdir>/default_name); meta records the date and jax's version.
     -> the path."""
     path = path or os.path.join(tempfile.gettempdir(), default_name)
-    with open(path, "w") as fh:
-        meta = dict(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, note=note)
-        json.dump(dict(meta=meta, rows=rows), fh, indent=1)
-    return path
+    return write_json(path, dict(meta=dict(run_meta(), note=note), rows=rows))

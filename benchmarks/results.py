@@ -1,0 +1,28 @@
+"""One way for the benchmark scripts to record a run: when, where, which jax, written atomically as JSON."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+
+import jax
+
+
+def run_meta() -> dict:
+    """Date (UTC), machine and jax version / backend of this run."""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+            "jax": jax.__version__, "backend": jax.default_backend()}
+
+
+def write_json(path: str, payload: dict) -> str:
+    """Write `payload` to `path` (parent folders made) through a temporary file and a rename: never half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=1)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return path
