@@ -1,6 +1,6 @@
 """Grouped-matmul candidates for XLA backends (CPU here), measured: time, compiled temporaries and FLOPs.
 
-    python benchmarks/gmm_cpu.py [--tokens 2048] [--experts 64] [--top_k 8] [--d 1024] [--f 256] [--dtype float32]
+    python -m benchmarks.gmm_cpu [--tokens 2048] [--experts 64] [--top_k 8] [--d 1024] [--f 256] [--dtype float32]
                                  [--reps 3] [--json PATH (default $TMPDIR/ming_jax_<name>.json)] [--skip_xla]
 
 The expert FFN of the MoE block (`api.grouped_glu` with the fused permute `rows=`, as `moe/block.py` calls it) on

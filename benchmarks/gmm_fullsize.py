@@ -1,7 +1,7 @@
 """Full-size check without a GPU: compile (never run) the routed-expert FFN at Ling-flash shapes on this CPU and
 report XLA's `memory_analysis()` temporaries against the permuted activations [T * top_k, d].
 
-    python benchmarks/gmm_fullsize.py [--impl auto,xla] [--tokens 8192]
+    python -m benchmarks.gmm_fullsize [--impl auto,xla] [--tokens 8192]
         [--json PATH (default $TMPDIR/ming_jax_<name>.json)]
 
 Shapes: T tokens routed top-8 of 256 experts, d 4096, f 1024, bfloat16, the permute fused (`rows=`) as in the MoE

@@ -1,6 +1,6 @@
 """The MoE block alone on this CPU, per grouped-matmul implementation: tokens/s and compiled temporaries.
 
-    python benchmarks/moe_cpu.py [--impls xla,auto] [--tokens 2048] [--reps 3]
+    python -m benchmarks.moe_cpu [--impls xla,auto] [--tokens 2048] [--reps 3]
         [--json PATH (default $TMPDIR/ming_jax_<name>.json)]
 
 Config of issue 13 (the vs-torch comparison): hidden 1024, 64 experts top-8 (n_group 8, topk_group 4),

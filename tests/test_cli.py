@@ -77,7 +77,7 @@ def test_generate_cli_applies_the_chat_template_and_reads_conversations(tmp_path
             {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."}]
     (tmp_path / "conv.json").write_text(json.dumps(conv))
     base = [sys.executable, "-m", "ming_jax.generate", "--max_new_tokens", "2"]
-    r = subprocess.run(base + ["--conversation", str(tmp_path / "conv.json"), "--prompt", "hi", "--raw=false"],
+    r = subprocess.run(base + ["--conversation", str(tmp_path / "conv.json")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "1 prompt(s) with the release's chat template" in r.stderr and "conversation 0 (3 turns)" in r.stdout
@@ -88,3 +88,6 @@ def test_generate_cli_applies_the_chat_template_and_reads_conversations(tmp_path
     r = subprocess.run(base + ["--conversation", str(tmp_path / "bad.json")], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "role 'robot'" in r.stderr
+    r = subprocess.run(base + ["--conversation", str(tmp_path / "conv.json"), "--prompt", "hi"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "not both" in r.stderr  # a prompt is never ignored silently

@@ -1,4 +1,5 @@
-"""Ahead-of-time compile of the train and decode steps for a TPU topology, from abstract arrays only.
+"""Ahead-of-time compile of the train step, the prefill and the generation loop for a TPU topology, from abstract
+arrays only.
 
 No weights are allocated: the model is `nnx.eval_shape`d, every argument is a `jax.ShapeDtypeStruct` carrying its
 NamedSharding on a mesh of the topology's devices (`jax.experimental.topologies`, which works from a CPU host with
@@ -11,8 +12,9 @@ XLA's plan is static; fragmentation and the runtime's own reservations are not i
 
 Train step: bf16 parameters, optax AdamW with float32 first and second moments (the update is computed in float32
 and rounded into the bf16 parameters), per-layer remat, token cross-entropy in sequence chunks (no [B, T, V]
-logits); parameters and optimizer state donated. Decode step: one token per sequence against a preallocated KV
-cache of `--seq` slots (donated), logits of that token. Both run the MoE layers expert-parallel when the mesh has
+logits); parameters and optimizer state donated. Prefill: a [batch, seq] prompt into a fresh cache. Decode: the
+generation `while_loop` users run (`ming_jax.gen.text`), `--new_tokens` steps over a donated cache of `--seq`
+slots; decode_step: one token of it. All run the MoE layers expert-parallel when the mesh has
 an expert axis > 1 (ragged all-to-all and the compiled Pallas grouped matmuls on TPU).
 """
 

@@ -37,8 +37,8 @@ def llm_prefix(official_config: dict) -> str:
 
 def load_llm(path: str, *, mesh=None, rules=None, dtype: str | None = None, param_dtype: str | None = None):
     """The `BailingMoeV2` of an official checkpoint folder (omni or LLM-only), weights read tensor by tensor:
-    `load(path, components=["llm"]).llm`. `dtype`: compute dtype, `param_dtype`: parameter dtype (defaults: the
-    config's, float32)."""
+    `load(path, components=["llm"]).llm`. Here `dtype` is the compute dtype (default float32) and `param_dtype` the
+    parameter dtype (default: the release's `torch_dtype`); `load` itself calls them `compute_dtype` / `dtype`."""
     read_config(path)
     return load(path, components=["llm"], mesh=mesh, rules=rules, dtype=param_dtype, compute_dtype=dtype).llm
 

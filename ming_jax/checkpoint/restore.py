@@ -21,14 +21,15 @@ when absent: `release_dtype`). `dtype` sets the parameter dtype instead (convert
 without loading anything (the generate CLI computes in it by default).
 
 `restore_params(DIR, abstract_model, subtree=...)` is the converted-checkpoint primitive; `load_llm`,
-`load_vision`, `load_audio`, `load_omni` are thin wrappers over `load` kept for their callers.
+`load_vision`, `load_audio`, `load_omni` are thin wrappers over `load` for converted checkpoints
+(`ming_jax.checkpoint.release` has the release-folder ones).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -243,9 +244,9 @@ def load(path: str, *, components: Sequence[str] | None = None, mesh: jax.shardi
     mesh / rules: place every parameter with `ming_jax.sharding.param_shardings(module, mesh, rules)` (rules: a
     `ShardingRules` or a preset name, default "ep_fsdp"); no mesh: the default device. `shardings` instead gives,
     per subtree key, a pytree of `NamedSharding` matching `nnx.state(module, nnx.Param)`. `dtype`: parameter dtype
-    (see the module docstring for the defaults), `compute_dtype`: activation dtype; both override `runtime`'s
-    (the other run settings: kernels, remat, expert parallelism). `deepstack`: the vision tower also returns its
-    deepstack features.
+    (default: the checkpoint's, see the module docstring; `runtime.param_dtype` is not used), `compute_dtype`:
+    activation dtype (default: `runtime.dtype`); `runtime` gives the other run settings (kernels, remat, expert
+    parallelism). `deepstack`: the vision tower also returns its deepstack features.
     """
     if isinstance(rules, str):
         rules = ShardingRules.preset(rules)
@@ -255,8 +256,8 @@ def load(path: str, *, components: Sequence[str] | None = None, mesh: jax.shardi
     fmt = detect_format(path)
     raw = read_config(path)
     base = _runtime(runtime, None, compute_dtype)
-    if fmt == RELEASE and dtype is None and runtime is None:
-        dtype = release_dtype(raw)  # the parameters stay in the release's dtype
+    if fmt == RELEASE and dtype is None:
+        dtype = release_dtype(raw)  # the parameters stay in the release's dtype (runtime.param_dtype is not used)
     described = registry.describe(raw, _runtime(base, dtype, None), deepstack=deepstack)
     if fmt == CONVERTED:
         manifest = Manifest.read(path)
@@ -267,8 +268,8 @@ def load(path: str, *, components: Sequence[str] | None = None, mesh: jax.shardi
         parts = _converted_parts(raw, manifest, described, chosen, dtype, base, deepstack)
         for part in parts.values():
             for key, module in part.modules.items():
-                restore_params(path, module, subtree=key, shardings=shardings.get(key), mesh=mesh, rules=rules,
-                               dtype=dtype)
+                # each array to the dtype the module gives it: float32 router biases stay float32 in a bf16 model
+                restore_params(path, module, subtree=key, shardings=shardings.get(key), mesh=mesh, rules=rules)
     else:
         parts = {c: described[c] for c in registry.select(described, components)}
         _fill_from_release(path, described, parts, shardings, mesh, rules)
@@ -405,4 +406,3 @@ def _expect_converted(ckpt_dir: str) -> None:
     Manifest.read(ckpt_dir)  # the error naming the missing manifest
 
 
-LOADERS: dict[str, Callable] = {"llm": load_llm, "vision": load_vision, "audio": load_audio}

@@ -1,4 +1,5 @@
-"""AOT memory plans CLI: compile the train or decode step for a TPU topology from any host (libtpu needed).
+"""AOT memory plans CLI: compile the train step, the prefill or the generation loop for a TPU topology from any
+host (libtpu needed).
 
     python -m ming_jax.aot --preset ming-flash-omni-2.0 --topology v5p:4x4x4 --mesh fsdp=16,expert=4 --step train
     python -m ming_jax.aot --topology v6e:8x8 --mesh expert=64 --rules ep_tp --step decode --batch 256 --seq 8192

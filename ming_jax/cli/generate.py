@@ -98,6 +98,10 @@ def _omni_setup():
     if _CHECKPOINT.value:
         ckpt = _CHECKPOINT.value
         cfg = OmniConfig.from_official(restore.read_config(ckpt))
+        if not os.path.exists(os.path.join(ckpt, "tokenizer.json")):
+            raise app.UsageError(f"{ckpt} has no tokenizer.json: the omni prompt (chat template, media placeholders) "
+                                 "needs the release's tokenizer; copy tokenizer.json (and tokenizer_config.json) into "
+                                 "the folder")
         tok = tokenizer.ReleaseTokenizer(ckpt)
         pre = os.path.join(ckpt, "preprocessor_config.json")
         if os.path.exists(pre):
@@ -239,7 +243,14 @@ def _conversations(path: str) -> list[tuple[list[dict], str | None]]:
             if role not in _ROLES:
                 raise ValueError(f"--conversation {path}: conversation {c}, message {i}: role {role!r} (expected "
                                  f"{', '.join(_ROLES)} or system)")
-            messages.append({"role": _ROLES[role], "content": m.get("content", "")})
+            content = m.get("content", "")
+            if not isinstance(content, str):
+                kinds = {item.get("type") for item in content if isinstance(item, dict)}
+                if kinds - {"text"}:
+                    raise ValueError(f"--conversation {path}: conversation {c}, message {i} holds "
+                                     f"{sorted(kinds - {'text'})} content: text-only generation takes text items "
+                                     "(give media with --image / --audio / --video)")
+            messages.append({"role": _ROLES[role], "content": content})
         out.append((messages, system))
     return out
 
@@ -270,12 +281,27 @@ def _prompt_ids() -> list[list[int]]:
     return rows
 
 
+def _check_flags() -> None:
+    """Flags that would otherwise be ignored silently."""
+    media = _IMAGE.value or _AUDIO.value or _VIDEO.value or _ASR.value
+    if _RULES.present and not _MESH.value:
+        raise app.UsageError("--rules applies to --mesh, which is not given")
+    if media and (_RAW.value or _CONVERSATION.value):
+        raise app.UsageError("--raw / --conversation are for text-only generation; with --image / --audio / --video "
+                             "/ --asr the prompt is always the release's chat template of one turn")
+    if _CONVERSATION.value and (_PROMPT.present or _PROMPT_IDS.value):
+        raise app.UsageError("give the prompt as --conversation or as --prompt / --prompt_ids, not both")
+
+
 def main(argv):
     del argv
+    _check_flags()
     if _IMAGE.value or _AUDIO.value or _VIDEO.value or _ASR.value:
         return _omni_main()
-    texts = labels = None
-    if not _PROMPT_IDS.value:  # bad prompts fail before any loading
+    texts = labels = ids_given = None
+    if _PROMPT_IDS.value:
+        ids_given = _prompt_ids()  # bad prompts fail before any loading
+    else:
         try:
             texts, labels = _text_prompts()
         except (prompt_lib.PromptError, OSError, ValueError) as e:
@@ -305,7 +331,7 @@ def main(argv):
           f"{model.runtime.dtype}", file=sys.stderr)
 
     if _PROMPT_IDS.value:
-        prompts, labels = _prompt_ids(), [f"ids {t}" for t in _PROMPT_IDS.value]
+        prompts, labels = ids_given, [f"ids {t}" for t in _PROMPT_IDS.value]
     else:
         prompts = [tok.encode(t) for t in texts]
         how = "raw text" if _RAW.value else "the release's chat template"

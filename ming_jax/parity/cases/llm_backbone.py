@@ -118,6 +118,10 @@ def decode_rows(model, prep, prefix: str, want: dict, mode: str = "float32") -> 
         step_logits = np.concatenate([t[:k] for t, k in zip(step_logits, keep)])
         ref_logits = np.concatenate([t[:k] for t, k in zip(ref_logits, keep)])
         tokens_mode = "float32"  # before a near-tie every token must agree
+        if not keep.sum():  # nothing would be compared: a failure, never an empty pass
+            return [numerics.Comparison(f"{prefix}{k}", np.nan, np.nan, np.nan, 0.0, False, False,
+                                        "no step before the reference's first near-tie")
+                    for k in ("decode_tokens", "decode_step_logits")]
     else:
         tokens_mode = mode
     rows = [numerics.compare(f"{prefix}decode_tokens", tokens, ref_tokens, dtype=tokens_mode),
