@@ -76,3 +76,16 @@ def test_generate_cli_same_tokens_on_one_device_and_an_expert_mesh(llm_case):
                              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert "onto mesh" in err and "padded from 2 to 8 rows" in err
     assert sharded == single
+
+
+def test_bf16_checkpoints_keep_float32_router_biases(llm_case, tmp_path):
+    """A bf16 conversion loads in bf16 (also when the dtype is asked for explicitly, as the generate CLI does),
+    except the router expert biases, which the model keeps in float32 (selection compares near-equal scores)."""
+    release, _ = llm_case
+    dst = str(tmp_path / "bf16")
+    convert.convert(release, dst, dtype="bf16", progress=False, log=lambda m: None)
+    for kw in ({}, {"dtype": "bfloat16", "compute_dtype": "bfloat16"}):
+        params = _params(load(dst, **kw).llm)
+        biases = {k for k in params if k.endswith("expert_bias")}
+        assert biases and all(params[k].dtype == np.float32 for k in biases), kw
+        assert all(str(params[k].dtype) == "bfloat16" for k in params if k not in biases), kw
