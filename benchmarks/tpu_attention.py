@@ -235,10 +235,9 @@ def main(argv):
             rows.append(row)
             print(f"compiled {topology} S={prog.t} {prog.op} {prog.impl} in {row['compile_s']} s", flush=True)
     print(format_table(rows))
-    path = write_results(_JSON.value, "ming_jax_tpu_attention.json", rows,
-                         note="static AOT cost analysis for one chip plus a block-grid model of the splash kernels; "
-                              "run time not measured (no TPU)")
-    print(f"wrote {path}")
+    write_results(_JSON.value, "ming_jax_tpu_attention.json", rows,
+                  note="static AOT cost analysis for one chip plus a block-grid model of the splash kernels; "
+                       "run time not measured (no TPU)")
 
 
 if __name__ == "__main__":

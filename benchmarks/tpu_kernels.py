@@ -224,9 +224,8 @@ def main(argv):
                 rows.append(row)
                 print(f"compiled {topology} {prog.op} {prog.impl} in {row['compile_s']} s", flush=True)
     print(format_table(rows))
-    path = write_results(_JSON.value, "ming_jax_tpu_kernels.json", rows,
-                         note="static AOT cost analysis, one chip; run time not measured (no TPU)")
-    print(f"wrote {path}")
+    write_results(_JSON.value, "ming_jax_tpu_kernels.json", rows,
+                  note="static AOT cost analysis, one chip; run time not measured (no TPU)")
 
 
 if __name__ == "__main__":

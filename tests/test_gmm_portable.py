@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gmm_vjp import glu_vjp, gmm_vjp
 
 from ming_jax.parity import numerics
 from ming_jax.pallas import gmm as G
@@ -81,19 +82,7 @@ def _fns(tm):
         def down(a, b, gs):
             return portable.gmm(a, b, gs, a.dtype, tm)
 
-    def glu_vjp(fn):
-        def run(x, wg, wu, gs, d_h):
-            h, pb = jax.vjp(lambda a, b, c: fn(a, b, c, gs), x, wg, wu)
-            return h, pb(d_h.astype(h.dtype))
-        return jax.jit(run)
-
-    def down_vjp(fn):
-        def run(h, wd, gs, d_y):
-            y, pb = jax.vjp(lambda a, b: fn(a, b, gs), h, wd)
-            return y, pb(d_y.astype(y.dtype))
-        return jax.jit(run)
-
-    return glu_vjp(glu), glu_vjp(G.reference.gmm_glu), down_vjp(down), down_vjp(G.reference.gmm)
+    return glu_vjp(glu), glu_vjp(G.reference.gmm_glu), gmm_vjp(down), gmm_vjp(G.reference.gmm)
 
 
 @pytest.mark.parametrize("tm", [None, 16, 64], ids=lambda t: f"tm{t}")

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gmm_vjp import glu_vjp, gmm_vjp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
+from tpu_compile import need_libtpu
 
 from ming_jax.parity import numerics
 from ming_jax.pallas import gmm as G
@@ -102,20 +103,7 @@ def _inputs(case: Case, seed: int):
     return x, w_gate, w_up, w_down, d_h
 
 
-def _glu_vjp(fn):
-    def run(x, w_gate, w_up, gs, d_h):
-        h, pullback = jax.vjp(lambda a, b, c: fn(a, b, c, gs), x, w_gate, w_up)
-        return h, pullback(d_h.astype(h.dtype))
-
-    return jax.jit(run)
-
-
-def _gmm_vjp(fn):
-    def run(h, w_down, gs, d_y):
-        y, pullback = jax.vjp(lambda a, b: fn(a, b, gs), h, w_down)
-        return y, pullback(d_y.astype(y.dtype))
-
-    return jax.jit(run)
+_glu_vjp, _gmm_vjp = glu_vjp, gmm_vjp
 
 
 @functools.cache
@@ -451,9 +439,7 @@ def _tpu_abstract(topology: str, shapes):
     return [jax.ShapeDtypeStruct(s, dt, sharding=one_chip) for s, dt in shapes]
 
 
-def _need_libtpu():
-    if importlib.util.find_spec("libtpu") is None:
-        pytest.skip("libtpu is not installed: `pip install 'jax[tpu]==0.10.2'` to AOT-compile for TPU")
+_need_libtpu = need_libtpu
 
 
 def _train_step(tiling=None, out_type=None):
