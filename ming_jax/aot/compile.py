@@ -25,7 +25,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -39,8 +38,8 @@ from ming_jax.gen.sampling import SamplingConfig
 from ming_jax.gen.steps import make_decode_step, make_prefill
 from ming_jax.layers.kv_cache import KVCache, kv_cache_shardings
 from ming_jax.models import llm as model_lib
-from ming_jax.train.optimizer import f32, optimizer
-from ming_jax.train.step import make_train_step
+from ming_jax.train import step as train_step
+from ming_jax.train.config import TrainConfig
 
 
 def _abstract(tree, shardings):
@@ -52,7 +51,8 @@ STEPS = ("train", "prefill", "decode", "decode_step")
 
 
 def lower_step(cfg: LLMConfig, mesh, rules: sharding.ShardingRules, step: str, *, batch: int, seq: int,
-               cache_layout: str = "auto", runtime: Runtime | None = None, new_tokens: int = 256):
+               cache_layout: str = "auto", runtime: Runtime | None = None, new_tokens: int = 256,
+               train: TrainConfig | None = None):
     """The jitted step lowered for `mesh` from abstract, sharded arguments.
 
     step: "train" (`ming_jax.train.step`, seq = training length); "prefill" (`ming_jax.gen.steps.prefill` of a
@@ -64,7 +64,7 @@ def lower_step(cfg: LLMConfig, mesh, rules: sharding.ShardingRules, step: str, *
     that format as out_shardings); "default": row-major. With "default" the TPU compiler gives the layer loop's
     carried cache another tiled layout and copies the MoE stacks in and out of the loop (one cache-sized
     temporary). runtime: dtypes, kernels, remat, expert parallelism (default: `Runtime.bf16(remat=True)`, how the
-    release trains)."""
+    release trains). train: the train step's TrainConfig (default `TrainConfig()`: AdamW, clipping, bias balancing)."""
     runtime = Runtime.bf16(remat=True) if runtime is None else runtime
     abstract = model_lib.create_abstract(cfg, runtime)
     graphdef, params = nnx.split(abstract)
@@ -75,15 +75,19 @@ def lower_step(cfg: LLMConfig, mesh, rules: sharding.ShardingRules, step: str, *
         shape, jnp.int32, sharding=sharding.named_sharding(mesh, rules, ("batch",) + (None,) * (len(shape) - 1),
                                                            shape, what=f"batch of shape {shape}"))
     if step == "train":  # outside the mesh context: eager constants there would go to the (absent) TPU devices
-        tx = optimizer()
-        a_opt = jax.eval_shape(lambda p: tx.init(f32(p)), params)
-        o_shard = optax.tree_map_params(tx, lambda _, s: s, a_opt, p_shard, transform_non_params=lambda _: replicated)
-        a_opt = _abstract(a_opt, o_shard)
+        train = TrainConfig() if train is None else train
+        t_graphdef, a_state, tx = train_step.abstract_state(abstract, train)
+        s_shard = train_step.state_shardings(a_state, tx, mesh, rules)
+        a_state = _abstract(a_state, s_shard)
+        b_floats = lambda shape: _batched(mesh, rules, shape, jnp.float32)  # noqa: E731
+        a_batch = dict(input_ids=tokens((batch, seq)), targets=tokens((batch, seq)),
+                       loss_mask=b_floats((batch, seq)), segment_ids=tokens((batch, seq)),
+                       positions=tokens((batch, seq)))
     with sharding.use_mesh(mesh, rules):
-        if step == "train":
-            fn = jax.jit(make_train_step(graphdef, tx), out_shardings=(p_shard, o_shard, replicated),
-                         donate_argnums=(0, 1))
-            return fn.lower(a_params, a_opt, tokens((batch, seq)), tokens((batch, seq)))
+        if step == "train":  # exactly the step `python -m ming_jax.train` runs; the state donated
+            fn = jax.jit(train_step.make_train_step(t_graphdef, train, tx), out_shardings=(s_shard, replicated),
+                         donate_argnums=(0,))
+            return fn.lower(a_state, a_batch)
         if step == "decode_step":
             cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, seq, runtime.dtype))
             c_shard = kv_cache_shardings(mesh, rules, cache)
@@ -123,7 +127,8 @@ def _batched(mesh, rules, shape, dtype):
 
 def compile_step(cfg: LLMConfig, topology: str, mesh_spec: str, rules_name: str, step: str, *, batch: int, seq: int,
                  num_slices: int = 1, devices: Sequence | None = None, cache_layout: str = "auto",
-                 runtime: Runtime | None = None, new_tokens: int = 256) -> tuple[MemoryPlan, object]:
+                 runtime: Runtime | None = None, new_tokens: int = 256,
+                 train: TrainConfig | None = None) -> tuple[MemoryPlan, object]:
     """Compile one step for a topology; -> (its memory plan, the compiled executable)."""
     runtime = Runtime.bf16(remat=True) if runtime is None else runtime
     devices = topology_devices(topology, num_slices) if devices is None else devices
@@ -131,7 +136,7 @@ def compile_step(cfg: LLMConfig, topology: str, mesh_spec: str, rules_name: str,
     rules = sharding.ShardingRules.preset(rules_name)
     t0 = time.perf_counter()
     compiled = lower_step(cfg, mesh, rules, step, batch=batch, seq=seq, cache_layout=cache_layout,
-                          runtime=runtime, new_tokens=new_tokens).compile()
+                          runtime=runtime, new_tokens=new_tokens, train=train).compile()
     m = compiled.memory_analysis()
     shape = ",".join(f"{a}={s}" for a, s in mesh.shape.items() if s > 1) or "1 chip"
     plan = MemoryPlan(topology + (f" x{num_slices}" if num_slices > 1 else ""), step, shape, rules_name, batch, seq,

@@ -23,10 +23,10 @@ axis-name tree and calls `tree_shardings`.
 from ming_jax.sharding.context import Active, active, constrain, use_mesh
 from ming_jax.sharding.mesh import MESH_AXES, Axes, MeshSpec, ShardingError, make_mesh
 from ming_jax.sharding.place import (flat_param_shardings, init_sharded, logical_axes, param_shardings, shard_inputs,
-                                     sharding_table, state_shardings, tree_shardings)
+                                     sharding_table, state_shardings, tree_shardings, variable_shardings)
 from ming_jax.sharding.rules import PRESETS, ShardingRules, logical_to_spec, named_sharding
 
 __all__ = ["Active", "Axes", "MESH_AXES", "MeshSpec", "PRESETS", "ShardingError", "ShardingRules", "active",
            "constrain", "flat_param_shardings", "init_sharded", "logical_axes", "logical_to_spec", "make_mesh",
            "named_sharding", "param_shardings", "shard_inputs", "sharding_table", "state_shardings", "tree_shardings",
-           "use_mesh"]
+           "use_mesh", "variable_shardings"]

@@ -34,7 +34,9 @@ def _path(path) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def _variable_shardings(state, mesh: Mesh, rules: ShardingRules):
+def variable_shardings(state, mesh: Mesh, rules: ShardingRules):
+    """NamedShardings for any nnx State (a whole model's or a subset, e.g. the trainable parameters): parameters by
+    rule, other variables replicated; same structure as `state`."""
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def one(p, v):
@@ -55,13 +57,13 @@ def param_shardings(abstract_model, mesh: Mesh, rules: ShardingRules):
     Raises ShardingError naming the parameter when a logical name has no rule, a mesh axis is used twice, or a split
     dim does not divide evenly.
     """
-    return _variable_shardings(nnx.state(abstract_model, nnx.Param), mesh, rules)
+    return variable_shardings(nnx.state(abstract_model, nnx.Param), mesh, rules)
 
 
 def state_shardings(abstract_model, mesh: Mesh, rules: ShardingRules):
     """Like `param_shardings` for the model's whole state (`nnx.state(model)`): parameters by rule, any other
     variable replicated."""
-    return _variable_shardings(nnx.state(abstract_model), mesh, rules)
+    return variable_shardings(nnx.state(abstract_model), mesh, rules)
 
 
 def flat_param_shardings(abstract_model, mesh: Mesh, rules: ShardingRules) -> dict[str, NamedSharding]:

@@ -1,7 +1,29 @@
-"""The train step: loss, gradients and one optimizer update, jitted and sharded by the caller (`ming_jax.aot`
-compiles exactly this function for TPU topologies)."""
+"""The train step of the BailingMoeV2 backbone: loss, gradients, one AdamW update, the MoE bias update.
+
+    state = init_state(model, cfg)                       # trainable / frozen split, float32 AdamW moments
+    step = jax.jit(make_train_step(state.graphdef, cfg), donate_argnums=0)
+    state, metrics = step(state, batch)
+
+A batch is a dict of arrays (what `ming_jax.train.data` yields; B rows of T tokens):
+  input_ids [B, T] int, targets [B, T] int (the next token of each position), loss_mask [B, T] (0: no loss, e.g.
+  prompt tokens and padding; weights are allowed), segment_ids [B, T] int (0 = padding, 1, 2, ... = documents
+  packed in a row, attending only within themselves), positions [B, T] (per-document token index) or [3, B, T]
+  (the 3-D video-rope rows of `ming_jax.models.inputs.prepare`), and optionally modality [B, T] (the router of each
+  token: TEXT / VISION / AUDIO), features [F, D] + feature_index [F] (media embeddings scattered into the flat
+  b * T + t positions; an index outside [0, B*T) drops the row, so padded feature slots point at B*T).
+
+The loss is the mean cross-entropy over the batch's loss tokens (+ z_loss * mean logsumexp^2, + the optional
+sequence-wise balance loss), whatever `grad_accum` is: micro-batches (every `grad_accum`-th row, so each device
+keeps its rows) are scanned, each normalised by the whole batch's token count, and their gradients summed in
+float32. Trainable parameters (`TrainConfig.trains`) get gradients and AdamW state; the rest (frozen parameters
+and every router's `expert_bias`) ride along in `state.frozen`; the bias update writes the latter after the
+optimizer step from the step's expert loads (`ming_jax.moe.balance`).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -9,25 +31,252 @@ import optax
 from flax import nnx
 
 from ming_jax import sharding
-from ming_jax.train.loss import chunked_cross_entropy
+from ming_jax.moe import balance
+from ming_jax.train import loss as losses
+from ming_jax.train.config import TrainConfig
+from ming_jax.train.optimizer import make_optimizer, schedule
+
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+OPTIONAL_KEYS = ("modality", "features", "feature_index")
+_BIAS_SUFFIX = ("moe", "router", "expert_bias")
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation):
-    """(params, opt_state, input_ids [B, T], labels [B, T]) -> (params, opt_state, loss)."""
+def path_keys(path) -> tuple[str, ...]:
+    """A tree path's keys as strings ('moe_layers', 'moe', 'router', 'kernel'); attribute hops (a Variable's value)
+    left out."""
+    return tuple(str(getattr(k, "key", getattr(k, "idx", ""))) for k in path
+                 if not isinstance(k, jax.tree_util.GetAttrKey))
 
-    def step(params, opt_state, input_ids, labels):
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params)
-            b, t = input_ids.shape
-            x = sharding.constrain(model.embed_tokens(input_ids), ("batch", "seq", "act_embed"))
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, None], (3, b, t))
-            h = model(x, positions).hidden  # the model's full logits are dead code here: XLA drops them
-            w_head = model.embed[...].T if model.lm_head is None else model.lm_head[...]  # as model.head
-            return chunked_cross_entropy(w_head, h, labels)
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)  # float32 moments promote the arithmetic
-        params = jax.tree.map(lambda p, u: (p.astype(jnp.float32) + u).astype(p.dtype), params, updates)
-        return params, opt_state, loss
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: nnx.State  # trainable parameters
+    frozen: nnx.State  # everything else the model holds (frozen parameters, expert biases)
+    opt_state: Any  # the optax state over `params` (float32 moments)
+
+
+def split_model(model: nnx.Module, cfg: TrainConfig):
+    """-> (graphdef, trainable State, frozen State) of a model by `cfg.trains` over its parameter paths."""
+    trains = lambda path, value: isinstance(value, nnx.Param) and cfg.trains("/".join(map(str, path)))  # noqa: E731
+    return nnx.split(model, trains, ...)
+
+
+def init_state(model: nnx.Module, cfg: TrainConfig, tx: optax.GradientTransformation | None = None):
+    """-> (graphdef, TrainState) with the optimizer initialised from float32 views of the trainable parameters (so
+    both AdamW moments are float32 whatever the parameter dtype). Works on abstract models too (inside
+    `jax.eval_shape`)."""
+    graphdef, params, frozen = split_model(model, cfg)
+    if not jax.tree.leaves(params):
+        raise ValueError("TrainConfig: no parameter is trainable (freeze / train_only exclude every parameter)")
+    tx = make_optimizer(cfg, params) if tx is None else tx
+    opt_state = tx.init(jax.tree.map(lambda a: a.astype(jnp.float32), params))
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, frozen, opt_state)
+
+
+def abstract_state(abstract_model: nnx.Module, cfg: TrainConfig, tx: optax.GradientTransformation | None = None):
+    """(graphdef, TrainState of ShapeDtypeStructs, tx) for an abstract model (`create_abstract`): what AOT compiles
+    and what a checkpoint restores into; nothing is allocated."""
+    graphdef, params, frozen = split_model(abstract_model, cfg)
+    tx = make_optimizer(cfg, params) if tx is None else tx
+    opt = jax.eval_shape(lambda p: tx.init(jax.tree.map(lambda a: a.astype(jnp.float32), p)), params)
+    return graphdef, TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, frozen, opt), tx
+
+
+def state_shardings(state: TrainState, tx: optax.GradientTransformation, mesh, rules) -> TrainState:
+    """NamedShardings of a TrainState: parameters by their logical axes, each AdamW moment like its parameter,
+    step and optimizer counters replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    p_shard = sharding.variable_shardings(state.params, mesh, rules)
+    o_shard = optax.tree_map_params(tx, lambda _, s: s, state.opt_state, p_shard,
+                                    transform_non_params=lambda _: replicated)
+    return TrainState(replicated, p_shard, sharding.variable_shardings(state.frozen, mesh, rules), o_shard)
+
+
+def check_batch(batch: dict, *, grad_accum: int = 1) -> None:
+    """Host-side checks of a batch's keys and shapes, each problem named (call before the jitted step)."""
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    unknown = sorted(set(batch) - set(BATCH_KEYS) - set(OPTIONAL_KEYS))
+    if missing or unknown:
+        raise ValueError(f"train batch: missing {missing}, unknown {unknown} (keys: {BATCH_KEYS} + optional "
+                         f"{OPTIONAL_KEYS})")
+    b, t = batch["input_ids"].shape
+    for k in ("targets", "loss_mask", "segment_ids") + (("modality",) if "modality" in batch else ()):
+        if tuple(batch[k].shape) != (b, t):
+            raise ValueError(f"train batch: {k} has shape {tuple(batch[k].shape)}, input_ids {(b, t)}")
+    if tuple(batch["positions"].shape) not in ((b, t), (3, b, t)):
+        raise ValueError(f"train batch: positions has shape {tuple(batch['positions'].shape)}; expected {(b, t)} "
+                         f"or {(3, b, t)}")
+    if ("features" in batch) != ("feature_index" in batch):
+        raise ValueError("train batch: features and feature_index come together")
+    if "features" in batch and batch["features"].shape[:1] != batch["feature_index"].shape:
+        raise ValueError(f"train batch: features {tuple(batch['features'].shape)} vs feature_index "
+                         f"{tuple(batch['feature_index'].shape)}")
+    if b % grad_accum:
+        raise ValueError(f"train batch of {b} rows does not split into grad_accum={grad_accum} micro-batches")
+
+
+def _micro_batches(batch: dict, a: int) -> dict:
+    """Rows r -> micro-batch r % a, local row r // a (strided, so a device's contiguous rows serve every micro-batch);
+    feature indices re-based per micro-batch (rows of other micro-batches point out of range)."""
+    b, t = batch["input_ids"].shape
+    split = lambda x, axis=0: jnp.moveaxis(  # noqa: E731
+        x.reshape(x.shape[:axis] + (b // a, a) + x.shape[axis + 1:]), axis + 1, 0)
+    out = {k: split(batch[k]) for k in ("input_ids", "targets", "loss_mask", "segment_ids") + (
+        ("modality",) if "modality" in batch else ())}
+    pos = batch["positions"]
+    out["positions"] = split(pos, axis=pos.ndim - 2)
+    if "features" in batch:
+        idx = batch["feature_index"].astype(jnp.int32)
+        row, col = idx // t, idx % t
+        inside = (idx >= 0) & (idx < b * t)
+        local = (row // a) * t + col  # [F]
+        m = jnp.arange(a)[:, None]
+        out["feature_index"] = jnp.where(inside[None] & (row[None] % a == m), local[None], (b // a) * t)  # [a, F]
+        out["features"] = jnp.broadcast_to(batch["features"], (a,) + batch["features"].shape)
+    return out
+
+
+def _forward_losses(model, mb: dict, cfg: TrainConfig):
+    """One micro-batch -> (nll sum, z sum, balance-loss term, loads [Lm, R, E] or None)."""
+    ids = mb["input_ids"]
+    b, t = ids.shape
+    llm_cfg = model.cfg
+    x = model.embed_tokens(ids)
+    if "features" in mb:
+        d = x.shape[-1]
+        x = x.reshape(b * t, d).at[mb["feature_index"]].set(mb["features"].astype(x.dtype), mode="drop")
+        x = x.reshape(b, t, d)
+    x = sharding.constrain(x, ("batch", "seq", "act_embed"))
+    pos = mb["positions"]
+    pos = jnp.broadcast_to(pos[None], (3, b, t)) if pos.ndim == 2 else pos
+    modality = mb.get("modality")
+    segments = mb["segment_ids"].astype(jnp.int32)
+    routed = llm_cfg.num_moe_layers > 0
+    out = model(x, pos.astype(jnp.int32), attention_mask=segments, modality=modality, collect=routed)
+    w_head = model.embed[...].T if model.lm_head is None else model.lm_head[...]  # as model.head
+    nll, z = losses.chunked_cross_entropy(w_head, out.hidden, mb["targets"], mb["loss_mask"], cfg.loss_chunk)
+    if not routed:
+        return nll, z, jnp.zeros((), jnp.float32), None
+    r = out.routing  # experts [Lm, B*T, K], logits [Lm, B*T, E]
+    valid = (segments > 0).reshape(-1)
+    router = (jnp.zeros((b * t,), jnp.int32) if modality is None or llm_cfg.num_routers == 1
+              else modality.reshape(-1).astype(jnp.int32))
+    loads = losses.expert_loads(jax.lax.stop_gradient(r.experts), llm_cfg.num_experts, router,
+                                llm_cfg.num_routers, valid)
+    aux = jnp.zeros((), jnp.float32)
+    if cfg.seq_aux_loss:
+        seq_id = (jnp.arange(b)[:, None] * t + segments).reshape(-1)  # one id per (row, document)
+        aux = losses.sequence_balance_loss(r.experts, r.logits, seq_id, valid, llm_cfg.num_experts,
+                                           llm_cfg.num_experts_per_tok)
+    return nll, z, aux, loads
+
+
+def make_grad_fn(graphdef, cfg: TrainConfig) -> Callable:
+    """(params, frozen, batch) -> (float32 gradients of the step's objective w.r.t. params, sums): the micro-batch
+    loop of the step. sums: total (the objective), nll / z (weighted sums over the batch's loss tokens), aux (the
+    balance-loss term, averaged over micro-batches), loads [Lm, R, E] (when the model has MoE layers), denom (the
+    batch's loss-token count the sums are divided by)."""
+
+    def grads_and_sums(params, frozen, batch):
+        a = cfg.grad_accum
+        denom = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+        micro = _micro_batches(batch, a)
+
+        def micro_loss(params, frozen, mb):
+            # Fresh Variables for the frozen leaves, created at this (differentiated) trace level like the params':
+            # nnx transforms inside the model refuse a graph mixing Variables of two trace levels.
+            model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, frozen))
+            nll, z, aux, loads = _forward_losses(model, mb, cfg)
+            total = (nll + cfg.z_loss * z) / denom + cfg.seq_aux_loss * aux / a
+            return total, (nll, z, aux, loads)
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def accumulate(carry, mb):
+            grads, sums = carry
+            (total, (nll, z, aux, loads)), g = grad_fn(params, frozen, mb)
+            grads = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g)
+            new = dict(total=total, nll=nll, z=z, aux=aux / a)
+            if loads is not None:
+                new["loads"] = loads
+            return (grads, jax.tree.map(jnp.add, sums, new)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        sums0 = {k: jnp.zeros((), jnp.float32) for k in ("total", "nll", "z", "aux")}
+        llm_cfg = nnx.merge(graphdef, params, frozen).cfg  # static: the module's config
+        if llm_cfg.num_moe_layers:
+            sums0["loads"] = jnp.zeros((llm_cfg.num_moe_layers, llm_cfg.num_routers, llm_cfg.num_experts))
+        if a == 1:
+            (grads, sums), _ = accumulate((zeros, sums0), jax.tree.map(lambda x: x[0], micro))
+        else:
+            (grads, sums), _ = jax.lax.scan(accumulate, (zeros, sums0), micro)
+        sums["denom"] = denom
+        return grads, sums
+
+    return grads_and_sums
+
+
+def make_train_step(graphdef, cfg: TrainConfig, tx: optax.GradientTransformation | None = None) -> Callable:
+    """(TrainState, batch) -> (TrainState, metrics): one optimizer step over the whole batch (jit it; donate the
+    state). `tx` defaults to `make_optimizer(cfg, params)`, built from the traced parameters' metadata.
+
+    metrics: loss (mean next-token cross-entropy), z_loss and balance_loss (the mean terms before their
+    coefficients), total (what was differentiated), grad_norm (before clipping), learning_rate (of this step),
+    tokens (loss tokens), expert_load [Lm, R, E] (tokens per MoE layer, router and expert) when the model has MoE
+    layers."""
+    grads_and_sums = make_grad_fn(graphdef, cfg)
+
+    def step(state: TrainState, batch: dict):
+        opt = make_optimizer(cfg, state.params) if tx is None else tx
+        grads, sums = grads_and_sums(state.params, state.frozen, batch)
+        grad_norm = optax.tree.norm(grads)
+        masters = jax.tree.map(lambda p: p.astype(jnp.float32), state.params)
+        updates, opt_state = opt.update(grads, state.opt_state, masters)  # float32 arithmetic throughout
+        params = jax.tree.map(lambda p, u: (p.astype(jnp.float32) + u).astype(p.dtype), state.params, updates)
+        frozen = state.frozen
+        if "loads" in sums and cfg.bias_update_rate:
+            frozen = _update_biases(frozen, sums["loads"], cfg.bias_update_rate)
+        denom = sums["denom"]
+        metrics = dict(loss=sums["nll"] / denom, z_loss=sums["z"] / denom, balance_loss=sums["aux"],
+                       total=sums["total"], grad_norm=grad_norm, learning_rate=schedule(cfg)(state.step),
+                       tokens=denom)
+        if "loads" in sums:
+            metrics["expert_load"] = sums["loads"]
+        return TrainState(state.step + 1, params, frozen, opt_state), metrics
 
     return step
+
+
+def _update_biases(frozen: nnx.State, loads, rate: float) -> nnx.State:
+    """Every router's expert bias [Lm, R, E] (the stacked MoE layers') moved by the balancing rule."""
+    found = []
+
+    def one(path, leaf):
+        keys = path_keys(path)
+        if keys[-3:] == _BIAS_SUFFIX:
+            found.append(keys)
+            if leaf.shape != loads.shape:
+                raise ValueError(f"expert bias {'/'.join(keys)} has shape {leaf.shape}, loads {loads.shape}")
+            return balance.update_bias(leaf, loads, rate)
+        return leaf
+
+    out = jax.tree_util.tree_map_with_path(one, frozen)
+    if len(found) != 1:
+        raise ValueError(f"expected one stacked expert-bias leaf, found {['/'.join(k) for k in found]}")
+    return out
+
+
+def active_flops_per_token(llm_cfg, seq: int) -> float:
+    """Training FLOPs per token on active parameters: 6 x (active matmul parameters) + the attention scores /
+    values (12 x layers x heads x head_dim x seq / 2, causal). The embedding lookup is not a matmul."""
+    c = llm_cfg
+    d, hd = c.hidden_size, c.head_dim
+    attn = d * (c.num_heads + 2 * c.num_kv_heads) * hd + c.num_heads * hd * d
+    dense = 3 * d * c.intermediate_size
+    moe = 3 * d * c.moe_intermediate_size * (c.num_experts_per_tok + c.num_shared_experts) + c.num_routers * d * c.num_experts
+    matmul = c.num_layers * attn + c.num_dense_layers * dense + c.num_moe_layers * moe + d * c.vocab_size
+    attention = 12 * c.num_layers * c.num_heads * hd * seq / 2
+    return 6.0 * matmul + attention
+
