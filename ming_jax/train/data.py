@@ -1,0 +1,476 @@
+"""Training data: JSONL text conversations -> packed next-token batches (grain), resumable and deterministic.
+
+Dataset format
+--------------
+JSONL, UTF-8, one conversation per line (empty lines are skipped):
+
+    {"messages": [{"role": "HUMAN", "content": "reverse: abcd"},
+                  {"role": "ASSISTANT", "content": [{"type": "text", "text": "dcba"}]}],
+     "system": "optional system text"}
+
+- `messages`: a non-empty list; `role` is "HUMAN" or "ASSISTANT"; `content` is a string or a list of
+  `{"type": "text", "text": ...}` items (joined without separator, as the chat template does). With the default
+  label mode ("assistant") a conversation needs at least one ASSISTANT message.
+- `system`: optional; it replaces the release's default persona sentence in the system turn (`system_prompt`),
+  which also carries `detailed thinking on|off` (`TrainData.thinking`).
+- No other keys. Media items (`image`, `audio`, `video`) are refused: the training step does not take media yet.
+  Text may not contain the media placeholders / patch tokens (`prompt.RESERVED`), nor the role markers
+  (`<|role_end|>`, `<role>SYSTEM</role>`, `<role>HUMAN</role>`, `<role>ASSISTANT</role>`), which would forge turns.
+  Every problem is a `DataError` (a ValueError) naming `file:line`, raised when the files are read, before training.
+
+Rendering (`render`)
+--------------------
+The official chat template (`prompt.apply_chat_template`), tokenised segment by segment so that label boundaries
+are exact: `system_prompt(system) <|role_end|>`, then per message `<role>HUMAN</role>` or `<role>ASSISTANT</role>`,
+its text, `<|role_end|>`. Labels: "assistant" marks each assistant text and its closing `<|role_end|>` (not the
+role prefix); "all" marks every token. A next-token `example` shifts by one: inputs = tokens[:-1], targets =
+tokens[1:], loss_mask = mask[1:] (a token is learned where its own mask is set).
+
+Pipeline (`make_iterator`)
+--------------------------
+All lines of all files are read and checked; this host keeps conversations `shard_index::shard_count`; then
+(grain) shuffle (a fresh deterministic order each epoch: grain seeds epoch e with `seed + e`), repeat
+`num_epochs` times (None: forever), render + shift in the map (the tokenizer is built once per process from a
+picklable `tokenizer_spec`), truncate overlong examples to `seq_len` or drop them, first-fit pack into
+`batch_size` rows of `seq_len` (bins shuffled when `shuffle`), batch, and optionally run all of that in
+`worker_count` processes (`mp_prefetch`). Batches are dicts of numpy arrays, [B, T] with B = `batch_size` (this
+host's rows) and T = `seq_len`:
+
+    input_ids   int32    tokens (0 on padding)
+    targets     int32    next tokens (0 on padding)
+    loss_mask   float32  1 where the target is learned, 0 elsewhere and on padding
+    segment_ids int32    0 on padding, 1, 2, ... for the documents packed into the row
+    positions   int32    position within its document, from 0 (0 on padding)
+
+Attention must stay within a segment (`segment_ids` equal) and rotary positions come from `positions`.
+`it.get_state()` is a JSON-able dict (`save_state` / `restore_state`); a new iterator for the same config and
+data restored to it yields exactly the batches the saved one would have yielded next. The stream depends on the
+config (seed, seq_len, batch_size, shard, worker_count), so resume with the same one. The final partial batch of a
+finite run (`num_epochs`) is dropped.
+
+Worker processes (`worker_count` > 0) are started with `spawn`: the launching script needs the usual
+`if __name__ == "__main__":` guard (absl mains have it), and `it.close()` stops them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+from ming_jax.processors import prompt
+from ming_jax.processors.tokenizer import ReleaseTokenizer
+
+LABEL_MODES = ("assistant", "all")
+OVERLONG_MODES = ("truncate", "drop")
+ROLES = ("HUMAN", "ASSISTANT")
+MEDIA_TYPES = ("image", "audio", "video")
+# Strings that would forge turn structure if a text carried them (each is one special token or starts a turn).
+ROLE_MARKERS = (prompt.ROLE_END, prompt.SYSTEM_PREFIX, prompt.USER_PREFIX, prompt.ASSISTANT_PREFIX)
+OUTPUT_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+
+
+class DataError(ValueError):
+    """A training file or conversation that cannot be used; the message names `file:line` where it has one."""
+
+
+# --- reading and checking -----------------------------------------------------------------------------------------
+
+
+def _check_text(text: Any, where: str) -> str:
+    try:
+        prompt._check_text(text, where)
+    except prompt.PromptError as e:
+        raise DataError(str(e)) from None
+    forged = [m for m in ROLE_MARKERS if m in text]
+    if forged:
+        raise DataError(f"{where}: text contains the chat template's role marker(s) {forged}")
+    return text
+
+
+def _message_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return _check_text(content, where)
+    if not isinstance(content, list):
+        raise DataError(f"{where}: content must be a string or a list of items, got {type(content).__name__}")
+    texts = []
+    for j, item in enumerate(content):
+        at = f"{where}, item {j}"
+        if not isinstance(item, Mapping):
+            raise DataError(f"{at}: a content item must be an object, got {type(item).__name__}")
+        kind = item.get("type")
+        if kind in MEDIA_TYPES:
+            raise DataError(f"{at}: media items in training data are not supported yet (item type {kind!r})")
+        if kind != "text":
+            raise DataError(f"{at}: content item type {kind!r} (expected 'text')")
+        extra = sorted(set(item) - {"type", "text"})
+        if extra or "text" not in item:
+            raise DataError(f"{at}: a text item has exactly the keys 'type' and 'text', got {sorted(item)}")
+        texts.append(_check_text(item["text"], at))
+    return "".join(texts)
+
+
+def normalize(record: Any, where: str = "conversation", *, labels: str = "assistant") -> dict:
+    """A conversation record (the JSONL format) checked and reduced to `{"system": str | None, "messages":
+    [{"role", "content": str}]}`; `where` prefixes every error."""
+    if labels not in LABEL_MODES:
+        raise DataError(f"labels={labels!r} (expected one of {LABEL_MODES})")
+    if not isinstance(record, Mapping):
+        raise DataError(f"{where}: a conversation must be a JSON object, got {type(record).__name__}")
+    extra = sorted(set(record) - {"messages", "system"})
+    if extra:
+        raise DataError(f"{where}: unknown key(s) {extra} (a conversation has 'messages' and optional 'system')")
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    system = record.get("system")
+    if system is not None:
+        _check_text(system, f"{where}: system")
+    out = []
+    for i, message in enumerate(messages):
+        at = f"{where}: message {i}"
+        if not isinstance(message, Mapping):
+            raise DataError(f"{at}: a message must be an object, got {type(message).__name__}")
+        extra = sorted(set(message) - {"role", "content"})
+        if extra:
+            raise DataError(f"{at}: unknown key(s) {extra} (a message has 'role' and 'content')")
+        role = message.get("role")
+        if role not in ROLES:
+            hint = " (put system text in the conversation's 'system' key)" if role == "SYSTEM" else ""
+            raise DataError(f"{at}: role {role!r} (expected 'HUMAN' or 'ASSISTANT'){hint}")
+        if "content" not in message:
+            raise DataError(f"{at}: no 'content'")
+        out.append({"role": role, "content": _message_text(message["content"], at)})
+    if labels == "assistant" and not any(m["role"] == "ASSISTANT" for m in out):
+        raise DataError(f"{where}: no ASSISTANT message, so nothing to learn with labels='assistant'")
+    return {"system": system, "messages": out}
+
+
+def read_conversations(paths: Sequence[str | os.PathLike], *, labels: str = "assistant") -> list[tuple[str, dict]]:
+    """Every conversation of the JSONL files, in file and line order, as (`"file:line"`, normalized record)."""
+    if not paths:
+        raise DataError("no training data files given")
+    out = []
+    for path in paths:
+        path = os.fspath(path)
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
+                out.append((where, normalize(record, where, labels=labels)))
+    return out
+
+
+# --- tokenizer, rendering, examples -------------------------------------------------------------------------------
+
+
+def tokenizer_from_spec(spec: str | os.PathLike | Mapping[str, Any]):
+    """A picklable tokenizer description -> tokenizer: a folder holding tokenizer.json (`ReleaseTokenizer`), or
+    `{"stand_in": {special string: id}}` (`prompt.StandInTokenizer`, e.g. `prompt.tiny_special_ids(llm_cfg)`)."""
+    if isinstance(spec, (str, os.PathLike)):
+        return ReleaseTokenizer(os.fspath(spec))
+    if isinstance(spec, Mapping) and set(spec) == {"stand_in"}:
+        return prompt.StandInTokenizer(spec["stand_in"])
+    raise DataError(f"tokenizer_spec must be a folder with tokenizer.json or {{'stand_in': ids}}, got {spec!r}")
+
+
+_TOKENIZERS: dict[str, Any] = {}  # per process: worker processes build their own on first use
+
+
+def _spec_key(spec) -> str:
+    return os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else json.dumps(spec, sort_keys=True)
+
+
+def cached_tokenizer(spec):
+    """`tokenizer_from_spec`, built once per process and spec."""
+    key = _spec_key(spec)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = tokenizer_from_spec(spec)
+    return _TOKENIZERS[key]
+
+
+def render(conversation: Mapping[str, Any], tokenizer, *, labels: str = "assistant", thinking: bool = False,
+           where: str = "conversation") -> tuple[np.ndarray, np.ndarray]:
+    """A conversation (JSONL record) -> (tokens int32[L], loss_mask bool[L]) in the release's chat template.
+
+    Segments are tokenised apart (system body, each role prefix, each text) and joined by `<|role_end|>` ids, so
+    the mask covers exactly the assistant texts and their closing `<|role_end|>` (labels="assistant") or everything
+    (labels="all"). For a tokenizer that keeps special strings whole this equals tokenising the whole text."""
+    conv = normalize(conversation, where, labels=labels)
+    role_end = tokenizer.token_id(prompt.ROLE_END)
+    learn_all = labels == "all"
+    ids: list[int] = []
+    mask: list[bool] = []
+
+    def add(tokens: Iterable[int], learned: bool):
+        tokens = list(tokens)
+        ids.extend(tokens)
+        mask.extend([learned or learn_all] * len(tokens))
+
+    add(tokenizer.encode(prompt.system_prompt(conv["system"], thinking=thinking)) + [role_end], False)
+    for message in conv["messages"]:
+        assistant = message["role"] == "ASSISTANT"
+        add(tokenizer.encode(prompt.ASSISTANT_PREFIX if assistant else prompt.USER_PREFIX), False)
+        add(tokenizer.encode(message["content"]) + [role_end], assistant)
+    return np.asarray(ids, np.int32), np.asarray(mask, bool)
+
+
+def example(tokens: np.ndarray, loss_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Next-token example of L-1 positions: predict tokens[1:] from tokens[:-1], learn where mask[1:] is set."""
+    tokens, loss_mask = np.asarray(tokens, np.int32), np.asarray(loss_mask, bool)
+    return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_mask": loss_mask[1:]}
+
+
+# --- the pipeline -------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+    """What `make_iterator` reads and how. `batch_size` is this host's rows per step (the global batch is
+    `batch_size * shard_count`); `shard_index` / `shard_count` default to `jax.process_index()` /
+    `jax.process_count()` when the iterator is made. `worker_count` 0 runs the pipeline in this process.
+    `overlong`: an example longer than `seq_len` is cut to its first `seq_len` positions ("truncate") or skipped
+    ("drop")."""
+
+    paths: tuple[str, ...]
+    seq_len: int
+    batch_size: int
+    seed: int = 0
+    labels: str = "assistant"
+    thinking: bool = False
+    shuffle: bool = True
+    num_epochs: int | None = None
+    worker_count: int = 0
+    overlong: str = "truncate"
+    shard_index: int | None = None
+    shard_count: int | None = None
+
+    def __post_init__(self):
+        paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else self.paths
+        object.__setattr__(self, "paths", tuple(os.fspath(p) for p in paths))
+        problems = []
+        if not self.paths:
+            problems.append("no paths")
+        if self.seq_len < 1 or self.batch_size < 1:
+            problems.append(f"seq_len={self.seq_len} and batch_size={self.batch_size} must be >= 1")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"seed={self.seed} must be in [0, 2**32)")
+        if self.labels not in LABEL_MODES:
+            problems.append(f"labels={self.labels!r} (one of {LABEL_MODES})")
+        if self.overlong not in OVERLONG_MODES:
+            problems.append(f"overlong={self.overlong!r} (one of {OVERLONG_MODES})")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            problems.append(f"num_epochs={self.num_epochs} must be >= 1 or None (forever)")
+        if self.worker_count < 0:
+            problems.append(f"worker_count={self.worker_count} must be >= 0")
+        if (self.shard_index is None) != (self.shard_count is None):
+            problems.append("give both shard_index and shard_count, or neither")
+        elif self.shard_count is not None and not 0 <= self.shard_index < self.shard_count:
+            problems.append(f"shard_index={self.shard_index} must be in [0, shard_count={self.shard_count})")
+        if problems:
+            raise DataError("TrainData: " + "; ".join(problems))
+
+    def shard(self) -> tuple[int, int]:
+        """(index, count) of this host's shard of the conversations."""
+        if self.shard_count is not None:
+            return self.shard_index, self.shard_count
+        return jax.process_index(), jax.process_count()
+
+
+@dataclasses.dataclass
+class _Render:
+    """The map of the pipeline: (where, record) -> example, truncated to seq_len when overlong='truncate'.
+    Picklable: worker processes get the spec and build their tokenizer on first use."""
+
+    tokenizer_spec: Any
+    labels: str
+    thinking: bool
+    seq_len: int
+    truncate: bool
+
+    def __call__(self, item: tuple[str, dict]) -> dict[str, np.ndarray]:
+        where, record = item
+        tokens, mask = render(record, cached_tokenizer(self.tokenizer_spec), labels=self.labels,
+                              thinking=self.thinking, where=where)
+        if self.truncate:
+            tokens, mask = tokens[:self.seq_len + 1], mask[:self.seq_len + 1]
+        return example(tokens, mask)
+
+
+@dataclasses.dataclass
+class _Fits:
+    """The filter of overlong='drop'. Raises once it has dropped `shard_size` examples without keeping one (every
+    conversation too long), which an endless repeat would otherwise spin on silently."""
+
+    seq_len: int
+    shard_size: int
+    kept: int = 0
+    dropped: int = 0
+
+    def __call__(self, ex: dict[str, np.ndarray]) -> bool:
+        if len(ex["inputs"]) <= self.seq_len:
+            self.kept += 1
+            return True
+        self.dropped += 1
+        if not self.kept and self.dropped >= self.shard_size:
+            raise DataError(f"every conversation seen ({self.dropped}) is longer than seq_len={self.seq_len} "
+                            "tokens with overlong='drop': raise seq_len or use overlong='truncate'")
+        return False
+
+
+def _output_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Packed row (grain's `<key>_segment_ids` / `<key>_positions`, all keys packed alike) -> the output names."""
+    return {"input_ids": row["inputs"], "targets": row["targets"], "loss_mask": row["loss_mask"].astype(np.float32),
+            "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
+
+
+def _own_arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Plain numpy copies of a batch that came from a worker through shared memory (grain's SharedMemoryArray),
+    so that the shared block is freed now and the batch outlives the iterator."""
+    return {k: np.array(v) for k, v in batch.items()}
+
+
+def _absl_flags_for_grain_workers() -> None:
+    """grain's multiprocess prefetch reads an absl flag (`grain_enable_multiprocess_worker_profiling`) when it
+    starts workers, which fails with UnparsedFlagAccessError outside an absl main (tests, notebooks). Outside one,
+    take the flags' defaults, as `app.run` would with no arguments."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_dataset(cfg: TrainData, tokenizer_spec) -> grain.IterDataset:
+    """The grain dataset behind `make_iterator` (for composing further); reads and checks every file now."""
+    records = read_conversations(cfg.paths, labels=cfg.labels)
+    index, count = cfg.shard()
+    records = records[index::count]
+    if not records:
+        raise DataError(f"shard {index} of {count} holds no conversations (the files hold fewer than {count})")
+    cached_tokenizer(tokenizer_spec)  # a bad spec fails here, not in a worker
+    ds = grain.MapDataset.source(records)
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    ds = ds.repeat(cfg.num_epochs)
+    ds = ds.map(_Render(tokenizer_spec, cfg.labels, cfg.thinking, cfg.seq_len, cfg.overlong == "truncate"))
+    if cfg.overlong == "drop":
+        ds = ds.filter(_Fits(cfg.seq_len, len(records)))
+    # In workers the map runs in the worker's own thread (grain's advice for in-memory sources); in process a few
+    # threads render ahead of the training loop.
+    read = grain.ReadOptions(num_threads=0 if cfg.worker_count else 4, prefetch_buffer_size=4 * cfg.batch_size)
+    packed = grain.experimental.FirstFitPackIterDataset(
+        ds.to_iter_dataset(read), length_struct={k: cfg.seq_len for k in ("inputs", "targets", "loss_mask")},
+        num_packing_bins=cfg.batch_size, seed=cfg.seed, shuffle_bins=cfg.shuffle)
+    out = packed.map(_output_row).batch(cfg.batch_size, drop_remainder=True)
+    if cfg.worker_count:
+        _absl_flags_for_grain_workers()
+        out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count)).map(_own_arrays)
+    return out
+
+
+def make_iterator(cfg: TrainData, tokenizer_spec):
+    """Batches (dicts of numpy arrays, see the module docstring) of this host's shard; a grain iterator with
+    `get_state()` / `set_state()`. Close it (`it.close()`) when done if `worker_count` > 0."""
+    return iter(make_dataset(cfg, tokenizer_spec))
+
+
+def save_state(it) -> str:
+    """The iterator's position as JSON text (store it beside the model checkpoint)."""
+    return json.dumps(it.get_state(), sort_keys=True)
+
+
+def restore_state(it, blob: str | bytes) -> None:
+    """Move a fresh iterator of the same config to a position from `save_state`."""
+    it.set_state(json.loads(blob))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataStats:
+    conversations: int
+    tokens: int  # example positions before truncation
+    supervised_tokens: int  # positions with loss_mask set, before truncation
+    overlong: int  # examples longer than seq_len (truncated or dropped)
+    longest: int
+
+
+def dataset_stats(cfg: TrainData, tokenizer_spec) -> DataStats:
+    """One pass over this host's shard (every conversation rendered once): sizes and how many exceed seq_len."""
+    records = read_conversations(cfg.paths, labels=cfg.labels)
+    index, count = cfg.shard()
+    tokenizer = tokenizer_from_spec(tokenizer_spec)
+    lengths, supervised = [], 0
+    for where, record in records[index::count]:
+        tokens, mask = render(record, tokenizer, labels=cfg.labels, thinking=cfg.thinking, where=where)
+        lengths.append(len(tokens) - 1)
+        supervised += int(mask[1:].sum())
+    return DataStats(conversations=len(lengths), tokens=sum(lengths), supervised_tokens=supervised,
+                     overlong=sum(n > cfg.seq_len for n in lengths), longest=max(lengths, default=0))
+
+
+# --- a sample data set --------------------------------------------------------------------------------------------
+
+_LETTERS = "abcdefgh"
+_SYSTEMS = ("You are a precise string tool.", "Answer with the result only.")
+
+
+def _task(rng: random.Random) -> tuple[str, str]:
+    """One (question, answer) of a small learnable ASCII task."""
+    word = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 8)))
+    kind = rng.randrange(6)
+    if kind == 0:
+        return f"reverse: {word}", word[::-1]
+    if kind == 1:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return f"add {a} and {b}", str(a + b)
+    if kind == 2:
+        return f"copy: {word}", word
+    if kind == 3:
+        return f"sort: {word}", "".join(sorted(word))
+    if kind == 4:
+        return f"upper: {word}", word.upper()
+    return f"count the letters in: {word}", str(len(word))
+
+
+def sample_conversations(n: int = 256, seed: int = 0) -> list[dict]:
+    """`n` short text conversations (JSONL records) a tiny model can overfit: string and arithmetic tasks, about
+    one in five with two or three turns, one in four with a system text, some content as a list of text items."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        messages = []
+        for _ in range(rng.choice((1, 1, 1, 1, 2, 3))):
+            question, answer = _task(rng)
+            messages.append({"role": "HUMAN", "content": question})
+            content = [{"type": "text", "text": answer}] if rng.random() < 0.25 else answer
+            messages.append({"role": "ASSISTANT", "content": content})
+        record = {"messages": messages}
+        if rng.random() < 0.25:
+            record["system"] = rng.choice(_SYSTEMS)
+        out.append(record)
+    return out
+
+
+def write_sample(path: str | os.PathLike, n: int = 256, seed: int = 0) -> str:
+    """Write `sample_conversations(n, seed)` as JSONL to `path`, atomically (temporary file + rename)."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in sample_conversations(n, seed))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
