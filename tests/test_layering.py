@@ -58,7 +58,7 @@ LAYERS: list[Layer] = [
     Layer("checkpoint"),
     Layer("gen"),
     # Training never depends on the generation pipelines (both sit on checkpoint; aot may use both).
-    Layer("train", never=("gen",)),
+    Layer("train", never=("gen",), extra=(("train.__main__", "cli"),)),
     Layer("aot", extra=(("aot.__main__", "cli"),)),
     Layer("parity", extra=(("parity.__main__", "cli"),)),
     # The absl mains import what a flag selects, inside the main.

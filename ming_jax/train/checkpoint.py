@@ -16,6 +16,7 @@ that saved: orbax reads each shard's slice.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -62,6 +63,8 @@ class Checkpointer:
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every={save_every} and keep={keep} must be >= 1")
         self.directory = epath.Path(directory)
+        if "://" not in str(directory):  # orbax (tensorstore OCDBT) wants absolute local paths
+            self.directory = epath.Path(os.path.abspath(directory))
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save,
             save_decision_policy=policies.AnySavePolicy([

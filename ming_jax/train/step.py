@@ -65,8 +65,8 @@ def split_model(model: nnx.Module, cfg: TrainConfig):
 
 def init_state(model: nnx.Module, cfg: TrainConfig, tx: optax.GradientTransformation | None = None):
     """-> (graphdef, TrainState) with the optimizer initialised from float32 views of the trainable parameters (so
-    both AdamW moments are float32 whatever the parameter dtype). Works on abstract models too (inside
-    `jax.eval_shape`)."""
+    both AdamW moments are float32 whatever the parameter dtype). The state holds the model's own arrays: a step
+    jitted with the state donated consumes them (copy what you want to keep)."""
     graphdef, params, frozen = split_model(model, cfg)
     if not jax.tree.leaves(params):
         raise ValueError("TrainConfig: no parameter is trainable (freeze / train_only exclude every parameter)")

@@ -1,0 +1,308 @@
+"""The training loop: data -> jitted, sharded train step -> metrics (progress bar, JSONL, TensorBoard) ->
+checkpoints; resumes from the newest checkpoint of its work directory, exactly.
+
+    result = train_loop.run(model_fn, abstract_model, train_cfg, data_cfg, tokenizer_spec, run_cfg)
+
+`model_fn()` builds the starting model (random init, or a converted / release checkpoint) and is called only when
+the work directory holds no checkpoint; `abstract_model` (`create_abstract`) gives the structure a checkpoint is
+restored into. Work directory layout:
+
+    <workdir>/checkpoints/<step>/{state,data,meta}   orbax (`ming_jax.train.checkpoint`)
+    <workdir>/metrics.jsonl                          one JSON object per logged step
+    <workdir>/tensorboard/                           TensorBoard event files (tensorboardX)
+    <workdir>/export/                                the final model as a release-format folder (`export_dir`)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+from safetensors.numpy import save_file
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from ming_jax import sharding
+from ming_jax.moe import balance
+from ming_jax.config.modality import GATE_NAMES
+from ming_jax.train import checkpoint as ckpt
+from ming_jax.train import data as data_lib
+from ming_jax.train import step as train_step
+from ming_jax.train.config import TrainConfig
+from ming_jax.weights import llm as llm_weights
+from ming_jax.weights import table as weight_table
+
+# Peak dense bf16 FLOP/s per chip, from the vendors' spec sheets; MFU is reported only for these.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    workdir: str
+    steps: int  # total optimizer steps of the run (a resumed run continues up to this)
+    log_every: int = 10
+    save_every: int = 500
+    keep: int = 3
+    async_save: bool = True
+    mesh: str | None = None  # e.g. "fsdp=8" or "fsdp=16,expert=4" (None: one device, no mesh)
+    rules: str = "fsdp"  # sharding preset used with `mesh`
+    tensorboard: bool = True
+    progress: bool = True
+    peak_flops: float | None = None  # per chip; default from PEAK_FLOPS by device kind (None there: no MFU)
+
+    def __post_init__(self):
+        if self.steps < 1 or self.log_every < 1:
+            raise ValueError(f"RunConfig: steps={self.steps} and log_every={self.log_every} must be >= 1")
+
+
+@dataclasses.dataclass
+class Result:
+    state: train_step.TrainState
+    graphdef: Any
+    history: list[dict]  # the logged rows of this invocation
+    resumed_from: int | None
+    stopped_early: bool  # preemption
+
+
+def peak_flops(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+        if kind.startswith(name):
+            return flops
+    return None
+
+
+def maybe_initialize_distributed() -> bool:
+    """`jax.distributed.initialize()` when launched as one process of several (TPU pods: one per host; the
+    coordinator is found from the TPU metadata or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
+    variables). Returns whether it did."""
+    multi = any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")) or (
+        int(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")) > 0)
+    if multi:
+        jax.distributed.initialize()
+    return multi
+
+
+def global_batch(batch: dict, mesh, rules) -> dict:
+    """This host's rows -> global arrays on the mesh (rows split by the `batch` rule; media features replicated).
+    Without a mesh: plain device arrays."""
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        if k in ("features", "feature_index"):
+            names = (None,) * v.ndim
+        else:
+            names = ((None, "batch", None) if v.ndim == 3 else ("batch",) + (None,) * (v.ndim - 1))
+        global_shape = list(v.shape)
+        b_axis = names.index("batch") if "batch" in names else None
+        if b_axis is not None:
+            global_shape[b_axis] *= jax.process_count()
+        s = sharding.named_sharding(mesh, rules, names, tuple(global_shape), what=f"batch {k}")
+        out[k] = jax.make_array_from_process_local_data(s, v, tuple(global_shape))
+    return out
+
+
+def load_metrics(metrics: dict, llm_cfg) -> dict:
+    """MaxVio per MoE layer and router (routers that took tokens), and its mean, from `expert_load`."""
+    loads = np.asarray(metrics["expert_load"])  # [Lm, R, E]
+    vio = np.asarray(balance.max_violation(loads))  # [Lm, R]
+    out = {}
+    used = loads.sum(-1) > 0
+    for j in range(loads.shape[0]):
+        for r in range(loads.shape[1]):
+            if used[j, r]:
+                out[f"maxvio/layer{j + llm_cfg.num_dense_layers}/{GATE_NAMES[r] if loads.shape[1] > 1 else 'gate'}"] = (
+                    float(vio[j, r]))
+    out["maxvio/mean"] = float(vio[used].mean()) if used.any() else 0.0
+    return out
+
+
+class _Metrics:
+    """JSONL rows (rewritten on resume to drop rows past the restored step) + optional TensorBoard scalars."""
+
+    def __init__(self, workdir: epath.Path, resumed_step: int | None, tensorboard: bool):
+        self.path = workdir / "metrics.jsonl"
+        self.primary = jax.process_index() == 0
+        if self.primary and self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and resumed_step is not None and json.loads(line)["step"] <= resumed_step]
+            tmp = workdir / "metrics.jsonl.tmp"
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(self.path)
+        self.tb = None
+        if tensorboard and self.primary:
+            self.tb = SummaryWriter(os.fspath(workdir / "tensorboard"), purge_step=(
+                None if resumed_step is None else resumed_step + 1))
+
+    def write(self, row: dict) -> None:
+        if not self.primary:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, row["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def run(model_fn: Callable[[], nnx.Module], abstract_model: nnx.Module, train_cfg: TrainConfig,
+        data_cfg: data_lib.TrainData, tokenizer_spec, run_cfg: RunConfig, *, meta: dict | None = None) -> Result:
+    workdir = epath.Path(run_cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = rules = None
+    if run_cfg.mesh:
+        mesh = sharding.make_mesh(run_cfg.mesh)
+        rules = sharding.ShardingRules.preset(run_cfg.rules)
+    graphdef, abstract, tx = train_step.abstract_state(abstract_model, train_cfg)
+    shardings = None if mesh is None else train_step.state_shardings(abstract, tx, mesh, rules)
+    checkpointer = ckpt.Checkpointer(os.fspath(workdir / "checkpoints"), save_every=run_cfg.save_every,
+                                     keep=run_cfg.keep, async_save=run_cfg.async_save)
+    it = data_lib.make_iterator(data_cfg, tokenizer_spec)
+    resumed = checkpointer.latest_step()
+    if resumed is not None:
+        target = abstract if shardings is None else jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        state, data_state, saved_meta = checkpointer.restore(target, resumed)
+        if data_state:
+            it.set_state(data_state)
+        _check_resume(saved_meta, _meta(meta, 0, data_cfg))
+    else:
+        model = model_fn()
+        _, state = train_step.init_state(model, train_cfg, tx)
+        if shardings is not None:
+            state = jax.device_put(state, shardings)
+    step_fn = train_step.make_train_step(graphdef, train_cfg, tx)
+    jitted = jax.jit(step_fn, donate_argnums=(0,),
+                     out_shardings=None if shardings is None else (shardings, None))
+    llm_cfg = abstract_model.cfg
+    seq = data_cfg.seq_len
+    flops_tok = train_step.active_flops_per_token(llm_cfg, seq)
+    peak = run_cfg.peak_flops or peak_flops(jax.devices()[0])
+    metrics_out = _Metrics(workdir, resumed, run_cfg.tensorboard)
+    start = int(resumed or 0)
+    bar = None
+    if run_cfg.progress and jax.process_index() == 0:
+        bar = tqdm(total=run_cfg.steps, initial=start, unit="step", dynamic_ncols=True)
+    history, stopped = [], False
+    t_last, tokens_since = time.perf_counter(), 0
+    ctx = sharding.use_mesh(mesh, rules) if mesh is not None else contextlib.nullcontext()
+    try:
+        with ctx:
+            for step in range(start, run_cfg.steps):
+                batch = next(it)
+                train_step.check_batch(batch, grad_accum=train_cfg.grad_accum)
+                tokens_since += int(np.prod(batch["input_ids"].shape)) * jax.process_count()
+                state, metrics = jitted(state, global_batch(batch, mesh, rules))
+                done = step + 1
+                if done % run_cfg.log_every == 0 or done == run_cfg.steps:
+                    metrics = jax.device_get(metrics)
+                    now = time.perf_counter()
+                    rate = tokens_since / max(now - t_last, 1e-9)
+                    t_last, tokens_since = now, 0
+                    row = {"step": done, "tokens_per_s": rate}
+                    row.update({k: float(v) for k, v in metrics.items() if np.ndim(v) == 0})
+                    if "expert_load" in metrics:
+                        row.update(load_metrics(metrics, llm_cfg))
+                    if peak:
+                        row["mfu"] = flops_tok * rate / (peak * jax.device_count())
+                    metrics_out.write(row)
+                    history.append(row)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{rate:,.0f}",
+                                        **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
+                if bar is not None:
+                    bar.update(1)
+                final = done == run_cfg.steps
+                preempted = checkpointer.reached_preemption(done)
+                if final or preempted or checkpointer.should_save(done):
+                    checkpointer.save(done, state, data=it.get_state(), meta=_meta(meta, done, data_cfg),
+                                      force=True)
+                if preempted:
+                    stopped = True
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        checkpointer.close()
+        metrics_out.close()
+        if hasattr(it, "close"):
+            it.close()
+    return Result(state, graphdef, history, resumed, stopped)
+
+
+def _meta(meta: dict | None, step: int, data_cfg) -> dict:
+    out = dict(meta or {})
+    out.update(step=step, saved_at=time.time(), seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size,
+               worker_count=data_cfg.worker_count, seed=data_cfg.seed)
+    return out
+
+
+def _check_resume(saved: dict, now: dict) -> None:
+    """A resumed run must read the same data stream: refuse a changed seed / shapes / worker count."""
+    for key in ("seq_len", "batch_size", "worker_count", "seed", "model"):
+        if key in saved and key in now and saved[key] != now[key]:
+            raise ValueError(f"resume: the checkpoint was written with {key}={saved[key]!r}, this run has "
+                             f"{now[key]!r}; the data stream would not continue exactly (use a new --workdir)")
+
+
+def trained_model(result: Result) -> nnx.Module:
+    """The model of a run's final state (trained parameters + frozen ones and the balanced expert biases)."""
+    return nnx.merge(result.graphdef, result.state.params, result.state.frozen)
+
+
+def export_release(model, dst: str, *, tokenizer_spec=None, overwrite: bool = True) -> str:
+    """Write `model` (a BailingMoeV2) as a release-format folder: config.json, model.safetensors under the official
+    names (the weight table's export), and the tokenizer (tokenizer.json) when `tokenizer_spec` gives one; the
+    folder appears complete or not at all (written beside, then renamed). `python -m ming_jax.generate
+    --checkpoint dst` loads it. Gathers the whole model on this host: for the full-size model convert the orbax
+    checkpoint instead."""
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} exists")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".partial.", dir=parent)
+    tensors = weight_table.export_state_dict(model, llm_weights.llm_table(model.cfg))
+    dtype = model.runtime.param_dtype
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    official = model.cfg.to_official()
+    official["torch_dtype"] = dtype
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(official, f, indent=2, sort_keys=True)
+    if tokenizer_spec is not None:
+        tok = data_lib.tokenizer_from_spec(tokenizer_spec)
+        if hasattr(tok, "save"):
+            tok.save(tmp)
+        else:
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                src = os.path.join(os.fspath(tokenizer_spec), name)
+                if os.path.exists(src):
+                    shutil.copy(src, tmp)
+    if os.path.exists(dst):
+        old = tmp + ".old"
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, dst)
+    return dst

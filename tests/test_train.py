@@ -1,0 +1,198 @@
+"""Training behaviour: a tiny model overfits a packed multimodal batch, the expert-bias rule against a numpy
+recomputation of the loads, exact resume, a crash mid-save, the CLI end to end (train -> resume -> generate)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from ming_jax.checkpoint import restore
+from ming_jax.config.llm import LLMConfig
+from ming_jax.config.modality import AUDIO, TEXT, VISION
+from ming_jax.models import inputs as multimodal
+from ming_jax.models import llm as model_lib
+from ming_jax.parity import golden
+from ming_jax.parity.cases.llm_backbone import multimodal_inputs
+from ming_jax.processors import prompt as prompt_lib
+from ming_jax.train import batch as train_batch
+from ming_jax.train import checkpoint as ckpt
+from ming_jax.train import data as data_lib
+from ming_jax.train import loop
+from ming_jax.train import step as train_step
+from ming_jax.train.config import TrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE = os.path.join(REPO, "tests", "data", "train_reference")
+
+
+def _mm_packed(case, cfg):
+    """Two documents in one row: the reference's multimodal prompt (image, audio, video features, 3-D positions,
+    three routers) then its first text row; loss on every text target."""
+    x = {k.split(".", 1)[1]: v for k, v in case.inputs.items() if k.startswith("mm.")}
+    prep = multimodal.prepare(cfg, x["input_ids"], mm=multimodal_inputs(x))
+    mm = train_batch.from_labels(prep, np.where(prep.modality == TEXT, x["input_ids"], -100))
+    ids = case.inputs["text.input_ids"][:1]
+    text = train_batch.from_labels(multimodal.prepare(cfg, ids), ids)
+    s1 = mm["input_ids"].shape[1]
+    cat = lambda k: np.concatenate([mm[k], text[k]], axis=-1)  # noqa: E731
+    pos_text = text["positions"] + mm["positions"].max() + 1 - text["positions"].min()  # any offset: rope is relative
+    return dict(input_ids=cat("input_ids"), targets=cat("targets"), loss_mask=cat("loss_mask"),
+                segment_ids=np.concatenate([mm["segment_ids"], 2 * text["segment_ids"]], -1),
+                positions=np.concatenate([mm["positions"], pos_text], -1),
+                modality=np.concatenate([mm["modality"], np.full_like(text["input_ids"], TEXT)], -1),
+                features=mm["features"], feature_index=mm["feature_index"]), s1
+
+
+def test_tiny_model_overfits_a_packed_multimodal_batch():
+    case = golden.load_case(REFERENCE)
+    model = restore.load_tensors(case.config, case.weights, components=("llm",), source=case.path).llm
+    batch, _ = _mm_packed(case, model.cfg)
+    assert set(np.unique(batch["modality"])) == {TEXT, VISION, AUDIO}
+    cfg = TrainConfig(learning_rate=3e-3, warmup_steps=5, total_steps=200, seq_aux_loss=1e-4, z_loss=1e-4)
+    bias0 = np.array(model.moe_layers.moe.router.expert_bias[...])  # a copy: the step donates the model's arrays
+    graphdef, state = train_step.init_state(model, cfg)
+    step = jax.jit(train_step.make_train_step(graphdef, cfg), donate_argnums=0)
+    losses = []
+    for _ in range(60):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.1 * losses[0], losses[::10]
+    loads = np.asarray(m["expert_load"])  # every router took tokens, and the bias of each moved
+    assert (loads.sum(-1) > 0).all()
+    bias = np.asarray(state.frozen["moe_layers"]["moe"]["router"]["expert_bias"][...])
+    assert (np.abs(bias - bias0).max(-1) > 0).all()
+
+
+def test_bias_update_follows_the_loads_of_each_router():
+    """One step's expert-bias change equals rate * sign(mean - load) with loads recounted in numpy from the
+    model's own routing (collect=True), per MoE layer and router; a router without tokens keeps its bias."""
+    cfg_llm = LLMConfig.tiny()
+    model = model_lib.create(cfg_llm, seed=1)
+    rng = np.random.default_rng(0)
+    b, t = 2, 16
+    ids = rng.integers(0, 900, (b, t)).astype(np.int32)
+    modality = np.where(rng.random((b, t)) < 0.3, VISION, TEXT).astype(np.int32)  # no audio tokens
+    seg = np.ones((b, t), np.int32)
+    seg[1, 12:] = 0  # padding takes no load
+    batch = dict(input_ids=ids, targets=np.roll(ids, -1, 1), loss_mask=(seg > 0).astype(np.float32),
+                 segment_ids=seg, positions=np.broadcast_to(np.arange(t), (b, t)).astype(np.int32),
+                 modality=modality)
+    rate = 0.01
+    cfg = TrainConfig(bias_update_rate=rate, learning_rate=1e-3)
+    bias0 = np.asarray(model.moe_layers.moe.router.expert_bias[...])
+    out = model(model.embed_tokens(ids), np.broadcast_to(batch["positions"][None], (3, b, t)),
+                attention_mask=seg, modality=modality, collect=True)
+    experts = np.asarray(out.routing.experts)  # [Lm, B*T, K]
+    graphdef, state = train_step.init_state(model, cfg)
+    state, _ = jax.jit(train_step.make_train_step(graphdef, cfg))(state, batch)
+    bias1 = np.asarray(state.frozen["moe_layers"]["moe"]["router"]["expert_bias"][...])
+    valid = seg.reshape(-1) > 0
+    for j in range(experts.shape[0]):
+        for r in range(3):
+            rows = valid & (modality.reshape(-1) == r)
+            load = np.bincount(experts[j][rows].reshape(-1), minlength=cfg_llm.num_experts).astype(np.float64)
+            want = bias0[j, r] + rate * np.sign(load.mean() - load)
+            np.testing.assert_allclose(bias1[j, r], want, rtol=0, atol=1e-7)
+            if r == AUDIO:
+                np.testing.assert_array_equal(bias1[j, r], bias0[j, r])
+
+
+def _tiny_run(workdir, steps, data_path, *, save_every=2):
+    cfg_llm = LLMConfig.tiny()
+    spec = {"stand_in": prompt_lib.tiny_special_ids(cfg_llm)}
+    data_cfg = data_lib.TrainData(paths=(data_path,), seq_len=64, batch_size=2, seed=3)
+    train_cfg = TrainConfig(learning_rate=1e-3, warmup_steps=2, total_steps=8, grad_accum=2)
+    run_cfg = loop.RunConfig(workdir=str(workdir), steps=steps, log_every=1, save_every=save_every, keep=5,
+                             tensorboard=False, progress=False)
+    return loop.run(lambda: model_lib.create(cfg_llm, seed=5), model_lib.create_abstract(cfg_llm), train_cfg,
+                    data_cfg, spec, run_cfg, meta={"model": "tiny"})
+
+
+def test_resume_is_exact(tmp_path):
+    data = data_lib.write_sample(tmp_path / "d.jsonl", n=64, seed=1)
+    full = _tiny_run(tmp_path / "full", 6, data)
+    first = _tiny_run(tmp_path / "split", 3, data, save_every=3)
+    rest = _tiny_run(tmp_path / "split", 6, data)
+    assert first.resumed_from is None and rest.resumed_from == 3
+    assert [r["loss"] for r in full.history] == [r["loss"] for r in first.history + rest.history]
+    for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(rest.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+_KILL_MID_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    import jax
+    from orbax.checkpoint._src.path import atomicity
+    from ming_jax.config.llm import LLMConfig
+    from ming_jax.models import llm as model_lib
+    from ming_jax.train import checkpoint as ckpt, step as train_step
+    from ming_jax.train.config import TrainConfig
+
+    directory, reference = sys.argv[1], sys.argv[2]
+    _, state = train_step.init_state(model_lib.create(LLMConfig.tiny(), seed=2), TrainConfig())
+    c = ckpt.Checkpointer(directory, save_every=1, keep=3, async_save=True)
+    c.save(1, state, data={"pos": 1}, force=True)
+    c.wait()
+    np.savez(reference, *[np.asarray(x) for x in jax.tree.leaves(state)])
+    def die(*args, **kwargs):  # the save's data is written; the process dies before the rename that publishes it
+        os.kill(os.getpid(), signal.SIGKILL)
+    atomicity.AtomicRenameTemporaryPath.finalize = die
+    state = jax.tree.map(lambda x: x + 1 if x.dtype.kind == "f" else x, state)
+    c.save(2, state, data={"pos": 2}, force=True)
+    c.wait()
+    print("not killed")
+""")
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path):
+    directory, reference = tmp_path / "ck", tmp_path / "ref.npz"
+    r = subprocess.run([sys.executable, "-c", _KILL_MID_SAVE, str(directory), str(reference)], capture_output=True,
+                       text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=REPO)
+    assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-3000:]
+    assert any(p.name.startswith("2.") for p in directory.iterdir()), "the kill came mid-save of step 2"
+    c = ckpt.Checkpointer(str(directory))
+    assert c.all_steps() == [1]
+    _, abstract, _ = train_step.abstract_state(model_lib.create_abstract(LLMConfig.tiny()), TrainConfig())
+    state, data, _ = c.restore(abstract)
+    c.close()
+    assert data == {"pos": 1} and int(state.step) == 0
+    want = np.load(reference)
+    for i, leaf in enumerate(jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(leaf), want[f"arr_{i}"])
+    assert not any(p.name.startswith("2.") for p in directory.iterdir()), "the partial save is cleaned up"
+
+
+def test_cli_trains_resumes_and_exports_for_generate(tmp_path):
+    work = tmp_path / "run"
+    base = [sys.executable, "-m", "ming_jax.train", f"--workdir={work}", "--preset=tiny", "--batch_size=2",
+            "--seq_len=64", "--log_every=1", "--save_every=2", "--warmup_steps=1", "--schedule_steps=6"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run(base + ["--steps=2", "--noexport"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(base + ["--steps=3"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from step 2" in r.stdout
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3] and all(np.isfinite(row["loss"]) for row in rows)
+    assert list((work / "tensorboard").iterdir())
+    # a changed data setting is refused instead of silently breaking the stream
+    r = subprocess.run(base + ["--steps=4", "--seed=9"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode != 0 and "seed" in r.stderr
+    # the export loads with the library loader and generates through the CLI
+    loaded = restore.load(str(work / "export"), components=("llm",)).llm
+    assert isinstance(loaded, model_lib.BailingMoeV2)
+    r = subprocess.run([sys.executable, "-m", "ming_jax.generate", f"--checkpoint={work / 'export'}",
+                        "--prompt=reverse: ab", "--max_new_tokens=4"], capture_output=True, text=True, env=env,
+                       cwd=REPO)
+    assert r.returncode == 0 and "+++" in r.stdout, r.stderr[-3000:]
