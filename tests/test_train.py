@@ -196,3 +196,17 @@ def test_cli_trains_resumes_and_exports_for_generate(tmp_path):
                         "--prompt=reverse: ab", "--max_new_tokens=4"], capture_output=True, text=True, env=env,
                        cwd=REPO)
     assert r.returncode == 0 and "+++" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("flagfile", sorted(f for f in os.listdir(os.path.join(REPO, "configs", "train"))))
+def test_train_config_files_parse(flagfile):
+    """Every shipped run config names only flags the CLI defines, with values it accepts."""
+    from absl import flags
+
+    from ming_jax.cli import train as train_cli  # noqa: F401  (defines the flags)
+
+    fv = flags.FlagValues()
+    for name in flags.FLAGS.get_flags_for_module(train_cli.__name__):
+        fv[name.name] = name
+    fv(["train", f"--flagfile={os.path.join(REPO, 'configs', 'train', flagfile)}"])
+    assert fv["workdir"].value or flagfile != "tiny.flags"

@@ -8,8 +8,8 @@ init of --preset; with no --data a small sample dataset is written into the work
 same command again resumes from the newest checkpoint in --workdir (model, optimizer, expert biases and the data
 iterator's position); a run whose data settings changed is refused. At the end the model is exported as a
 release-format folder (<workdir>/export, --export) that `python -m ming_jax.generate --checkpoint` loads.
-Launch on a TPU pod slice: the same command on every host (`gcloud compute tpus tpu-vm ssh ... --worker=all`);
-jax.distributed is initialised from the TPU environment (docs/training.md).
+Launch on a TPU pod slice: the same command with --distributed on every host (`gcloud compute tpus tpu-vm ssh ...
+--worker=all`), see docs/training.md.
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ _SAVE_EVERY = flags.DEFINE_integer("save_every", 500, "Steps between checkpoints
 _KEEP = flags.DEFINE_integer("keep", 3, "Checkpoints kept.")
 _EXPORT = flags.DEFINE_bool("export", True, "Write <workdir>/export (release format) at the end.")
 _TB = flags.DEFINE_bool("tensorboard", True, "Write TensorBoard events.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (every host of a TPU "
+                                 "pod slice runs the same command; also automatic when JAX_COORDINATOR_ADDRESS is "
+                                 "set).")
 
 
 def _model_source():
@@ -112,7 +115,9 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
-    loop.maybe_initialize_distributed()
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every save step at INFO; the progress bar says enough
+        logging.set_verbosity(logging.WARNING)
+    loop.maybe_initialize_distributed(_DISTRIBUTED.value)
     llm_cfg, runtime, model_fn, abstract, spec, what = _model_source()
     paths = tuple(_DATA.value)
     if not paths:
@@ -134,8 +139,7 @@ def main(argv) -> None:
     meta = {"model": what, "train": {k: v for k, v in vars(train_cfg).items()}, "data_paths": list(paths),
             "runtime": vars(runtime)}
     n_params = model_lib.param_count(abstract)
-    logging.info("training %s (%s parameters) on %d device(s), %s", what, f"{n_params:,}", jax.device_count(),
-                 ", ".join(paths))
+    print(f"training {what} ({n_params:,} parameters) on {jax.device_count()} device(s): {', '.join(paths)}")
     result = loop.run(model_fn, abstract, train_cfg, data_cfg, spec, run_cfg, meta=json.loads(json.dumps(
         meta, default=str)))
     if result.resumed_from is not None:

@@ -85,15 +85,15 @@ def peak_flops(device) -> float | None:
     return None
 
 
-def maybe_initialize_distributed() -> bool:
-    """`jax.distributed.initialize()` when launched as one process of several (TPU pods: one per host; the
-    coordinator is found from the TPU metadata or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
-    variables). Returns whether it did."""
-    multi = any(os.environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")) or (
-        int(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")) > 0)
-    if multi:
+def maybe_initialize_distributed(force: bool = False) -> bool:
+    """`jax.distributed.initialize()` for a run of several processes (one per TPU host): when `force` (the CLI's
+    --distributed, for TPU pod slices, where jax finds the coordinator from the TPU metadata) or when
+    JAX_COORDINATOR_ADDRESS is set (with JAX_NUM_PROCESSES / JAX_PROCESS_ID: any other cluster). Returns whether
+    it did."""
+    if force or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
-    return multi
+        return True
+    return False
 
 
 def global_batch(batch: dict, mesh, rules) -> dict:
@@ -101,6 +101,9 @@ def global_batch(batch: dict, mesh, rules) -> dict:
     Without a mesh: plain device arrays."""
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
+    if "features" in batch and jax.process_count() > 1:
+        raise NotImplementedError("media features in a multi-host batch: feature_index is host-local and the "
+                                  "rows of the hosts are not gathered yet")
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
