@@ -36,11 +36,14 @@ def main() -> None:
     ap.add_argument("--rules", default="ep_fsdp")
     ap.add_argument("--out", default="")
     ap.add_argument("--flops_check", action="store_true", help="also the unrolled 1-/2-layer FLOPs check")
+    ap.add_argument("--param_dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="stored parameters (master weights); AdamW moments are float32 either way")
     args = ap.parse_args()
     cfg = LLMConfig.ming_flash_omni_2()
-    runtime = Runtime.bf16(remat=True)
+    runtime = Runtime.bf16(remat=True, param_dtype=args.param_dtype)
     analytic = train_step.active_flops_per_token(cfg, args.seq)
     rows = []
+    print(f"parameters {args.param_dtype}, compute bfloat16, remat, seq {args.seq}")
     print(f"{'topology':<12} {'mesh':<20} {'chips':>5} {'GiB/chip':>9} {'HBM':>5} {'fits':>5} {'TFLOP/token':>12} "
           f"{'analytic':>9} {'ratio':>6} {'compile s':>9}")
     for case in args.cases:
@@ -54,6 +57,7 @@ def main() -> None:
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops = float(cost.get("flops", float("nan"))) * chips / (chips * args.seq)
         row = dict(topology=topology, mesh=mesh, chips=chips, rules=args.rules, batch=chips, seq=args.seq,
+                   param_dtype=args.param_dtype,
                    per_chip_bytes=plan.total, hbm_bytes=plan.capacity, fits=plan.fits,
                    argument=plan.argument, temp=plan.temp, alias=plan.alias,
                    compiled_flops_per_token=flops, analytic_flops_per_token=analytic, ratio=flops / analytic,
@@ -64,7 +68,8 @@ def main() -> None:
               f"{row['compile_s']:>9.0f}")
     checks = flops_check(args.seq) if args.flops_check else []
     path = write_results(args.out, "train_aot.json", rows + checks,
-                         "full-size train step, bf16 params, remat, AdamW f32; flops_check rows: full width, "
+                         f"full-size train step, {args.param_dtype} params, bf16 compute, remat, AdamW f32; "
+                         "flops_check rows (bf16 params): full width, "
                          "1-2 layers unrolled, one loss chunk, xla attention, no remat")
     print(f"wrote {path}")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (once) and update the project virtualenv in .venv: jax (CPU), flax & co, and with `test` the PyTorch CPU
 # reference stack. torch is pinned to 2.13.0, the CPU build served from local disk; an unpinned torch would pull a
-# multi-GB CUDA build. Usage: source tools/setup_env.sh [test]
+# multi-GB CUDA build. Usage: source tools/setup_env.sh [test|tpu]
 set -euo pipefail
 _repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _py="${PYTHON:-python3}"
@@ -20,6 +20,11 @@ if [ "${1:-}" = "test" ]; then
     _jax="$(python -c 'import jax; print(jax.__version__)')"
     python -m pip install -q "jax[tpu]==${_jax}"
   fi
+elif [ "${1:-}" = "tpu" ]; then
+  # A Cloud TPU VM: the package and libtpu for the installed jax (docs/training.md's launch recipe).
+  python -m pip install -q -e "$_repo"
+  _jax="$(python -c 'import jax; print(jax.__version__)')"
+  python -m pip install -q "jax[tpu]==${_jax}"
 else
   python -m pip install -q -e "$_repo"
 fi
