@@ -16,6 +16,7 @@ import pytest
 
 from ming_jax.checkpoint import restore
 from ming_jax.config.llm import LLMConfig
+from ming_jax.config.runtime import Runtime
 from ming_jax.config.modality import AUDIO, TEXT, VISION
 from ming_jax.models import inputs as multimodal
 from ming_jax.models import llm as model_lib
@@ -188,7 +189,7 @@ def test_cli_trains_resumes_and_exports_for_generate(tmp_path):
     assert list((work / "tensorboard").iterdir())
     # a changed data setting is refused instead of silently breaking the stream
     r = subprocess.run(base + ["--steps=4", "--seed=9"], capture_output=True, text=True, env=env, cwd=REPO)
-    assert r.returncode != 0 and "seed" in r.stderr
+    assert r.returncode != 0 and "the checkpoint was written with seed=0" in r.stderr, r.stderr[-2000:]
     # the export loads with the library loader and generates through the CLI
     loaded = restore.load(str(work / "export"), components=("llm",)).llm
     assert isinstance(loaded, model_lib.BailingMoeV2)
@@ -199,14 +200,72 @@ def test_cli_trains_resumes_and_exports_for_generate(tmp_path):
 
 
 @pytest.mark.parametrize("flagfile", sorted(f for f in os.listdir(os.path.join(REPO, "configs", "train"))))
-def test_train_config_files_parse(flagfile):
-    """Every shipped run config names only flags the CLI defines, with values it accepts."""
+def test_train_config_files_parse_and_build(flagfile):
+    """Every shipped run config names only flags the CLI defines, with values it accepts, and its --freeze /
+    --train_only patterns match parameters of the model (a pattern that matches nothing is an error)."""
+    import copy
+
     from absl import flags
 
-    from ming_jax.cli import train as train_cli  # noqa: F401  (defines the flags)
+    from ming_jax.cli import train as train_cli
 
-    fv = flags.FlagValues()
-    for name in flags.FLAGS.get_flags_for_module(train_cli.__name__):
-        fv[name.name] = name
+    fv = flags.FlagValues()  # copies: parsing must not touch the process-wide FLAGS
+    for flag in flags.FLAGS.get_flags_for_module(train_cli.__name__):
+        fv[flag.name] = copy.deepcopy(flag)
     fv(["train", f"--flagfile={os.path.join(REPO, 'configs', 'train', flagfile)}"])
-    assert fv["workdir"].value or flagfile != "tiny.flags"
+    steps = fv["schedule_steps"].value or fv["steps"].value
+    cfg = TrainConfig(warmup_steps=min(fv["warmup_steps"].value, steps - 1), total_steps=steps,
+                      freeze=tuple(fv["freeze"].value), train_only=tuple(fv["train_only"].value))
+    train_step.split_model(model_lib.create_abstract(LLMConfig.tiny()), cfg)
+
+
+def test_unmatched_freeze_pattern_is_refused():
+    with pytest.raises(ValueError, match="match no parameter"):
+        train_step.split_model(model_lib.create_abstract(LLMConfig.tiny()), TrainConfig(freeze=("experts_typo",)))
+
+
+def test_bf16_parameters_train_through_a_float32_master():
+    """Stored bf16, updated in float32: updates far below a bf16 ulp accumulate in the master, the parameters are
+    its rounding, and after enough steps they move (rounding each update into bf16 would leave them in place)."""
+    cfg_llm = LLMConfig.tiny()
+    model = model_lib.create(cfg_llm, Runtime(param_dtype="bfloat16"), seed=0)
+    cfg = TrainConfig(learning_rate=1e-4, warmup_steps=0, total_steps=200, weight_decay=0.0, max_grad_norm=None)
+    graphdef, state = train_step.init_state(model, cfg)
+    assert state.master is not None
+    scale0 = np.array(state.params["final_norm"]["scale"][...].astype(np.float32))  # ~1: bf16 ulp 2^-7
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 900, (2, 17)).astype(np.int32)
+    batch = dict(input_ids=ids[:, :-1], targets=ids[:, 1:], loss_mask=np.ones((2, 16), np.float32),
+                 segment_ids=np.ones((2, 16), np.int32), positions=np.broadcast_to(np.arange(16), (2, 16)).astype(
+                     np.int32))
+    step = jax.jit(train_step.make_train_step(graphdef, cfg), donate_argnums=0)
+    for _ in range(80):
+        state, _ = step(state, batch)
+    master = np.asarray(state.master["final_norm"]["scale"][...])
+    stored = state.params["final_norm"]["scale"][...]
+    assert stored.dtype == np.dtype("bfloat16") and master.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(stored), master.astype(stored.dtype))
+    moved = np.abs(master - scale0)
+    assert moved.max() > 2 ** -8, "80 steps of ~1e-4 (each below half a bf16 ulp) accumulated past it"
+    assert (np.asarray(stored.astype(np.float32)) != scale0).any()
+
+
+def test_resume_tolerates_a_torn_metrics_line(tmp_path):
+    data = data_lib.write_sample(tmp_path / "d.jsonl", n=32, seed=1)
+    _tiny_run(tmp_path / "run", 2, data)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.')  # a process killed mid-append
+    rest = _tiny_run(tmp_path / "run", 3, data)
+    assert rest.resumed_from == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_from_labels_masks_padding_on_both_sides():
+    """Left-padded rows: no position of the padding takes loss, and the first real token is not a target."""
+    cfg_llm = LLMConfig.tiny()
+    ids = np.array([[0, 0, 5, 6, 7], [5, 6, 7, 8, 9]])
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
+    b = train_batch.from_labels(multimodal.prepare(cfg_llm, ids, mask), ids)
+    np.testing.assert_array_equal(b["loss_mask"], [[0, 0, 1, 1, 0], [1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(b["targets"][0, 2:4], [6, 7])

@@ -45,6 +45,7 @@ def test_resume_onto_another_mesh_follows_the_single_device_run(tmp_path):
     assert embed.sharding.spec == sharding.logical_to_spec(("vocab", "embed"), sharding.ShardingRules.preset("fsdp_tp"))
     assert len(embed.sharding.device_set) == 8
     losses = [r["loss"] for r in a.history + b.history]
+    assert len(losses) == len(ref.history) == 4
     for got, want in zip(losses, [r["loss"] for r in ref.history]):
         numerics.assert_close("loss", np.float32(got), np.float32(want))
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(b.state.params)[0], jax.tree.leaves(ref.state.params)):

@@ -1,12 +1,13 @@
 """Training CLI: the BailingMoeV2 backbone on JSONL conversations, with checkpoints that resume exactly.
 
-    python -m ming_jax.train --flagfile=configs/train/tiny.flags            # CPU smoke run (~1-2 min on 2 cores)
+    python -m ming_jax.train --flagfile=configs/train/tiny.flags            # CPU smoke run (~50 s on 2 cores)
     python -m ming_jax.train --workdir runs/a --data train.jsonl --checkpoint CKPT --steps 10000 --mesh fsdp=8
 
-Starts from --checkpoint (a release folder or a converted checkpoint; only its LLM is trained) or from a random
-init of --preset; with no --data a small sample dataset is written into the work directory and used. Running the
+Starts from --checkpoint (a release folder or a converted checkpoint, with --tokenizer when it has no
+tokenizer.json; only its LLM is trained) or from a random init of --preset; with no --data a small sample dataset is written into the work directory and used. Running the
 same command again resumes from the newest checkpoint in --workdir (model, optimizer, expert biases and the data
-iterator's position); a run whose data settings changed is refused. At the end the model is exported as a
+iterator's position); a run whose data, optimizer, schedule or dtype settings changed is refused (to extend
+--steps, keep --schedule_steps). Paths are local (mount a bucket for shared storage). At the end the model is exported as a
 release-format folder (<workdir>/export, --export) that `python -m ming_jax.generate --checkpoint` loads.
 Launch on a TPU pod slice: the same command with --distributed on every host (`gcloud compute tpus tpu-vm ssh ...
 --worker=all`), see docs/training.md.
@@ -37,6 +38,8 @@ _DATA = flags.DEFINE_multi_string("data", [], "JSONL conversation file(s) (forma
                                   "sample dataset is written to <workdir>/sample.jsonl.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Start from this release folder or converted checkpoint "
                                   "(its LLM); default: random init of --preset.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Folder with the release's tokenizer.json (default: the "
+                                 "--checkpoint folder's; a random --preset uses the byte stand-in tokenizer).")
 _PRESET = flags.DEFINE_enum("preset", "tiny", ["tiny", "ming-flash-omni-2.0"], "Model when no --checkpoint.")
 _STEPS = flags.DEFINE_integer("steps", 100, "Optimizer steps of the run (a resumed run continues up to this).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per step on this host (global batch: x hosts).")
@@ -82,7 +85,10 @@ def _model_source():
         if "llm" not in described:
             raise app.UsageError(f"--checkpoint {_CHECKPOINT.value} holds no language model")
         llm_cfg = described["llm"].config
-        tok = _CHECKPOINT.value if os.path.exists(os.path.join(_CHECKPOINT.value, "tokenizer.json")) else None
+        tok = _TOKENIZER.value or _CHECKPOINT.value
+        if not os.path.exists(os.path.join(tok, "tokenizer.json")):
+            raise app.UsageError(f"no tokenizer.json in {tok}: a trained checkpoint needs its own tokenizer "
+                                 "(--tokenizer RELEASE_FOLDER; converted checkpoints do not carry one)")
 
         def model_fn():
             mesh, rules = _mesh()
@@ -91,7 +97,9 @@ def _model_source():
         what = _CHECKPOINT.value
     else:
         llm_cfg = PRESETS[_PRESET.value]()
-        tok = None
+        tok = _TOKENIZER.value
+        if tok is not None and not os.path.exists(os.path.join(tok, "tokenizer.json")):
+            raise app.UsageError(f"--tokenizer {tok}: no tokenizer.json there")
 
         def model_fn():
             mesh, rules = _mesh()
@@ -115,10 +123,14 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
+    for name, value in (("workdir", _WORKDIR.value), ("checkpoint", _CHECKPOINT.value),
+                        ("tokenizer", _TOKENIZER.value)) + tuple(("data", d) for d in _DATA.value):
+        if value and "://" in value:
+            raise app.UsageError(f"--{name} {value}: local paths only (mount a bucket, e.g. with gcsfuse)")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save step at INFO; the progress bar says enough
         logging.set_verbosity(logging.WARNING)
     loop.maybe_initialize_distributed(_DISTRIBUTED.value)
-    llm_cfg, runtime, model_fn, abstract, spec, what = _model_source()
+    _, runtime, model_fn, abstract, spec, what = _model_source()
     paths = tuple(_DATA.value)
     if not paths:
         sample = os.path.join(_WORKDIR.value, "sample.jsonl")
@@ -126,7 +138,7 @@ def main(argv) -> None:
             data_lib.write_sample(sample)
         paths = (sample,)
     total = _TOTAL.value or _STEPS.value
-    train_cfg = TrainConfig(learning_rate=_LR.value, warmup_steps=min(_WARMUP.value, total), total_steps=total,
+    train_cfg = TrainConfig(learning_rate=_LR.value, warmup_steps=min(_WARMUP.value, total - 1), total_steps=total,
                             final_lr_ratio=_FINAL.value, weight_decay=_WD.value,
                             max_grad_norm=_CLIP.value or None, z_loss=_ZLOSS.value, grad_accum=_ACCUM.value,
                             bias_update_rate=_BIAS.value, seq_aux_loss=_AUX.value, freeze=tuple(_FREEZE.value),
@@ -150,7 +162,9 @@ def main(argv) -> None:
     if result.stopped_early:
         print("preempted: checkpoint saved, stopping")
         return
-    if _EXPORT.value and jax.process_index() == 0:
+    if _EXPORT.value and jax.process_count() > 1:
+        print("not exported: several processes (export_release gathers the model on one host)")
+    elif _EXPORT.value:
         dst = loop.export_release(loop.trained_model(result), os.path.join(_WORKDIR.value, "export"),
                                   tokenizer_spec=spec)
         print(f"exported {dst} (python -m ming_jax.generate --checkpoint {dst})")

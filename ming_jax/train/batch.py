@@ -22,7 +22,7 @@ def from_labels(prep: Prepared, labels) -> dict:
     weights = np.zeros((b, s), np.float32)
     nxt = labels[:, 1:]
     targets[:, :-1] = np.where(nxt == IGNORE, 0, nxt)
-    weights[:, :-1] = (nxt != IGNORE) & prep.attention_mask[:, 1:]
+    weights[:, :-1] = (nxt != IGNORE) & prep.attention_mask[:, 1:] & prep.attention_mask[:, :-1]
     batch = dict(input_ids=prep.input_ids.astype(np.int32), targets=targets, loss_mask=weights,
                  segment_ids=prep.attention_mask.astype(np.int32), positions=prep.positions.astype(np.int32))
     if prep.modality is not None:

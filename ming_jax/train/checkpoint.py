@@ -2,8 +2,8 @@
 metadata, so that a resumed run continues exactly where the saved one was.
 
 Layout of `<dir>/<step>/`: `state/` (every array of the TrainState as a nested dict of its tree path: `step`,
-`params/...`, `frozen/...`, `opt_state/...`, tensorstore / OCDBT), `data/` (the grain iterator state, JSON),
-`meta/` (JSON: the run's configs, tokens seen, wall time). Saves are asynchronous (training continues while the
+`params/...`, `frozen/...`, `opt_state/...`, tensorstore / OCDBT), `data/` (every host's grain iterator state, JSON),
+`meta/` (JSON: the run's settings, its model source, the save time). Saves are asynchronous (training continues while the
 arrays are written) and atomic: orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a
 crash mid-save leaves the previous checkpoint as the latest (tested by killing a process mid-save). Which steps are
 saved: every `save_every` steps, the last one, and the step at which a preemption notice arrives (orbax's
@@ -93,6 +93,11 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(to_nested(state)),
                                   data=ocp.args.JsonSave(data or {}), meta=ocp.args.JsonSave(meta or {}))
         return self.manager.save(step, args=args, force=force)
+
+    def restore_meta(self, step: int) -> dict:
+        """The metadata item of `step` alone (to check a resumed run's settings before restoring any array)."""
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"] or {})
 
     def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict, dict]:
         """-> (state, data state, meta) of `step` (default: the latest), the state placed as `abstract_state`'s

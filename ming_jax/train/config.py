@@ -50,9 +50,9 @@ class TrainConfig:
         for name in ("learning_rate", "eps"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name}={getattr(self, name)} must be > 0")
-        if self.warmup_steps < 0 or self.total_steps < 1 or self.warmup_steps > self.total_steps:
+        if self.warmup_steps < 0 or self.total_steps < 1 or self.warmup_steps >= self.total_steps:
             problems.append(f"warmup_steps={self.warmup_steps}, total_steps={self.total_steps}: need "
-                            "0 <= warmup_steps <= total_steps and total_steps >= 1")
+                            "0 <= warmup_steps < total_steps (the cosine needs at least one step)")
         if not 0 <= self.final_lr_ratio <= 1:
             problems.append(f"final_lr_ratio={self.final_lr_ratio} must be in [0, 1]")
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):

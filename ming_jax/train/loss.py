@@ -56,13 +56,18 @@ def expert_loads(experts, num_experts: int, router, num_routers: int, valid):
     return jnp.einsum("lne,nr->lre", hot, by_router)
 
 
-def sequence_balance_loss(experts, logits, segment, valid, num_experts: int, top_k: int):
+def sequence_balance_loss(experts, logits, segment, valid, num_experts: int, top_k: int, num_segments: int):
     """The DeepSeek-V3 sequence-wise balance loss (arXiv 2412.19437, eq. 17-20), summed over MoE layers and averaged
     over the batch's sequences (packed documents count separately): per sequence, sum_e f_e * P_e with
     f_e = E / (K * T_s) * #{tokens choosing e}, P_e = mean over tokens of s_e / sum_e' s_e' (s = sigmoid of the
-    routing gate's logits). experts [L, N, K], logits [L, N, E] float32, segment [N] int (a global sequence id per
-    token, 0..N-1), valid [N] bool. The caller multiplies by alpha."""
-    n = segment.shape[0]
+    routing gate's logits). experts [L, N, K], logits [L, N, E] float32, segment [N] int (a sequence id per token,
+    0..num_segments-1), valid [N] bool. The caller multiplies by alpha.
+
+    One deviation from eq. 18, stated: the indicator counts the experts the router actually chose (biased,
+    group-limited selection), not the top-k of the unbiased affinities; what is balanced is the real load. The
+    mean runs over the sequences of the micro-batch; with gradient accumulation the micro-batch means are
+    averaged."""
+    n = num_segments
     v = valid.astype(jnp.float32)
     s = jax.nn.sigmoid(logits)
     p = s / s.sum(-1, keepdims=True)  # [L, N, E]

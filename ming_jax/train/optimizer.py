@@ -4,7 +4,6 @@ float32 moments over (possibly bf16) parameters and weight decay on matrices onl
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -35,7 +34,3 @@ def make_optimizer(cfg: TrainConfig, params: nnx.State) -> optax.GradientTransfo
                         mask=decay_mask(params))
     return adamw if cfg.max_grad_norm is None else optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
 
-
-def f32(tree):
-    """The tree with every leaf cast to float32 (the optimizer state is initialised from these views)."""
-    return jax.tree.map(lambda a: a.astype(jnp.float32), tree)

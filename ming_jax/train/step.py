@@ -13,7 +13,8 @@ A batch is a dict of arrays (what `ming_jax.train.data` yields; B rows of T toke
   b * T + t positions; an index outside [0, B*T) drops the row, so padded feature slots point at B*T).
 
 The loss is the mean cross-entropy over the batch's loss tokens (+ z_loss * mean logsumexp^2, + the optional
-sequence-wise balance loss), whatever `grad_accum` is: micro-batches (every `grad_accum`-th row, so each device
+sequence-wise balance loss, averaged per micro-batch); the cross-entropy and z-loss terms do not depend on
+`grad_accum`: micro-batches (every `grad_accum`-th row, so each device
 keeps its rows) are scanned, each normalised by the whole batch's token count, and their gradients summed in
 float32. Trainable parameters (`TrainConfig.trains`) get gradients and AdamW state; the rest (frozen parameters
 and every router's `expert_bias`) ride along in `state.frozen`; the bias update writes the latter after the
@@ -23,10 +24,12 @@ optimizer step from the step's expert loads (`ming_jax.moe.balance`).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -55,12 +58,32 @@ class TrainState:
     params: nnx.State  # trainable parameters
     frozen: nnx.State  # everything else the model holds (frozen parameters, expert biases)
     opt_state: Any  # the optax state over `params` (float32 moments)
+    # float32 master copy of `params` when they are stored in a lower precision (None when they are float32):
+    # the update is applied to it and `params` are its rounding, so updates below a bf16 ulp accumulate
+    master: nnx.State | None = None
 
 
 def split_model(model: nnx.Module, cfg: TrainConfig):
-    """-> (graphdef, trainable State, frozen State) of a model by `cfg.trains` over its parameter paths."""
+    """-> (graphdef, trainable State, frozen State) of a model by `cfg.trains` over its parameter paths. A
+    `freeze` / `train_only` pattern that matches no parameter path is an error (a typo would train everything)."""
+    paths = ["/".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    unmatched = [p for p in cfg.freeze + cfg.train_only if not any(re.search(p, path) for path in paths)]
+    if unmatched:
+        raise ValueError(f"TrainConfig: parameter pattern(s) {unmatched} match no parameter path (paths look like "
+                         f"{paths[0]!r}, {paths[-1]!r})")
     trains = lambda path, value: isinstance(value, nnx.Param) and cfg.trains("/".join(map(str, path)))  # noqa: E731
-    return nnx.split(model, trains, ...)
+    graphdef, params, frozen = nnx.split(model, trains, ...)
+    if not jax.tree.leaves(params):
+        raise ValueError("TrainConfig: no parameter is trainable (freeze / train_only exclude every parameter)")
+    return graphdef, params, frozen
+
+
+def _f32(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+
+
+def _needs_master(params) -> bool:
+    return any(jnp.dtype(a.dtype) != jnp.float32 for a in jax.tree.leaves(params))
 
 
 def init_state(model: nnx.Module, cfg: TrainConfig, tx: optax.GradientTransformation | None = None):
@@ -68,11 +91,10 @@ def init_state(model: nnx.Module, cfg: TrainConfig, tx: optax.GradientTransforma
     both AdamW moments are float32 whatever the parameter dtype). The state holds the model's own arrays: a step
     jitted with the state donated consumes them (copy what you want to keep)."""
     graphdef, params, frozen = split_model(model, cfg)
-    if not jax.tree.leaves(params):
-        raise ValueError("TrainConfig: no parameter is trainable (freeze / train_only exclude every parameter)")
     tx = make_optimizer(cfg, params) if tx is None else tx
-    opt_state = tx.init(jax.tree.map(lambda a: a.astype(jnp.float32), params))
-    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, frozen, opt_state)
+    opt_state = tx.init(_f32(params))
+    master = _f32(params) if _needs_master(params) else None
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, frozen, opt_state, master)
 
 
 def abstract_state(abstract_model: nnx.Module, cfg: TrainConfig, tx: optax.GradientTransformation | None = None):
@@ -80,8 +102,9 @@ def abstract_state(abstract_model: nnx.Module, cfg: TrainConfig, tx: optax.Gradi
     and what a checkpoint restores into; nothing is allocated."""
     graphdef, params, frozen = split_model(abstract_model, cfg)
     tx = make_optimizer(cfg, params) if tx is None else tx
-    opt = jax.eval_shape(lambda p: tx.init(jax.tree.map(lambda a: a.astype(jnp.float32), p)), params)
-    return graphdef, TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, frozen, opt), tx
+    opt = jax.eval_shape(lambda p: tx.init(_f32(p)), params)
+    master = jax.eval_shape(_f32, params) if _needs_master(params) else None
+    return graphdef, TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, frozen, opt, master), tx
 
 
 def state_shardings(state: TrainState, tx: optax.GradientTransformation, mesh, rules) -> TrainState:
@@ -91,11 +114,12 @@ def state_shardings(state: TrainState, tx: optax.GradientTransformation, mesh, r
     p_shard = sharding.variable_shardings(state.params, mesh, rules)
     o_shard = optax.tree_map_params(tx, lambda _, s: s, state.opt_state, p_shard,
                                     transform_non_params=lambda _: replicated)
-    return TrainState(replicated, p_shard, sharding.variable_shardings(state.frozen, mesh, rules), o_shard)
+    return TrainState(replicated, p_shard, sharding.variable_shardings(state.frozen, mesh, rules), o_shard,
+                      None if state.master is None else p_shard)
 
 
-def check_batch(batch: dict, *, grad_accum: int = 1) -> None:
-    """Host-side checks of a batch's keys and shapes, each problem named (call before the jitted step)."""
+def check_batch(batch: dict, *, grad_accum: int = 1, vocab_size: int | None = None) -> None:
+    """Host-side checks of a batch's keys, shapes and values, each problem named (call before the jitted step)."""
     missing = [k for k in BATCH_KEYS if k not in batch]
     unknown = sorted(set(batch) - set(BATCH_KEYS) - set(OPTIONAL_KEYS))
     if missing or unknown:
@@ -115,6 +139,22 @@ def check_batch(batch: dict, *, grad_accum: int = 1) -> None:
                          f"{tuple(batch['feature_index'].shape)}")
     if b % grad_accum:
         raise ValueError(f"train batch of {b} rows does not split into grad_accum={grad_accum} micro-batches")
+    for k in ("input_ids", "targets", "segment_ids", "positions") + tuple(
+            k for k in ("modality", "feature_index") if k in batch):
+        if np.asarray(batch[k]).dtype.kind not in "iu":
+            raise ValueError(f"train batch: {k} must be integers, got {np.asarray(batch[k]).dtype}")
+    if vocab_size is not None:
+        for k in ("input_ids", "targets"):
+            v = np.asarray(batch[k])
+            if v.size and (v.min() < 0 or v.max() >= vocab_size):
+                raise ValueError(f"train batch: {k} outside [0, {vocab_size}) (min {v.min()}, max {v.max()}); "
+                                 "a target without loss goes with loss_mask 0, not -100")
+    weights = np.asarray(batch["loss_mask"])
+    if weights.size and weights.min() < 0:
+        raise ValueError("train batch: negative loss_mask weights")
+    seg = np.asarray(batch["segment_ids"])
+    if seg.size and (seg.min() < 0 or seg.max() > t):
+        raise ValueError(f"train batch: segment_ids outside [0, {t}]")
 
 
 def _micro_batches(batch: dict, a: int) -> dict:
@@ -167,9 +207,9 @@ def _forward_losses(model, mb: dict, cfg: TrainConfig):
                                 llm_cfg.num_routers, valid)
     aux = jnp.zeros((), jnp.float32)
     if cfg.seq_aux_loss:
-        seq_id = (jnp.arange(b)[:, None] * t + segments).reshape(-1)  # one id per (row, document)
+        seq_id = (jnp.arange(b)[:, None] * (t + 1) + segments).reshape(-1)  # one id per (row, document): ids <= t
         aux = losses.sequence_balance_loss(r.experts, r.logits, seq_id, valid, llm_cfg.num_experts,
-                                           llm_cfg.num_experts_per_tok)
+                                           llm_cfg.num_experts_per_tok, b * (t + 1))
     return nll, z, aux, loads
 
 
@@ -232,9 +272,10 @@ def make_train_step(graphdef, cfg: TrainConfig, tx: optax.GradientTransformation
         opt = make_optimizer(cfg, state.params) if tx is None else tx
         grads, sums = grads_and_sums(state.params, state.frozen, batch)
         grad_norm = optax.tree.norm(grads)
-        masters = jax.tree.map(lambda p: p.astype(jnp.float32), state.params)
+        masters = _f32(state.params) if state.master is None else state.master
         updates, opt_state = opt.update(grads, state.opt_state, masters)  # float32 arithmetic throughout
-        params = jax.tree.map(lambda p, u: (p.astype(jnp.float32) + u).astype(p.dtype), state.params, updates)
+        masters = jax.tree.map(jnp.add, masters, updates)
+        params = jax.tree.map(lambda p, m: m.astype(p.dtype), state.params, masters)
         frozen = state.frozen
         if "loads" in sums and cfg.bias_update_rate:
             frozen = _update_biases(frozen, sums["loads"], cfg.bias_update_rate)
@@ -244,7 +285,7 @@ def make_train_step(graphdef, cfg: TrainConfig, tx: optax.GradientTransformation
                        tokens=denom)
         if "loads" in sums:
             metrics["expert_load"] = sums["loads"]
-        return TrainState(state.step + 1, params, frozen, opt_state), metrics
+        return TrainState(state.step + 1, params, frozen, opt_state, None if state.master is None else masters), metrics
 
     return step
 
