@@ -46,8 +46,9 @@ def test_reduced_model_train_and_decode_compile_for_tpu_with_expert_parallelism(
         assert plan.fits and plan.capacity == aot.HBM_BYTES[aot.chip_of(topology)]
         plans[step] = plan
     params = sum(int(np.prod(s)) for s in _param_shapes()) * 2  # bf16
-    # Train arguments: bf16 parameters + two float32 moments, sharded 4 ways (a few replicated norms on top).
-    per_chip = params * 5 / chips
+    # Train arguments: bf16 parameters + their float32 master copy + two float32 moments (2 + 4 + 8 bytes per
+    # parameter: 7x the bf16 bytes), sharded 4 ways (a few replicated norms on top).
+    per_chip = params * 7 / chips
     assert per_chip <= plans["train"].argument <= 1.3 * per_chip
     # Parameters and optimizer state are donated and come back in place.
     assert plans["train"].alias >= 0.95 * plans["train"].argument
