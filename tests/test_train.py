@@ -113,8 +113,8 @@ def _tiny_run(workdir, steps, data_path, *, save_every=2):
     train_cfg = TrainConfig(learning_rate=1e-3, warmup_steps=2, total_steps=8, grad_accum=2)
     run_cfg = loop.RunConfig(workdir=str(workdir), steps=steps, log_every=1, save_every=save_every, keep=5,
                              tensorboard=False, progress=False)
-    return loop.run(lambda: model_lib.create(cfg_llm, seed=5), model_lib.create_abstract(cfg_llm), train_cfg,
-                    data_cfg, spec, run_cfg, meta={"model": "tiny"})
+    return loop.run(lambda mesh, rules: model_lib.create(cfg_llm, seed=5), model_lib.create_abstract(cfg_llm),
+                    train_cfg, data_cfg, spec, run_cfg, meta={"model": "tiny"})
 
 
 def test_resume_is_exact(tmp_path):

@@ -29,8 +29,8 @@ def _run(workdir, steps, data_path, mesh=None, rules="fsdp"):
     train_cfg = TrainConfig(learning_rate=1e-3, warmup_steps=1, total_steps=4)
     run_cfg = loop.RunConfig(workdir=str(workdir), steps=steps, log_every=1, save_every=2, keep=3, mesh=mesh,
                              rules=rules, tensorboard=False, progress=False)
-    return loop.run(lambda: model_lib.create(cfg, seed=4), model_lib.create_abstract(cfg), train_cfg, data_cfg,
-                    spec, run_cfg, meta={"model": "tiny"})
+    return loop.run(lambda mesh, rules: model_lib.create(cfg, seed=4), model_lib.create_abstract(cfg), train_cfg,
+                    data_cfg, spec, run_cfg, meta={"model": "tiny"})
 
 
 @multi

@@ -90,8 +90,7 @@ def _model_source():
             raise app.UsageError(f"no tokenizer.json in {tok}: a trained checkpoint needs its own tokenizer "
                                  "(--tokenizer RELEASE_FOLDER; converted checkpoints do not carry one)")
 
-        def model_fn():
-            mesh, rules = _mesh()
+        def model_fn(mesh, rules):
             return restore.load(_CHECKPOINT.value, components=("llm",), mesh=mesh, rules=rules,
                                 runtime=runtime).llm
         what = _CHECKPOINT.value
@@ -101,8 +100,7 @@ def _model_source():
         if tok is not None and not os.path.exists(os.path.join(tok, "tokenizer.json")):
             raise app.UsageError(f"--tokenizer {tok}: no tokenizer.json there")
 
-        def model_fn():
-            mesh, rules = _mesh()
+        def model_fn(mesh, rules):
             if mesh is None:
                 return model_lib.create(llm_cfg, runtime, seed=_SEED.value)
             return sharding.init_sharded(lambda: model_lib.BailingMoeV2(llm_cfg, runtime, rngs=nnx.Rngs(_SEED.value)),
@@ -110,12 +108,6 @@ def _model_source():
         what = f"random {_PRESET.value}"
     spec = tok if tok is not None else {"stand_in": prompt_lib.tiny_special_ids(llm_cfg)}
     return llm_cfg, runtime, model_fn, model_lib.create_abstract(llm_cfg, runtime), spec, what
-
-
-def _mesh():
-    if not _MESH.value:
-        return None, None
-    return sharding.make_mesh(_MESH.value), sharding.ShardingRules.preset(_RULES.value)
 
 
 def main(argv) -> None:

@@ -178,9 +178,12 @@ class BailingMoeV2(nnx.Module):
             return rotary.video_rope_cos_sin(positions, inv_freq, self.cfg.mrope_section)
         return rotary.rope_cos_sin(positions[0], inv_freq)
 
+    def head_weight(self, dtype=None):
+        """The LM head's [D, V] weight (the transposed embedding when tied), read through the one weight-read site."""
+        return read(self.embed, dtype).T if self.lm_head is None else read(self.lm_head, dtype)
+
     def head(self, h):
-        w = read(self.embed, h.dtype).T if self.lm_head is None else read(self.lm_head, h.dtype)
-        return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", h, self.head_weight(h.dtype), preferred_element_type=jnp.float32)
 
     # -- forward --
     def __call__(self, embeds, positions, *, attention_mask=None, modality=None, cache: KVCache | None = None,

@@ -3,7 +3,8 @@ checkpoints; resumes from the newest checkpoint of its work directory, exactly.
 
     result = train_loop.run(model_fn, abstract_model, train_cfg, data_cfg, tokenizer_spec, run_cfg)
 
-`model_fn()` builds the starting model (random init, or a converted / release checkpoint) and is called only when
+`model_fn(mesh, rules)` builds the starting model on the run's mesh (None, None without one: random init, or a
+converted / release checkpoint) and is called only when
 the work directory holds no checkpoint; `abstract_model` (`create_abstract`) gives the structure a checkpoint is
 restored into. Work directory layout:
 
@@ -186,7 +187,7 @@ class _Metrics:
             self.tb.close()
 
 
-def run(model_fn: Callable[[], nnx.Module], abstract_model: nnx.Module, train_cfg: TrainConfig,
+def run(model_fn: Callable[[Any, Any], nnx.Module], abstract_model: nnx.Module, train_cfg: TrainConfig,
         data_cfg: data_lib.TrainData, tokenizer_spec, run_cfg: RunConfig, *, meta: dict | None = None) -> Result:
     workdir = epath.Path(run_cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +214,7 @@ def run(model_fn: Callable[[], nnx.Module], abstract_model: nnx.Module, train_cf
             state, data_states, _ = checkpointer.restore(target, resumed)
             _restore_data_state(it, data_states)
         else:
-            _, state = train_step.init_state(model_fn(), train_cfg, tx)
+            _, state = train_step.init_state(model_fn(mesh, rules), train_cfg, tx)
             if shardings is not None:
                 state = jax.device_put(state, shardings)
         replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -1,7 +1,7 @@
 """The train step of the BailingMoeV2 backbone: loss, gradients, one AdamW update, the MoE bias update.
 
-    state = init_state(model, cfg)                       # trainable / frozen split, float32 AdamW moments
-    step = jax.jit(make_train_step(state.graphdef, cfg), donate_argnums=0)
+    graphdef, state = init_state(model, cfg)             # trainable / frozen split, float32 AdamW moments
+    step = jax.jit(make_train_step(graphdef, cfg), donate_argnums=0)
     state, metrics = step(state, batch)
 
 A batch is a dict of arrays (what `ming_jax.train.data` yields; B rows of T tokens):
@@ -13,10 +13,9 @@ A batch is a dict of arrays (what `ming_jax.train.data` yields; B rows of T toke
   b * T + t positions; an index outside [0, B*T) drops the row, so padded feature slots point at B*T).
 
 The loss is the mean cross-entropy over the batch's loss tokens (+ z_loss * mean logsumexp^2, + the optional
-sequence-wise balance loss, averaged per micro-batch); the cross-entropy and z-loss terms do not depend on
-`grad_accum`: micro-batches (every `grad_accum`-th row, so each device
+sequence-wise balance loss, averaged per micro-batch). Micro-batches (every `grad_accum`-th row, so each device
 keeps its rows) are scanned, each normalised by the whole batch's token count, and their gradients summed in
-float32. Trainable parameters (`TrainConfig.trains`) get gradients and AdamW state; the rest (frozen parameters
+float32, so the cross-entropy and z-loss terms do not depend on `grad_accum`. Trainable parameters (`TrainConfig.trains`) get gradients and AdamW state; the rest (frozen parameters
 and every router's `expert_bias`) ride along in `state.frozen`; the bias update writes the latter after the
 optimizer step from the step's expert loads (`ming_jax.moe.balance`).
 """
@@ -195,8 +194,7 @@ def _forward_losses(model, mb: dict, cfg: TrainConfig):
     segments = mb["segment_ids"].astype(jnp.int32)
     routed = llm_cfg.num_moe_layers > 0
     out = model(x, pos.astype(jnp.int32), attention_mask=segments, modality=modality, collect=routed)
-    w_head = model.embed[...].T if model.lm_head is None else model.lm_head[...]  # as model.head
-    nll, z = losses.chunked_cross_entropy(w_head, out.hidden, mb["targets"], mb["loss_mask"], cfg.loss_chunk)
+    nll, z = losses.chunked_cross_entropy(model.head_weight(), out.hidden, mb["targets"], mb["loss_mask"], cfg.loss_chunk)
     if not routed:
         return nll, z, jnp.zeros((), jnp.float32), None
     r = out.routing  # experts [Lm, B*T, K], logits [Lm, B*T, E]
