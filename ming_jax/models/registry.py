@@ -63,7 +63,7 @@ AUDIO_PREFIXES = ("audio.", "linear_proj_audio.")
 
 def nested(table: Table, ours: str) -> Table:
     """The same rules with our paths under the subtree `ours` (e.g. "llm.")."""
-    return Table(dataclasses.replace(r, ours=ours + r.ours) for r in table.rules)
+    return Table((dataclasses.replace(r, ours=ours + r.ours) for r in table.rules), table.tied)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,8 @@ import importlib
 
 from ming_jax.parity import golden, numerics
 
-KINDS = ("llm_backbone", "vision_encoder", "audio_encoder", "preprocessing", "full_mm_forward")
+KINDS = ("llm_backbone", "vision_encoder", "audio_encoder", "preprocessing", "full_mm_forward", "image_condition",
+         "image_dit", "image_vae", "image_sampler")
 
 
 class UnsupportedKind(Exception):

@@ -46,6 +46,8 @@ class ShardingRules:
     norm: Axes = None
     patch: Axes = None
     pos: Axes = None
+    conv_in: Axes = None  # input / output channels of the image VAE's convolutions (replicated: ~84M parameters)
+    conv_out: Axes = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -121,14 +121,22 @@ class Assignment:
 
 
 class Table:
-    """A component's rules, with strict matching."""
+    """A component's rules, with strict matching.
 
-    def __init__(self, rules: Iterable[Rule]):
+    `tied` names official tensors that are copies of another official tensor (transformers' tied embeddings: a
+    Qwen2ForCausalLM state dict holds `lm_head.weight`, the very same tensor as `model.embed_tokens.weight`). Such an
+    alias is optional in the source; when present it is consumed by a check that it equals its twin (in-memory
+    loading compares the values; the streaming converter, which plans before reading data, only drops it), and the
+    export leaves it out, as `save_pretrained` does.
+    """
+
+    def __init__(self, rules: Iterable[Rule], tied: Mapping[str, str] | None = None):
         self.rules = tuple(rules)
+        self.tied = dict(tied or {})
         self._compiled = [(r, r.regex) for r in self.rules]
 
     def __add__(self, other: "Table") -> "Table":
-        return Table(self.rules + other.rules)
+        return Table(self.rules + other.rules, {**self.tied, **other.tied})
 
     def match(self, name: str) -> Assignment | None:
         hits = []
@@ -148,7 +156,7 @@ class Table:
 
     def plan(self, names: Iterable[str]) -> list[Assignment]:
         """Map every official name; raise naming all unexpected and all missing tensors."""
-        names = list(names)
+        names = [n for n in names if n not in self.tied]
         out, unexpected = [], []
         for n in names:
             a = self.match(n)
@@ -195,7 +203,15 @@ def load_arrays(table: Table, tensors: Mapping[str, np.ndarray], shapes: Mapping
     `names` restricts the source to a subset (e.g. the LLM's tensors of an omni checkpoint); default: all of them.
     """
     out: dict[str, np.ndarray] = {}
-    for a in table.plan(tensors.keys() if names is None else names):
+    names = list(tensors.keys() if names is None else names)
+    for alias in (n for n in names if n in table.tied):
+        twin = table.tied[alias]
+        if twin not in tensors:
+            raise WeightError(f"{alias} is tied to {twin}, which the source lacks")
+        if not np.array_equal(np.asarray(tensors[alias]), np.asarray(tensors[twin])):
+            raise WeightError(f"{alias} should be a copy of {twin} (tied weights) but differs: untied weights are "
+                              f"not what this config describes")
+    for a in table.plan(names):
         if a.path not in shapes:
             raise WeightError(f"{a.official} maps to {a.path}, which the model does not have")
         full = tuple(shapes[a.path])
