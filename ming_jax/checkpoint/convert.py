@@ -53,7 +53,7 @@ import numpy as np
 import tensorstore as ts
 
 from ming_jax.checkpoint import manifest as mf
-from ming_jax.checkpoint import orbax_tree
+from ming_jax.checkpoint import folders, orbax_tree
 from ming_jax.checkpoint.safetensors import (INDEX_FILE, CheckpointError, SourceCheckpoint, TensorInfo,
                                              _FLOATING, _listing)
 from ming_jax.config.base import ConfigError
@@ -102,8 +102,7 @@ class Plan:
             lines.append(f"skipping component {comp} (not requested): {len(names)} tensors, "
                          f"{_gb(sum(self.source.tensors[n].nbytes for n in names))}")
         for name, size, files in self.skipped_folders:
-            lines.append(f"skipping sub-folder {name}/ ({files} files, {_gb(size)}): not implemented in ming_jax "
-                         f"({_folder_kind(name)})")
+            lines.append(f"skipping sub-folder {name}/ ({files} files, {_gb(size)}): {_folder_kind(name)}")
         for f in self.source.unindexed_files:
             lines.append(f"ignoring {f}: not referenced by {INDEX_FILE}")
         return "\n".join(lines)
@@ -111,7 +110,11 @@ class Plan:
 
 def _folder_kind(name: str) -> str:
     planned = registry.PLANNED_FOLDERS.get(name) or ("talker" if name.startswith("talker") else None)
-    return registry.PLANNED[planned] if planned else "not part of the understanding model"
+    if planned:
+        return registry.PLANNED[planned]
+    if name in registry.IMAGE_GEN_WEIGHT_FOLDERS or name in folders.config_only_folders():
+        return "image generation, but the release's image-generation folders are incomplete"
+    return "not part of the models ming_jax implements"
 
 
 def _gb(n: int) -> str:
@@ -126,15 +129,16 @@ def _dummy(shape: Sequence[int]) -> np.ndarray:
 def plan_conversion(src: str | SourceCheckpoint, *, dtype: str | None = None,
                     components: Sequence[str] | None = None) -> Plan:
     """Every check that needs no tensor data; raises naming all problems found, writes nothing."""
-    source = src if isinstance(src, SourceCheckpoint) else SourceCheckpoint(src)
+    source = src if isinstance(src, SourceCheckpoint) else folders.open_source(src)
     if dtype is not None and dtype not in DTYPE_FLAGS:
         raise ConversionError(f"dtype={dtype!r}; choose bf16 or f32 (or leave it unset to keep the source dtypes)")
     store = DTYPE_FLAGS.get(dtype) if dtype else None
     try:
-        comps = registry.describe(source.config)
+        comps = registry.describe(source.config, sections=folders.image_gen_sections(source.path))
         chosen = registry.select(comps, components)
     except ConfigError as e:
-        raise ConversionError(str(e)) from None
+        problem = folders.image_gen_problem(source.path)
+        raise ConversionError(str(e) + (f" ({problem})" if problem else "")) from None
 
     owner: dict[str, str] = {}
     orphans = []
@@ -198,7 +202,8 @@ def plan_conversion(src: str | SourceCheckpoint, *, dtype: str | None = None,
                           (f"; ... ({len(problems) - 12} more)" if len(problems) > 12 else ""))
     items.sort(key=lambda i: (i.info.shard, i.info.offset))
     leaves.sort(key=lambda leaf: leaf.path)
-    return Plan(source, chosen, leaves, items, skipped, source.subfolders(),
+    kept = folders.config_only_folders() if "image_gen" in comps else set()
+    return Plan(source, chosen, leaves, items, skipped, [f for f in source.subfolders() if f[0] not in kept],
                 {"dtype": store, "components": chosen})
 
 
@@ -296,6 +301,7 @@ def convert(src: str, dst: str, *, dtype: str | None = None, components: Sequenc
     manifest = _manifest(plan, done, compression)
     mf.write_json(os.path.join(tmp, mf.MANIFEST_FILE), manifest.to_json())
     shutil.copyfile(plan.source.config_path, os.path.join(tmp, mf.CONFIG_FILE))
+    folders.copy_sections(plan.source.path, tmp)  # image-generation sub-configs: a converted folder describes itself
     for f in (_STATE, _JOURNAL):
         os.remove(os.path.join(tmp, f))
     _publish(tmp, dst, overwrite)

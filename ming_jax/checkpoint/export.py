@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from ming_jax.checkpoint import manifest as mf
-from ming_jax.checkpoint import orbax_tree
+from ming_jax.checkpoint import folders, orbax_tree
 from ming_jax.checkpoint.convert import (ConversionError, Progress, _dummy, _gb, _partial_dir, _publish)
 from ming_jax.models import registry
 from ming_jax.checkpoint.safetensors import OutTensor, st_code, write_sharded
@@ -32,7 +32,7 @@ def export_official(ckpt_dir: str, dst: str, *, max_shard_bytes: int = 5 * 10**9
         raise ConversionError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
     manifest = mf.Manifest.read(ckpt_dir)
     raw = mf.read_config(ckpt_dir)
-    parts = registry.describe(raw)
+    parts = registry.describe(raw, sections=folders.image_gen_sections(ckpt_dir))
     reader = orbax_tree.TreeReader(os.path.join(ckpt_dir, mf.PARAMS_DIR))
     plan: dict[str, tuple[Assignment, OutTensor]] = {}
     for cname in manifest.components:
@@ -67,8 +67,20 @@ def export_official(ckpt_dir: str, dst: str, *, max_shard_bytes: int = 5 * 10**9
             checked.append(t.name)
         return value
 
-    index = write_sharded(tmp, tensors, fetch, max_shard_bytes, lambda t: bar.update(t.nbytes, t.name))
+    on_tensor = lambda t: bar.update(t.nbytes, t.name)  # noqa: E731
+    by_folder = _split_folders(tensors, set(_image_gen_names(plan, parts, manifest)))
+    index = write_sharded(tmp, by_folder.pop(""), fetch, max_shard_bytes, on_tensor)
+    for folder, group in by_folder.items():  # image generation: each sub-folder a checkpoint of its own
+        prefix = registry.IMAGE_GEN_WEIGHT_FOLDERS[folder]
+        renamed = {prefix + t.name[len(prefix):]: t for t in group}
+        local = [OutTensor(t.name[len(prefix):], t.dtype, t.shape) for t in group]
+        os.makedirs(os.path.join(tmp, folder))
+        sub = write_sharded(os.path.join(tmp, folder), local, lambda t: fetch(renamed[prefix + t.name]),
+                            max_shard_bytes, lambda t: on_tensor(renamed[prefix + t.name]),
+                            base=_FOLDER_FILES[folder], single_file=True)
+        index["weight_map"].update({prefix + n: f"{folder}/{f}" for n, f in sub["weight_map"].items()})
     shutil.copyfile(os.path.join(ckpt_dir, mf.CONFIG_FILE), os.path.join(tmp, mf.CONFIG_FILE))
+    folders.copy_sections(ckpt_dir, tmp)
     elapsed = bar.close()
     _publish(tmp, dst, overwrite)
     n_shards = len(set(index["weight_map"].values()))
@@ -79,3 +91,25 @@ def export_official(ckpt_dir: str, dst: str, *, max_shard_bytes: int = 5 * 10**9
             [f"{c} ({n} tensors)" for c, n in manifest.skipped.get("components", {}).items()] +
             [f"{f['name']}/" for f in manifest.skipped.get("folders", [])]))
     return index
+
+
+# File names the release's loaders open in each image-generation sub-folder: mlp/model.safetensors is read by name,
+# connector/ through transformers' from_pretrained, transformer/ and vae/ through diffusers' from_pretrained.
+_FOLDER_FILES = {"mlp": "model", "connector": "model", "transformer": "diffusion_pytorch_model",
+                 "vae": "diffusion_pytorch_model"}
+
+
+def _image_gen_names(plan, parts, manifest) -> list[str]:
+    if "image_gen" not in manifest.components:
+        return []
+    return [n for n in plan if parts["image_gen"].owns(n)]
+
+
+def _split_folders(tensors: list[OutTensor], image_gen: set[str]) -> dict[str, list[OutTensor]]:
+    """"" (the release's own shards) and each image-generation sub-folder -> its tensors, order kept."""
+    prefixes = sorted(registry.IMAGE_GEN_WEIGHT_FOLDERS.items(), key=lambda kv: -len(kv[1]))
+    out: dict[str, list[OutTensor]] = {"": []}
+    for t in tensors:
+        folder = "" if t.name not in image_gen else next(f for f, p in prefixes if t.name.startswith(p))
+        out.setdefault(folder, []).append(t)
+    return out

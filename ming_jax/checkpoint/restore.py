@@ -35,6 +35,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ming_jax.checkpoint import folders
 from ming_jax.checkpoint.manifest import (CONFIG_FILE, MANIFEST_FILE, PARAMS_DIR, CheckpointFormatError, Manifest,
                                           np_dtype, read_config)
 from ming_jax.checkpoint.safetensors import CheckpointError, SourceCheckpoint, TensorMapping
@@ -185,7 +186,7 @@ class Loaded:
         base = (OmniConfig.from_official(self.config) if kind == "omni"
                 else OmniConfig(llm=self.parts["llm"].config, vision=None, audio=None))
         cfg = dataclasses.replace(base, **{c: (self.parts[c].config if c in self.parts else None)
-                                           for c in registry.COMPONENTS})
+                                           for c in ("llm", "vision", "audio")})
         runtime = self.parts["llm"].runtime
         model = nnx.eval_shape(lambda: OmniModel(cfg, runtime, deepstack=self.deepstack, rngs=nnx.Rngs(0)))
         model.llm = llm
@@ -258,14 +259,15 @@ def load(path: str, *, components: Sequence[str] | None = None, mesh: jax.shardi
     base = _runtime(runtime, None, compute_dtype)
     if fmt == RELEASE and dtype is None:
         dtype = release_dtype(raw)  # the parameters stay in the release's dtype (runtime.param_dtype is not used)
-    described = registry.describe(raw, _runtime(base, dtype, None), deepstack=deepstack)
+    sections = folders.image_gen_sections(path)
+    described = registry.describe(raw, _runtime(base, dtype, None), deepstack=deepstack, sections=sections)
     if fmt == CONVERTED:
         manifest = Manifest.read(path)
         chosen = (registry.select(described, components) if components
                   else [c for c in described if c in manifest.components])
         for c in chosen:
             _needs(manifest, c, path)
-        parts = _converted_parts(raw, manifest, described, chosen, dtype, base, deepstack)
+        parts = _converted_parts(raw, manifest, described, chosen, dtype, base, deepstack, sections)
         for part in parts.values():
             for key, module in part.modules.items():
                 # each array to the dtype the module gives it: float32 router biases stay float32 in a bf16 model
@@ -296,7 +298,8 @@ def _needs(manifest: Manifest, component: str, ckpt_dir: str) -> None:
 
 
 def _converted_parts(raw: dict, manifest: Manifest, described: Mapping[str, registry.Part], chosen: list[str],
-                     dtype: str | None, base: Runtime, deepstack: bool) -> dict[str, registry.Part]:
+                     dtype: str | None, base: Runtime, deepstack: bool,
+                     sections: Mapping[str, Any] | None = None) -> dict[str, registry.Part]:
     """The chosen parts, each built in the dtype most of its parameters are stored in (unless `dtype`)."""
     by_dtype: dict[str, list[str]] = {}
     for c in chosen:
@@ -305,7 +308,8 @@ def _converted_parts(raw: dict, manifest: Manifest, described: Mapping[str, regi
     parts: dict[str, registry.Part] = {}
     for pdt, names in by_dtype.items():
         if any(described[c].runtime.param_dtype != pdt for c in names):
-            described = registry.describe(raw, base.replace(param_dtype=pdt), deepstack=deepstack)
+            described = registry.describe(raw, base.replace(param_dtype=pdt), deepstack=deepstack,
+                                          sections=sections)
         parts.update({c: described[c] for c in names})
     return {c: parts[c] for c in chosen}
 
@@ -313,14 +317,18 @@ def _converted_parts(raw: dict, manifest: Manifest, described: Mapping[str, regi
 def load_tensors(raw: Mapping, tensors: Mapping[str, Any], *, components: Sequence[str] | None = None,
                  mesh: jax.sharding.Mesh | None = None, rules: ShardingRules | str | None = None,
                  dtype: str | None = None, compute_dtype: str | None = None, runtime: Runtime | None = None,
-                 deepstack: bool = False, source: str = "tensors") -> Loaded:
+                 deepstack: bool = False, source: str = "tensors",
+                 sections: Mapping[str, Any] | None = None) -> Loaded:
     """`load` for official tensors already at hand: `raw` a config.json dict, `tensors` {official name: array}
-    (e.g. a golden case's weights, or a lazy `TensorMapping`). Strict like the release path of `load`."""
+    (e.g. a golden case's weights, or a lazy `TensorMapping`). Strict like the release path of `load`.
+    `sections`: image-generation sub-folder configs (their tensors named as `registry.IMAGE_GEN_WEIGHT_FOLDERS`
+    joins them)."""
     if isinstance(rules, str):
         rules = ShardingRules.preset(rules)
     if mesh is not None and rules is None:
         rules = ShardingRules.preset(DEFAULT_RULES)
-    described = registry.describe(raw, _runtime(runtime, dtype, compute_dtype), deepstack=deepstack)
+    described = registry.describe(raw, _runtime(runtime, dtype, compute_dtype), deepstack=deepstack,
+                                  sections=sections)
     parts = {c: described[c] for c in registry.select(described, components)}
     _fill_from_tensors(source, tensors, described, parts, {}, mesh, rules)
     return Loaded(source, RELEASE, dict(raw), parts, deepstack, mesh, rules)
@@ -329,7 +337,7 @@ def load_tensors(raw: Mapping, tensors: Mapping[str, Any], *, components: Sequen
 def _fill_from_release(path: str, described: Mapping[str, registry.Part], parts: Mapping[str, registry.Part],
                        shardings: Mapping[str, Any], mesh, rules) -> None:
     """Fill the parts' modules from the folder's safetensors, tensor by tensor (strict, like the converter)."""
-    _fill_from_tensors(path, TensorMapping(SourceCheckpoint(path)), described, parts, shardings, mesh, rules)
+    _fill_from_tensors(path, TensorMapping(folders.open_source(path)), described, parts, shardings, mesh, rules)
 
 
 def _fill_from_tensors(path: str, tensors: Mapping[str, Any], described: Mapping[str, registry.Part],

@@ -104,9 +104,14 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict]:
 
 class SourceCheckpoint:
     """A release folder: config.json + safetensors shards (with `model.safetensors.index.json`, or without: every
-    *.safetensors file). Construction reads every header and cross-checks them; `read` fetches one tensor."""
+    *.safetensors file). Construction reads every header and cross-checks them; `read` fetches one tensor.
 
-    def __init__(self, path: str):
+    `merge` {sub-folder: name prefix} adds the weights of those sub-folders (each with its own shards, indexed by its
+    `*.safetensors.index.json` or not) under `prefix + name`, e.g. the image-generation folders of the omni release
+    (`transformer/diffusion_pytorch_model.safetensors` -> `transformer.<name>`). Their shards are named by their
+    path relative to the folder; `subfolders()` no longer lists them."""
+
+    def __init__(self, path: str, merge: Mapping[str, str] | None = None):
         if not os.path.isdir(path):
             raise CheckpointError(f"source folder {path} does not exist")
         self.path = path
@@ -144,6 +149,9 @@ class SourceCheckpoint:
                 self.tensors[name] = info
         if weight_map is not None:
             self._check_index(weight_map)
+        self.merged = dict(merge or {})
+        for folder, prefix in self.merged.items():
+            shards += self._merge(folder, prefix)
         self.shards = shards
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -179,12 +187,47 @@ class SourceCheckpoint:
         if problems:
             raise CheckpointError(f"{INDEX_FILE} does not match the shards: " + "; ".join(problems))
 
+    def _merge(self, folder: str, prefix: str) -> list[str]:
+        """Read the headers of one merged sub-folder; returns its shards as paths relative to the folder."""
+        root = os.path.join(self.path, folder)
+        if not os.path.isdir(root):
+            raise CheckpointError(f"{self.path} has no {folder}/ sub-folder")
+        files = sorted(f for f in os.listdir(root) if f.endswith(".safetensors"))
+        indexes = sorted(f for f in os.listdir(root) if f.endswith(".safetensors.index.json"))
+        if len(indexes) > 1:
+            raise CheckpointError(f"{folder}/ has several safetensors indexes: {indexes}")
+        if indexes:
+            with open(os.path.join(root, indexes[0]), "rb") as f:
+                raw = f.read()
+            try:
+                wm = json.loads(raw).get("weight_map")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                raise CheckpointError(f"{folder}/{indexes[0]} is not a valid index ({e})") from None
+            if not isinstance(wm, dict):
+                raise CheckpointError(f"{folder}/{indexes[0]} has no weight_map")
+            self.index_bytes += raw
+            files = sorted(set(wm.values()))
+            missing = [f for f in files if not os.path.isfile(os.path.join(root, f))]
+            if missing:
+                raise CheckpointError(f"{folder}/{indexes[0]} names shard(s) that are not in {folder}/: "
+                                      f"{_listing(missing)}")
+        if not files:
+            raise CheckpointError(f"{folder}/ holds no *.safetensors weights")
+        for shard in files:
+            infos, _ = read_header(os.path.join(root, shard))
+            for name, info in infos.items():
+                full = prefix + name
+                if full in self.tensors:
+                    raise CheckpointError(f"tensor {full} ({folder}/{shard}) is also in {self.tensors[full].shard}")
+                self.tensors[full] = dataclasses.replace(info, name=full, shard=f"{folder}/{shard}")
+        return [f"{folder}/{f}" for f in files]
+
     def subfolders(self) -> list[tuple[str, int, int]]:
-        """(name, bytes, files) of every sub-folder: parts of the release we do not convert."""
+        """(name, bytes, files) of every sub-folder that is not merged: parts of the release we do not convert."""
         out = []
         for entry in sorted(os.listdir(self.path)):
             full = os.path.join(self.path, entry)
-            if os.path.isdir(full):
+            if os.path.isdir(full) and entry not in self.merged:
                 size = files = 0
                 for root, _, names in os.walk(full):
                     for n in names:
@@ -291,16 +334,23 @@ def shard_names(tensors: Sequence[OutTensor], max_shard_bytes: int) -> list[list
 
 
 def write_sharded(dst: str, tensors: Sequence[OutTensor], fetch: Callable[[OutTensor], np.ndarray],
-                  max_shard_bytes: int, on_tensor=None) -> dict:
-    """`model-0000k-of-0000n.safetensors` shards + `model.safetensors.index.json` in `dst`; returns the index."""
+                  max_shard_bytes: int, on_tensor=None, *, base: str = "model", single_file: bool = False) -> dict:
+    """`{base}-0000k-of-0000n.safetensors` shards + `{base}.safetensors.index.json` in `dst`; returns the index.
+    `single_file`: when everything fits one shard, write `{base}.safetensors` and no index file (what loaders that
+    open one fixed file name expect, e.g. the release's mlp/model.safetensors)."""
     shards = shard_names(tensors, max_shard_bytes)
     weight_map = {}
+    if single_file and len(shards) <= 1:
+        fname = f"{base}.safetensors"
+        write_safetensors(os.path.join(dst, fname), shards[0] if shards else [], fetch, on_tensor)
+        return {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
+                "weight_map": {t.name: fname for t in tensors}}
     for k, shard in enumerate(shards):
-        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        fname = f"{base}-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         write_safetensors(os.path.join(dst, fname), shard, fetch, on_tensor)
         weight_map.update({t.name: fname for t in shard})
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
-    with open(os.path.join(dst, INDEX_FILE), "w") as f:
+    with open(os.path.join(dst, f"{base}.safetensors.index.json"), "w") as f:
         json.dump(index, f, indent=2)
     return index
 

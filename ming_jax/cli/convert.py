@@ -25,7 +25,7 @@ _SRC = flags.DEFINE_string("src", None, "Release folder (or, with --reverse, a c
 _DST = flags.DEFINE_string("dst", None, "Output folder; must not exist unless --overwrite.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["bf16", "f32"], "Store every parameter in this dtype (default: as in "
                            "the source).")
-_COMPONENTS = flags.DEFINE_list("components", None, "Sub-models to convert: llm, vision, audio (default: all the "
+_COMPONENTS = flags.DEFINE_list("components", None, "Sub-models to convert: llm, vision, audio, image_gen (default: all the "
                                 "config describes).")
 _REVERSE = flags.DEFINE_bool("reverse", False, "Export a converted checkpoint back to official safetensors.")
 _MAX_SHARD = flags.DEFINE_string("max_shard_size", "5GB", "--reverse: largest output shard (e.g. 5GB, 500MB).")

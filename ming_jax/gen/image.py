@@ -281,3 +281,20 @@ def generate(gen: ImageGenerator, inputs: ConditionInputs, *, height: int, width
     latents = initial_latents(jax.random.key(seed), shape)
     final = denoise(gen.dit, caption, latents, sched, guidance=guidance, negative=negative, ref_latent=ref)
     return to_uint8(decode_images(gen.vae, final))
+
+
+def from_loaded(loaded) -> ImageGenerator:
+    """The image generator of a `ming_jax.checkpoint.restore.load(path, components=["llm", "image_gen"])` result."""
+    if "image_gen" not in loaded.parts:
+        raise ValueError(f"{loaded.path}: image generation was not loaded (loaded: {', '.join(loaded.parts)}); load "
+                         f"with components including 'llm' and 'image_gen'")
+    m = loaded.modules
+    return ImageGenerator(loaded.parts["image_gen"].config, loaded.llm, m["image_head"], m["dit"], m["vae"])
+
+
+def random_generator(cfg: ImageGenConfig, thinker: BailingMoeV2, runtime=None, *, seed: int = 0) -> ImageGenerator:
+    """Random image-generation components around `thinker` (demos and tests without a checkpoint)."""
+    rngs = nnx.Rngs(seed)
+    head = ImageGenHead(cfg.head, thinker.cfg.hidden_size, cfg.connector, runtime, rngs=rngs)
+    return ImageGenerator(cfg, thinker, head, ZImageDiT(cfg.dit, runtime, rngs=rngs), AutoencoderKL(cfg.vae, runtime,
+                                                                                                      rngs=rngs))

@@ -21,15 +21,22 @@ from flax import nnx
 
 from ming_jax.config.audio import AudioConfig
 from ming_jax.config.base import ConfigError
+from ming_jax.config.image_gen import ImageGenConfig
 from ming_jax.config.llm import LLMConfig
 from ming_jax.config.omni import OmniConfig
 from ming_jax.config.runtime import Runtime
 from ming_jax.config.vision import VisionConfig
 from ming_jax.models.audio import AudioTower
 from ming_jax.models.llm import BailingMoeV2
+from ming_jax.models.image_gen.condition import ImageGenHead
+from ming_jax.models.image_gen.dit import ZImageDiT
+from ming_jax.models.image_gen.vae import AutoencoderKL
 from ming_jax.models.vision import VisionProjector, VisionTransformer
 from ming_jax.weights.audio import audio_table
+from ming_jax.weights.dit import dit_table
+from ming_jax.weights.image_gen import head_table
 from ming_jax.weights.llm import llm_table
+from ming_jax.weights.vae import vae_table
 from ming_jax.weights.table import Table, param_shapes
 from ming_jax.weights.vision import OMNI_PROJECTOR_PREFIX, OMNI_VISION_PREFIX, projector_table, vision_table
 
@@ -47,16 +54,27 @@ COMPONENTS: dict[str, Component] = {
     "llm": Component("llm", ("llm",), "BailingMoeV2 language model"),
     "vision": Component("vision", ("vision", "vision_proj"), "vision tower (Qwen3-VL-style ViT) + projector"),
     "audio": Component("audio", ("audio",), "audio tower (whisper encoder) + projector"),
+    "image_gen": Component("image_gen", ("image_head", "dit", "vae"),
+                           "image generation: query tokens + Qwen2 connector (image_head), Z-Image DiT, Flux VAE"),
 }
 # Parts of the release not implemented yet: named in errors and in the converter's skip report.
 PLANNED: dict[str, str] = {
     "talker": "speech generation (talker/, talker/vae/)",
-    "image_gen": "image generation (mlp/, connector/, transformer/, byt5/, vae/, scheduler/)",
+    "glyph": "the ByT5 glyph-text branch of image generation (byt5/)",
 }
 # Release sub-folders of the planned components (the converter skips and lists them).
-PLANNED_FOLDERS: dict[str, str] = {"talker": "talker", "mlp": "image_gen", "connector": "image_gen",
-                                   "transformer": "image_gen", "byt5": "image_gen", "vae": "image_gen",
-                                   "scheduler": "image_gen"}
+PLANNED_FOLDERS: dict[str, str] = {"talker": "talker", "byt5": "glyph"}
+
+# The image-generation component lives in release sub-folders, each a checkpoint of its own. Their weights join one
+# name space under these prefixes (the official module's own names: `get_condition_embeds_for_image_gen` reads
+# query_tokens_dict / proj_in / proj_out from mlp/ unprefixed, the pipeline's transformer / vae keep their folder
+# name); scheduler/ holds only its config.
+IMAGE_GEN_WEIGHT_FOLDERS: dict[str, str] = {"mlp": "", "connector": "connector.", "transformer": "transformer.",
+                                            "vae": "vae."}
+IMAGE_GEN_CONFIG_FILES: dict[str, str] = {"mlp": "mlp/config.json", "connector": "connector/config.json",
+                                          "transformer": "transformer/config.json", "vae": "vae/config.json",
+                                          "scheduler": "scheduler/scheduler_config.json"}
+IMAGE_GEN_PREFIXES = ("query_tokens_dict.", "proj_in.", "proj_out.", "mlp.", "connector.", "transformer.", "vae.")
 LLM_PREFIX = "model."  # in the omni release, BailingMoeV2ForCausalLM's own names (`model.`, `lm_head.`) follow it
 AUDIO_PREFIXES = ("audio.", "linear_proj_audio.")
 
@@ -71,7 +89,7 @@ class Part:
     """One component as a given release holds it."""
 
     name: str
-    config: Any  # LLMConfig | VisionConfig | AudioConfig
+    config: Any  # LLMConfig | VisionConfig | AudioConfig | ImageGenConfig
     runtime: Runtime  # what the modules were built with (dtypes, kernels)
     modules: Mapping[str, nnx.Module]  # subtree key -> abstract module
     table: Table  # official names -> our dotted paths, under the subtree keys
@@ -117,6 +135,20 @@ def audio_part(cfg: AudioConfig, runtime: Runtime) -> Part:
     return Part("audio", cfg, runtime, {"audio": module}, audio_table(cfg, "", "audio."), AUDIO_PREFIXES)
 
 
+def image_gen_part(cfg: ImageGenConfig, llm_hidden: int, runtime: Runtime) -> Part:
+    """The image-generation head, DiT and VAE of an omni release (names as `IMAGE_GEN_WEIGHT_FOLDERS` joins them)."""
+    modules = {
+        "image_head": abstract(lambda: ImageGenHead(cfg.head, llm_hidden, cfg.connector, runtime, rngs=nnx.Rngs(0))),
+        "dit": abstract(lambda: ZImageDiT(cfg.dit, runtime, rngs=nnx.Rngs(0))),
+        "vae": abstract(lambda: AutoencoderKL(cfg.vae, runtime, rngs=nnx.Rngs(0))),
+    }
+    table = (head_table(cfg.head, cfg.connector, prefix=IMAGE_GEN_WEIGHT_FOLDERS["mlp"],
+                        connector_prefix=IMAGE_GEN_WEIGHT_FOLDERS["connector"], ours="image_head.") +
+             dit_table(cfg.dit, IMAGE_GEN_WEIGHT_FOLDERS["transformer"], "dit.") +
+             vae_table(cfg.vae, IMAGE_GEN_WEIGHT_FOLDERS["vae"], "vae."))
+    return Part("image_gen", cfg, runtime, modules, table, IMAGE_GEN_PREFIXES)
+
+
 def omni_parts(cfg: OmniConfig, runtime: Runtime | None = None, *, deepstack: bool = False) -> dict[str, Part]:
     """The parts of an omni model (the towers its config has)."""
     runtime = Runtime() if runtime is None else runtime
@@ -154,14 +186,22 @@ def release_kind(raw: Mapping) -> str:
                       f"audio-only config")
 
 
-def describe(raw: Mapping, runtime: Runtime | None = None, *, deepstack: bool = False) -> dict[str, Part]:
+def describe(raw: Mapping, runtime: Runtime | None = None, *, deepstack: bool = False,
+             sections: Mapping[str, Mapping] | None = None) -> dict[str, Part]:
     """The components `raw` (a config.json dict) describes, each as a `Part` built with `runtime` (default:
-    `Runtime()`), in COMPONENTS order."""
+    `Runtime()`), in COMPONENTS order. `sections`: the image-generation sub-folder configs of an omni release
+    ({"mlp": ..., "connector": ..., "transformer": ..., "vae": ..., "scheduler": ...}, see
+    `ming_jax.checkpoint.release.image_gen_sections`); with them the omni release also has "image_gen"."""
     runtime = Runtime() if runtime is None else runtime
     kind = release_kind(raw)
+    if sections and kind != "omni":
+        raise ConfigError(f"image-generation folders belong to the omni release; this config.json is {kind}-only")
     if kind == "omni":
         cfg = OmniConfig.from_official(raw)  # cross-section checks (projector widths, depth, token ids)
-        return omni_parts(cfg, runtime, deepstack=deepstack)
+        parts = omni_parts(cfg, runtime, deepstack=deepstack)
+        if sections:
+            parts["image_gen"] = image_gen_part(ImageGenConfig.from_official(sections), cfg.llm.hidden_size, runtime)
+        return parts
     if kind == "llm":
         return {"llm": llm_part(LLMConfig.from_official(raw), "", runtime)}
     if kind == "vision":
