@@ -308,3 +308,51 @@ def test_editing_runs_with_a_reference():
         image_gen.generate(gen, inputs, height=32, width=32, steps=2, reference=ref[:, :, :16])
     with pytest.raises(ValueError, match="multiple"):
         image_gen.generate(gen, inputs, height=30, width=32, steps=2)
+
+
+# --- the glyph branch in the chain -------------------------------------------------------------------------------
+
+
+def _glyph_branch(width: int):
+    """A random tiny ByT5 encoder + mapper to `width` (the shape `ming_jax.checkpoint.glyph.GlyphBranch` has)."""
+    import types
+
+    from ming_jax.config.glyph import GlyphConfig, T5EncoderConfig
+    from ming_jax.models.image_gen.glyph import GlyphMapper, T5Encoder
+    from ming_jax.processors.glyph import ByteTokenizer
+    from ming_jax.weights.glyph import glyph_mapper_table, t5_encoder_table
+    from ming_jax.weights.table import export_arrays, param_shapes
+
+    t5 = T5EncoderConfig.tiny(vocab_size=ByteTokenizer([]).vocab_size)
+    cfg = GlyphConfig.tiny(mapper_channels=width, max_length=24)
+    rng = np.random.default_rng(0)
+
+    def make(build, table):
+        shapes = param_shapes(nnx.eval_shape(build))
+        arrays = {p: (rng.standard_normal(s) * 0.3 + (1.0 if p.endswith("scale") else 0.0)).astype(np.float32)
+                  for p, s in shapes.items()}
+        return load_state_dict(nnx.eval_shape(build), table, export_arrays(table, arrays))
+
+    encoder = make(lambda: T5Encoder(t5, rngs=nnx.Rngs(0)), t5_encoder_table(t5))
+    mapper = make(lambda: GlyphMapper(t5, cfg, rngs=nnx.Rngs(0)), glyph_mapper_table(t5, cfg))
+    return types.SimpleNamespace(config=cfg, t5=t5, encoder=encoder, mapper=mapper, special_tokens=[],
+                                 tokenizer=lambda: ByteTokenizer([]))
+
+
+def test_glyph_rows_join_the_caption_when_a_prompt_quotes_text():
+    gen = _tiny_generator()
+    gen.glyph = _glyph_branch(gen.cfg.head.diffusion_c_input_dim)
+    llm = gen.thinker.cfg
+    ids = np.array([[3, 4, 5], [6, 7, 8]])
+    texts = ['<role>HUMAN</role>A poster that says "OPEN"<|role_end|>', "<role>HUMAN</role>a cat<|role_end|>"]
+    inputs = image_gen.prepare_condition(llm, gen.head, ids, glyph=gen.glyph, prompt_texts=texts)
+    assert inputs.glyph_ids.shape == (2, 24) and inputs.glyph_mask[1].sum() == 1  # an empty text: just </s>
+    caption, negative = gen.captions(inputs)
+    n = gen.cfg.head.img_gen_scales[-1] ** 2
+    assert caption.shape == (2, n + 24, gen.cfg.dit.cap_feat_dim)
+    assert np.all(np.asarray(negative) == 0)  # zeros, glyph rows included (the release's byt5 * 0)
+    assert np.all(np.asarray(caption[0, n + int(inputs.glyph_mask[0].sum()):]) == 0)  # masked rows stay zero
+    plain = image_gen.prepare_condition(llm, gen.head, ids, glyph=gen.glyph, prompt_texts=["a cat", "a dog"])
+    assert plain.glyph_ids is None and gen.captions(plain)[0].shape[1] == n  # no quoted text: no rows at all
+    images = image_gen.generate(gen, inputs, height=16, width=16, steps=2)
+    assert images.shape == (2, 16, 16, 3)

@@ -156,3 +156,29 @@ def test_loaded_generator_runs(image_release):
     assert images.shape == (1, 16, 16, 3)
     with pytest.raises(ValueError, match="image_gen"):
         image_gen.from_loaded(restore.load(path, components=["llm"]))
+
+
+def test_release_with_a_glyph_folder_converts_and_renders_text(tmp_path):
+    """byt5/ travels with the conversion (as the release's files), loads from both formats, and a prompt that
+    quotes text gets the ByT5 rows."""
+    from ming_jax.checkpoint import glyph as glyph_ckpt
+    from test_glyph_checkpoint import write_glyph_folder
+
+    src = str(tmp_path / "release")
+    write_image_release(src, dtype=np.float32)
+    write_glyph_folder(src, channels=ImageGenConfig.tiny().head.diffusion_c_input_dim)
+    plan = convert.plan_conversion(src)
+    assert plan.skipped_folders == []  # byt5/ is used, not skipped
+    dst = str(tmp_path / "ckpt")
+    convert.convert(src, dst, **QUIET)
+    assert glyph_ckpt.has_glyph(dst)
+    gen = image_gen.from_loaded(restore.load(dst, components=["llm", "image_gen"]), glyph_ckpt.load_glyph(dst))
+    text = '<role>HUMAN</role>a sign that says "OPEN"<|role_end|>'
+    inputs = image_gen.prepare_condition(gen.thinker.cfg, gen.head, np.array([[3, 4, 5]]), glyph=gen.glyph,
+                                         prompt_texts=[text])
+    assert inputs.glyph_ids is not None
+    caption, _ = gen.captions(inputs)
+    assert caption.shape[1] == gen.cfg.head.img_gen_scales[-1] ** 2 + gen.glyph.config.max_length
+    back = str(tmp_path / "back")
+    export.export_official(dst, back, **QUIET)
+    assert glyph_ckpt.has_glyph(back)  # the reverse export writes it back too

@@ -113,7 +113,7 @@ def _folder_kind(name: str) -> str:
     if planned:
         return registry.PLANNED[planned]
     if name in registry.IMAGE_GEN_WEIGHT_FOLDERS or name in folders.config_only_folders():
-        return "image generation, but the release's image-generation folders are incomplete"
+        return "image generation: not requested (--components), or its folders are incomplete"
     return "not part of the models ming_jax implements"
 
 
@@ -202,7 +202,7 @@ def plan_conversion(src: str | SourceCheckpoint, *, dtype: str | None = None,
                           (f"; ... ({len(problems) - 12} more)" if len(problems) > 12 else ""))
     items.sort(key=lambda i: (i.info.shard, i.info.offset))
     leaves.sort(key=lambda leaf: leaf.path)
-    kept = folders.config_only_folders() if "image_gen" in comps else set()
+    kept = folders.config_only_folders() if "image_gen" in chosen else set()
     return Plan(source, chosen, leaves, items, skipped, [f for f in source.subfolders() if f[0] not in kept],
                 {"dtype": store, "components": chosen})
 

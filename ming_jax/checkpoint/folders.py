@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 
+from ming_jax.checkpoint import glyph
 from ming_jax.checkpoint.safetensors import CheckpointError, SourceCheckpoint
 from ming_jax.models import registry
 
@@ -59,17 +60,22 @@ def open_source(path: str) -> SourceCheckpoint:
 
 
 def copy_sections(src: str, dst: str) -> list[str]:
-    """Copy the image-generation config files of `src` (those present) to the same paths under `dst`."""
+    """Copy the image-generation config files of `src` (those present) to the same paths under `dst`, and the
+    release's byt5/ glyph folder as it is (torch pickles, read by `ming_jax.checkpoint.glyph.load_glyph` in both
+    formats; hard links where the file system allows)."""
     copied = []
     for rel in registry.IMAGE_GEN_CONFIG_FILES.values():
         if os.path.isfile(os.path.join(src, rel)):
             os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
             shutil.copyfile(os.path.join(src, rel), os.path.join(dst, rel))
             copied.append(rel)
+    if image_gen_sections(src) is not None and glyph.has_glyph(src):
+        copied += glyph.copy_glyph(src, dst)
     return copied
 
 
 def config_only_folders() -> set[str]:
-    """Sub-folders a component reads only a config from (not skipped, not merged): scheduler/."""
+    """Sub-folders image generation uses that are neither skipped nor merged as safetensors: scheduler/ (its config)
+    and byt5/ (the glyph branch, kept as the release's files)."""
     weights = set(registry.IMAGE_GEN_WEIGHT_FOLDERS)
-    return {rel.split("/", 1)[0] for rel in registry.IMAGE_GEN_CONFIG_FILES.values()} - weights
+    return ({rel.split("/", 1)[0] for rel in registry.IMAGE_GEN_CONFIG_FILES.values()} - weights) | {glyph.GLYPH_FOLDER}

@@ -12,8 +12,8 @@ condition the Z-Image DiT. Sampling: the release's flow-matching Euler schedule,
 the release's no-op step), classifier-free guidance --cfg (a batch of two with the all-zero negative caption;
 <= 1 turns it off), seeded latents. A progress bar reports each denoising step. The PNG is written atomically.
 
-The ByT5 glyph-text branch (byt5/) is not implemented: prompts asking for rendered text are conditioned through
-the thinker only (the release adds ByT5 rows of the prompt text when the folder is present), and the run says so.
+With a byt5/ folder (the release's ByT5 glyph branch) a prompt that quotes text to render ("... that says
+\"OPEN\"") also gets the release's ByT5 rows after the condition; without one, the thinker alone conditions.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from absl import app, flags
 
 from ming_jax import cli, sharding
 from ming_jax.checkpoint import folders, restore
+from ming_jax.checkpoint import glyph as glyph_ckpt
 from ming_jax.config.image_gen import ImageGenConfig
 from ming_jax.config.llm import LLMConfig
 from ming_jax.config.omni import OmniConfig
@@ -97,9 +98,6 @@ def _setup(with_vision: bool):
         if sections is None:
             why = problem or "no image-generation folders (mlp/, connector/, transformer/, vae/, scheduler/)"
             raise app.UsageError(f"{ckpt}: {why}; image generation needs them")
-        if os.path.isdir(os.path.join(ckpt, "byt5")):
-            print("note: the release's byt5/ glyph-text branch is not implemented; the prompt conditions the image "
-                  "through the thinker only", file=sys.stderr)
         if not os.path.exists(os.path.join(ckpt, "tokenizer.json")):
             raise app.UsageError(f"{ckpt} has no tokenizer.json: copy the release's tokenizer.json (and "
                                  "tokenizer_config.json) into the folder")
@@ -113,7 +111,11 @@ def _setup(with_vision: bool):
             comps = ["llm", "image_gen"] + (["vision"] if with_vision else [])
             print(f"loading {ckpt} ({', '.join(comps)}) ...", file=sys.stderr)
             loaded = restore.load(ckpt, components=comps, mesh=mesh, rules=rules, dtype=dtype, compute_dtype=dtype)
-            return (loaded.omni() if with_vision else None), image_gen.from_loaded(loaded)
+            glyph = None
+            if glyph_ckpt.has_glyph(ckpt):  # kept in float32, as the release keeps ByT5 and its mapper
+                print("loading the ByT5 glyph branch (byt5/) ...", file=sys.stderr)
+                glyph = glyph_ckpt.load_glyph(ckpt)
+            return (loaded.omni() if with_vision else None), image_gen.from_loaded(loaded, glyph)
 
         return cfg, ig, tok, processor, make
     cfg, ig = _tiny_configs()
@@ -208,7 +210,11 @@ def main(argv):
     if _REF.value:
         media = omni.encode_media(model, inputs)
         embeds, grids = np.asarray(media.image_embeds, np.float32), inputs.image_grid_thw
-    cond = image_gen.prepare_condition(gen.thinker.cfg, gen.head, inputs.input_ids, inputs.attention_mask, embeds, grids)
+    chat = prompt_lib.apply_chat_template([{"role": "HUMAN", "content": content}])
+    cond = image_gen.prepare_condition(gen.thinker.cfg, gen.head, inputs.input_ids, inputs.attention_mask, embeds, grids,
+                                       glyph=gen.glyph, prompt_texts=[chat])
+    if cond.glyph_ids is not None:
+        print(f"glyph text (ByT5): {int(cond.glyph_mask.sum())} byte tokens", file=sys.stderr)
     print(f"prompt: {inputs.input_ids.shape[1]} tokens + {ig.head.num_query_tokens} image queries; image "
           f"{height}x{width}, {_STEPS.value} steps, cfg {_CFG.value}, seed {_SEED.value}"
           f"{', editing ' + _REF.value if _REF.value else ''}", file=sys.stderr)

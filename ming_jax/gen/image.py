@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +31,14 @@ from ming_jax.gen import flow_match
 from ming_jax.models import inputs as multimodal
 from ming_jax.models.image_gen import condition as cond_lib
 from ming_jax.models.image_gen.condition import ImageGenHead, QueryPrompt
+from ming_jax.models.image_gen.glyph import append_glyph_rows, encode_glyphs
 from ming_jax.models.image_gen.dit import ZImageDiT
 from ming_jax.models.image_gen.vae import AutoencoderKL, decode as vae_decode, encode_mode, postprocess
 from ming_jax.models.llm import BailingMoeV2
+from ming_jax.processors import glyph as glyph_lib
+
+if TYPE_CHECKING:
+    from ming_jax.checkpoint.glyph import GlyphBranch
 
 # --- progress -------------------------------------------------------------------------------------------------------
 
@@ -64,12 +69,31 @@ class ConditionInputs:
     prepared: multimodal.Prepared  # the thinker's inputs (query rows hold zero features until the head fills them)
     query_flat: np.ndarray  # [B * Q] flat (b * S + s) positions of every query token, all scales, batch order
     grids: np.ndarray  # [n, 3] llm grids in prompt order (input images and query blocks)
+    glyph_ids: np.ndarray | None = None  # [B, L] ByT5 byte ids of the text to render (None: no glyph rows)
+    glyph_mask: np.ndarray | None = None  # [B, L] 0 / 1
+
+
+def prepare_glyphs(glyph, prompt_texts) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The release's glyph inputs: the text to render of each chat-formatted prompt (`glyph_texts`: the last quoted
+    span), byte-tokenized to byt5.json's max length; (None, None) when no prompt of the batch asks for text (the
+    release then adds no rows) or there is no glyph branch."""
+    if glyph is None or prompt_texts is None:
+        return None, None
+    texts = glyph_lib.glyph_texts(list(prompt_texts))
+    if not glyph_lib.uses_glyphs(texts):
+        return None, None
+    tok = glyph.tokenizer()
+    if tok.vocab_size > glyph.t5.vocab_size:
+        raise ValueError(f"the glyph tokenizer has {tok.vocab_size} ids but the ByT5 embedding only "
+                         f"{glyph.t5.vocab_size} rows")
+    return tok(texts, glyph.config.max_length)
 
 
 def prepare_condition(llm: LLMConfig, head: ImageGenHead | cond_lib.ImageGenHeadConfig, input_ids, attention_mask=None,
-                      image_embeds=None, image_grid_thw=None) -> ConditionInputs:
+                      image_embeds=None, image_grid_thw=None, *, glyph=None, prompt_texts=None) -> ConditionInputs:
     """Host side: append the query block(s) and place the thinker's inputs. `image_embeds` [n, D] are the input
-    images' projected ViT rows (batch order), with their `image_grid_thw`."""
+    images' projected ViT rows (batch order), with their `image_grid_thw`. With a glyph branch (`ImageGenerator
+    .glyph`) and the chat-formatted `prompt_texts` (one per row), the ByT5 inputs too (`prepare_glyphs`)."""
     cfg = head.cfg if isinstance(head, ImageGenHead) else head
     if llm.image_patch_token is None or llm.image_start_token != llm.image_patch_token + 1:
         raise ValueError(f"image generation needs the release's token layout image_start_token == image_patch_token "
@@ -95,7 +119,10 @@ def prepare_condition(llm: LLMConfig, head: ImageGenHead | cond_lib.ImageGenHead
     mm = multimodal.MultimodalInputs(image_embeds=np.concatenate(rows), image_grid_thw=grids)
     prep = multimodal.prepare(llm, qp.input_ids, qp.attention_mask, mm)
     query_flat = (np.arange(b)[:, None] * s + np.stack([np.flatnonzero(g) for g in qp.gen_mask])).reshape(-1)
-    return ConditionInputs(qp, prep, query_flat.astype(np.int32), grids)
+    if prompt_texts is not None and len(prompt_texts) != b:
+        raise ValueError(f"{len(prompt_texts)} prompt texts for a batch of {b}")
+    g_ids, g_mask = prepare_glyphs(glyph, prompt_texts)
+    return ConditionInputs(qp, prep, query_flat.astype(np.int32), grids, g_ids, g_mask)
 
 
 def _condition_body(thinker: BailingMoeV2, head: ImageGenHead, arrays, query_flat, last_index, *, taps: bool):
@@ -208,19 +235,27 @@ def denoise(dit: ZImageDiT, caption, latents, sched: flow_match.Schedule, *, gui
 
 @dataclasses.dataclass
 class ImageGenerator:
-    """The image-generation components of a release, loaded: thinker + head + DiT + VAE."""
+    """The image-generation components of a release, loaded: thinker + head + DiT + VAE (+ the ByT5 glyph branch
+    when the release has byt5/: `ming_jax.checkpoint.glyph.GlyphBranch`)."""
 
     cfg: ImageGenConfig
     thinker: BailingMoeV2
     head: ImageGenHead
     dit: ZImageDiT
     vae: AutoencoderKL
+    glyph: "GlyphBranch | None" = None
 
     def captions(self, inputs: ConditionInputs):
-        """(positive, negative) captions for the DiT."""
+        """(positive, negative) captions for the DiT: the condition, the glyph rows after it when the inputs have
+        them (the negative gets zeros there), both through the DiT wrapper's caption handling."""
         cond, _ = condition(self.thinker, self.head, inputs)
-        caption = _wrap(self.head, cond)
-        return caption, _wrap(self.head, jnp.zeros_like(cond))
+        negative = jnp.zeros_like(cond)
+        if inputs.glyph_ids is not None:
+            if self.glyph is None:
+                raise ValueError("the inputs carry glyph ids but this generator has no glyph branch")
+            rows = encode_glyphs(self.glyph.encoder, self.glyph.mapper, inputs.glyph_ids, inputs.glyph_mask)
+            cond, negative = append_glyph_rows(cond, negative, rows)
+        return _wrap(self.head, cond), _wrap(self.head, negative)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -283,13 +318,14 @@ def generate(gen: ImageGenerator, inputs: ConditionInputs, *, height: int, width
     return to_uint8(decode_images(gen.vae, final))
 
 
-def from_loaded(loaded) -> ImageGenerator:
-    """The image generator of a `ming_jax.checkpoint.restore.load(path, components=["llm", "image_gen"])` result."""
+def from_loaded(loaded, glyph=None) -> ImageGenerator:
+    """The image generator of a `ming_jax.checkpoint.restore.load(path, components=["llm", "image_gen"])` result,
+    with the glyph branch `glyph` (`ming_jax.checkpoint.glyph.load_glyph(path)`) when the release has one."""
     if "image_gen" not in loaded.parts:
         raise ValueError(f"{loaded.path}: image generation was not loaded (loaded: {', '.join(loaded.parts)}); load "
                          f"with components including 'llm' and 'image_gen'")
     m = loaded.modules
-    return ImageGenerator(loaded.parts["image_gen"].config, loaded.llm, m["image_head"], m["dit"], m["vae"])
+    return ImageGenerator(loaded.parts["image_gen"].config, loaded.llm, m["image_head"], m["dit"], m["vae"], glyph)
 
 
 def random_generator(cfg: ImageGenConfig, thinker: BailingMoeV2, runtime=None, *, seed: int = 0) -> ImageGenerator:

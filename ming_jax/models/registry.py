@@ -59,11 +59,10 @@ COMPONENTS: dict[str, Component] = {
 }
 # Parts of the release not implemented yet: named in errors and in the converter's skip report.
 PLANNED: dict[str, str] = {
-    "talker": "speech generation (talker/, talker/vae/)",
-    "glyph": "the ByT5 glyph-text branch of image generation (byt5/)",
+    "talker": "speech generation (talker/, talker/vae/), not implemented",
 }
 # Release sub-folders of the planned components (the converter skips and lists them).
-PLANNED_FOLDERS: dict[str, str] = {"talker": "talker", "byt5": "glyph"}
+PLANNED_FOLDERS: dict[str, str] = {"talker": "talker"}
 
 # The image-generation component lives in release sub-folders, each a checkpoint of its own. Their weights join one
 # name space under these prefixes (the official module's own names: `get_condition_embeds_for_image_gen` reads
@@ -216,7 +215,7 @@ def select(available, requested) -> list[str]:
         return available
     unknown = [c for c in requested if c not in COMPONENTS]
     if unknown:
-        hint = "; ".join(f"{k}: {v}, not implemented" for k, v in PLANNED.items())
+        hint = "; ".join(f"{k}: {v}" for k, v in PLANNED.items())
         raise ConfigError(f"unknown component(s) {unknown}; known: {', '.join(COMPONENTS)} ({hint})")
     absent = [c for c in requested if c not in available]
     if absent:
