@@ -8,7 +8,7 @@
     scheduler/scheduler_config.json FlowMatchConfig      FlowMatchEulerDiscreteScheduler's sigma schedule
 
 `ImageGenConfig` holds the five. The thinker (the LLM whose hidden states condition the image) is the omni
-config's `llm`; the ByT5 glyph branch (`byt5/`) is not implemented and refused where a release has it.
+config's `llm`; the optional ByT5 glyph branch (`byt5/byt5.json`) has its own config, `ming_jax.config.glyph`.
 """
 
 from __future__ import annotations
