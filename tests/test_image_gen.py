@@ -249,25 +249,74 @@ def test_denoise_compiles_once_and_reports_progress():
     assert not np.allclose(np.asarray(a), np.asarray(b))
 
 
-def test_denoise_matches_a_python_loop_of_dit_calls():
-    """The scan against the release's loop written out step by step with the DiT's own jitted entry."""
+def _release_loop(dit, cap, x, sched, guidance, ref=None):
+    """The release's pipeline loop written out step by step with the DiT's own jitted entry: CFG as a batch
+    [pos, neg] with the zero caption when guidance > 1, the reference frame given to every branch."""
     from ming_jax.models.image_gen.dit import dit_forward
 
-    gen = _tiny_generator(3)
-    cap = jax.random.normal(jax.random.key(2), (2, 5, gen.cfg.dit.cap_feat_dim))
-    x = image_gen.initial_latents(jax.random.key(4), (2, gen.cfg.dit.in_channels, 8, 8))
-    sched = flow_match.schedule(gen.cfg.scheduler, 3, 16)
-    got = image_gen.denoise(gen.dit, cap, x, sched, guidance=2.0)
+    b = x.shape[0]
+    cfg = guidance > 1
     want = np.asarray(x)
     for i in range(sched.steps):
         lat = jnp.asarray(want)[:, :, None]
-        out = np.asarray(dit_forward(gen.dit, jnp.concatenate([lat, lat]), jnp.full((4,), sched.model_times[i]),
-                                     jnp.concatenate([cap, jnp.zeros_like(cap)])))[:, :, 0]
-        v = out[:2] + 2.0 * (out[:2] - out[2:])
+        caps = jnp.concatenate([cap, jnp.zeros_like(cap)]) if cfg else cap
+        lats = jnp.concatenate([lat, lat]) if cfg else lat
+        refs = None if ref is None else (jnp.concatenate([ref, ref]) if cfg else ref)[:, :, None]
+        out = np.asarray(dit_forward(dit, lats, jnp.full((lats.shape[0],), sched.model_times[i]), caps,
+                                     ref_x=refs))[:, :, 0]
+        v = out[:b] + guidance * (out[:b] - out[b:]) if cfg else out
         want = want + (sched.sigmas[i + 1] - sched.sigmas[i]) * (-v)
-    numerics.assert_close("denoise", got, want)
-    no_cfg = image_gen.denoise(gen.dit, cap, x, sched, guidance=1.0)  # g <= 1: no unconditional branch
-    assert no_cfg.shape == x.shape
+    return want
+
+
+@pytest.mark.parametrize("guidance,edit", [(2.0, False), (1.0, False), (0.5, False), (3.0, True), (1.0, True)])
+def test_denoise_matches_the_release_loop(guidance, edit):
+    """The jitted scan against the loop above: with and without guidance, with an editing reference (batch of two
+    rows, each with its own reference)."""
+    gen = _tiny_generator(3)
+    cap = jax.random.normal(jax.random.key(2), (2, 5, gen.cfg.dit.cap_feat_dim))
+    x = image_gen.initial_latents(jax.random.key(4), (2, gen.cfg.dit.in_channels, 8, 8))
+    ref = jax.random.normal(jax.random.key(5), x.shape) if edit else None
+    sched = flow_match.schedule(gen.cfg.scheduler, 3, 16)
+    got = image_gen.denoise(gen.dit, cap, x, sched, guidance=guidance, ref_latent=ref)
+    numerics.assert_close("denoise", got, _release_loop(gen.dit, cap, x, sched, guidance, ref))
+
+
+def test_batch_rows_equal_single_runs():
+    """Rows of a padded batch (different prompt lengths, one reference image for both) generate what each row
+    generates alone."""
+    gen = _tiny_generator(1)
+    llm = gen.thinker.cfg
+    ids = np.array([[3, 4, 5, 6], [7, 8, 0, 0]])
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])
+    ref = image_gen.encode_reference(gen.vae, np.clip(np.random.default_rng(1).normal(size=(1, 3, 16, 16)), -1, 1)
+                                     .astype(np.float32))
+    batch_caption, batch_negative = gen.captions(image_gen.prepare_condition(llm, gen.head, ids, mask))
+    sched = flow_match.schedule(gen.cfg.scheduler, 2, 4)
+    x = image_gen.initial_latents(jax.random.key(7), (2, 4, 4, 4))
+    both = image_gen.denoise(gen.dit, batch_caption, x, sched, negative=batch_negative,
+                             ref_latent=jnp.repeat(ref, 2, axis=0))
+    for row in range(2):
+        n = int(mask[row].sum())
+        caption, negative = gen.captions(image_gen.prepare_condition(llm, gen.head, ids[row:row + 1, :n]))
+        numerics.assert_close(f"caption row {row}", caption[0], batch_caption[row])
+        alone = image_gen.denoise(gen.dit, caption, x[row:row + 1], sched, negative=negative, ref_latent=ref)
+        numerics.assert_close(f"latents row {row}", alone[0], both[row])
+
+
+def test_prompt_buckets_compile_once_and_change_nothing():
+    gen = _tiny_generator(2)
+    llm = gen.thinker.cfg
+    image_gen._condition.clear_cache()
+    outs = []
+    for n in (3, 9):  # two prompt lengths in one 64-token bucket
+        inputs = image_gen.prepare_condition(llm, gen.head, np.arange(3, 3 + n)[None])
+        assert inputs.prompt.input_ids.shape[1] % image_gen.PROMPT_BUCKET == 0
+        outs.append(image_gen.condition(gen.thinker, gen.head, inputs)[0])
+        exact = image_gen.condition(gen.thinker, gen.head, image_gen.prepare_condition(
+            llm, gen.head, np.arange(3, 3 + n)[None], bucket=1))[0]
+        numerics.assert_close(f"bucketed condition ({n} tokens)", outs[-1], exact)
+    assert image_gen._condition._cache_size() == 3  # one bucket (64) + the two unpadded reference shapes
 
 
 # --- prompt -> image, chained -------------------------------------------------------------------------------------
@@ -288,7 +337,8 @@ def test_prompt_to_image_end_to_end(identity):
     assert not np.array_equal(images, other)
     # the chain equals its pieces: condition -> caption -> denoise -> decode
     cond, _ = image_gen.condition(gen.thinker, gen.head, inputs)
-    assert np.allclose(np.linalg.norm(np.asarray(cond), axis=-1), 1.0, atol=1e-5)
+    numerics.assert_close("unit condition rows", np.linalg.norm(np.asarray(cond), axis=-1),
+                          np.ones(cond.shape[:2], np.float32))
     caption, negative = gen.captions(inputs)
     sched = flow_match.schedule(gen.cfg.scheduler, 3, (8 // 2) * (12 // 2))
     lat = image_gen.denoise(gen.dit, caption, image_gen.initial_latents(jax.random.key(5), (2, 4, 8, 12)), sched,
@@ -304,6 +354,20 @@ def test_editing_runs_with_a_reference():
     plain = image_gen.generate(gen, inputs, height=32, width=32, steps=2)
     assert edited.shape == plain.shape == (1, 32, 32, 3)
     assert not np.array_equal(edited, plain)
+    # the chain equals its pieces: the reference encoded as the pipeline does, fed to every DiT call
+    caption, negative = gen.captions(inputs)
+    sched = flow_match.schedule(gen.cfg.scheduler, 2, (8 // 2) * (8 // 2))
+    ref_latent = image_gen.encode_reference(gen.vae, ref)
+    from ming_jax.models.image_gen.vae import encode
+
+    mean, _ = encode(gen.vae, ref)
+    numerics.assert_close("reference latent", ref_latent,
+                          (np.asarray(mean) - gen.cfg.vae.shift) * gen.cfg.vae.scaling_factor)
+    lat = image_gen.denoise(gen.dit, caption, image_gen.initial_latents(jax.random.key(0), (1, 4, 8, 8)), sched,
+                            negative=negative, ref_latent=ref_latent)
+    np.testing.assert_array_equal(image_gen.to_uint8(image_gen.decode_images(gen.vae, lat)), edited)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        image_gen.generate(gen, inputs, height=32, width=32, steps=2, reference=(ref + 1) * 127.5)
     with pytest.raises(ValueError, match="reference"):
         image_gen.generate(gen, inputs, height=32, width=32, steps=2, reference=ref[:, :, :16])
     with pytest.raises(ValueError, match="multiple"):

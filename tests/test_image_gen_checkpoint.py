@@ -182,3 +182,53 @@ def test_release_with_a_glyph_folder_converts_and_renders_text(tmp_path):
     back = str(tmp_path / "back")
     export.export_official(dst, back, **QUIET)
     assert glyph_ckpt.has_glyph(back)  # the reverse export writes it back too
+
+
+def test_bad_image_configs_never_block_the_understanding_part(tmp_path):
+    src = tmp_path / "release"
+    write_image_release(str(src))
+    cfg = json.load(open(src / "mlp" / "config.json"))
+    json.dump(dict(cfg, dit_type="sd3"), open(src / "mlp" / "config.json", "w"))  # a DiT we do not implement
+    assert set(restore.load(str(src), components=["llm"]).parts) == {"llm"}
+    assert set(restore.load(str(src)).parts) == {"llm"}  # "everything" = what can be built
+    with pytest.raises(Exception, match="sd3"):
+        restore.load(str(src), components=["image_gen"])
+    plan = convert.plan_conversion(str(src))
+    assert plan.components == ["llm"] and "sd3" in plan.broken["image_gen"] and "sd3" in plan.summary()
+
+
+def test_llm_only_conversion_exports_a_loadable_release(image_release, tmp_path):
+    path, tensors = image_release
+    dst = str(tmp_path / "ckpt")
+    convert.convert(path, dst, components=["llm"], **QUIET)
+    assert not os.path.exists(os.path.join(dst, "mlp"))  # no image-generation configs without their weights
+    back = str(tmp_path / "back")
+    export.export_official(dst, back, **QUIET)
+    assert set(restore.load(back).parts) == {"llm"}
+
+
+def test_sub_folder_index_must_match_its_shards(tmp_path):
+    src = tmp_path / "release"
+    write_image_release(str(src))
+    tdir = src / "transformer"
+    group = load_file(tdir / FILES["transformer"])
+    os.remove(tdir / FILES["transformer"])
+    names = sorted(group)
+    half = len(names) // 2
+    save_file({n: group[n] for n in names[:half]}, tdir / "diffusion_pytorch_model-00001-of-00002.safetensors")
+    save_file({n: group[n] for n in names[half:]}, tdir / "diffusion_pytorch_model-00002-of-00002.safetensors")
+    wm = {n: f"diffusion_pytorch_model-0000{1 + (i >= half)}-of-00002.safetensors" for i, n in enumerate(names)}
+    index = tdir / "diffusion_pytorch_model.safetensors.index.json"
+    json.dump({"weight_map": wm}, open(index, "w"))
+    assert set(restore.load(str(src), components=["image_gen"]).parts) == {"image_gen"}  # a sharded DiT loads
+    wm[names[0]] = "diffusion_pytorch_model-00002-of-00002.safetensors"  # the index lies about one tensor
+    json.dump({"weight_map": wm}, open(index, "w"))
+    with pytest.raises(CheckpointError, match="does not match the shards"):
+        restore.load(str(src), components=["image_gen"])
+
+
+def test_missing_scheduler_is_named(tmp_path):
+    src = tmp_path / "release"
+    write_image_release(str(src))
+    os.remove(src / "scheduler" / "scheduler_config.json")
+    assert "scheduler" in folders.image_gen_problem(str(src))

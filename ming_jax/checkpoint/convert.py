@@ -87,6 +87,7 @@ class Plan:
     items: list[Item]  # in file order (shard, offset): sequential reads
     skipped_tensors: dict[str, list[str]]  # component not asked for -> its tensors
     skipped_folders: list[tuple[str, int, int]]
+    broken: dict[str, str]  # component -> why its configs cannot be used (not converted)
     options: dict
 
     @property
@@ -101,6 +102,8 @@ class Plan:
         for comp, names in self.skipped_tensors.items():
             lines.append(f"skipping component {comp} (not requested): {len(names)} tensors, "
                          f"{_gb(sum(self.source.tensors[n].nbytes for n in names))}")
+        for comp, why in self.broken.items():
+            lines.append(f"skipping component {comp}: {why}")
         for name, size, files in self.skipped_folders:
             lines.append(f"skipping sub-folder {name}/ ({files} files, {_gb(size)}): {_folder_kind(name)}")
         for f in self.source.unindexed_files:
@@ -129,7 +132,7 @@ def _dummy(shape: Sequence[int]) -> np.ndarray:
 def plan_conversion(src: str | SourceCheckpoint, *, dtype: str | None = None,
                     components: Sequence[str] | None = None) -> Plan:
     """Every check that needs no tensor data; raises naming all problems found, writes nothing."""
-    source = src if isinstance(src, SourceCheckpoint) else folders.open_source(src)
+    source = src if isinstance(src, SourceCheckpoint) else folders.open_source(src, components)
     if dtype is not None and dtype not in DTYPE_FLAGS:
         raise ConversionError(f"dtype={dtype!r}; choose bf16 or f32 (or leave it unset to keep the source dtypes)")
     store = DTYPE_FLAGS.get(dtype) if dtype else None
@@ -203,7 +206,8 @@ def plan_conversion(src: str | SourceCheckpoint, *, dtype: str | None = None,
     items.sort(key=lambda i: (i.info.shard, i.info.offset))
     leaves.sort(key=lambda leaf: leaf.path)
     kept = folders.config_only_folders() if "image_gen" in chosen else set()
-    return Plan(source, chosen, leaves, items, skipped, [f for f in source.subfolders() if f[0] not in kept],
+    broken = {c: p.problem for c, p in comps.items() if p.problem}
+    return Plan(source, chosen, leaves, items, skipped, [f for f in source.subfolders() if f[0] not in kept], broken,
                 {"dtype": store, "components": chosen})
 
 
@@ -301,7 +305,8 @@ def convert(src: str, dst: str, *, dtype: str | None = None, components: Sequenc
     manifest = _manifest(plan, done, compression)
     mf.write_json(os.path.join(tmp, mf.MANIFEST_FILE), manifest.to_json())
     shutil.copyfile(plan.source.config_path, os.path.join(tmp, mf.CONFIG_FILE))
-    folders.copy_sections(plan.source.path, tmp)  # image-generation sub-configs: a converted folder describes itself
+    if "image_gen" in plan.components:  # its sub-configs (and byt5/): a converted folder describes itself
+        folders.copy_sections(plan.source.path, tmp)
     for f in (_STATE, _JOURNAL):
         os.remove(os.path.join(tmp, f))
     _publish(tmp, dst, overwrite)

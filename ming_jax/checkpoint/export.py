@@ -80,7 +80,8 @@ def export_official(ckpt_dir: str, dst: str, *, max_shard_bytes: int = 5 * 10**9
                             base=_FOLDER_FILES[folder], single_file=True)
         index["weight_map"].update({prefix + n: f"{folder}/{f}" for n, f in sub["weight_map"].items()})
     shutil.copyfile(os.path.join(ckpt_dir, mf.CONFIG_FILE), os.path.join(tmp, mf.CONFIG_FILE))
-    folders.copy_sections(ckpt_dir, tmp)
+    if "image_gen" in manifest.components:
+        folders.copy_sections(ckpt_dir, tmp)
     elapsed = bar.close()
     _publish(tmp, dst, overwrite)
     n_shards = len(set(index["weight_map"].values()))

@@ -19,7 +19,7 @@ from ming_jax.checkpoint import glyph
 from ming_jax.checkpoint.safetensors import CheckpointError, SourceCheckpoint
 from ming_jax.models import registry
 
-_REQUIRED = ("mlp", "connector", "transformer", "vae")  # scheduler/ may be absent: the release's default schedule
+_REQUIRED = ("mlp", "connector", "transformer", "vae", "scheduler")  # the release's loaders need every one
 
 
 def image_gen_problem(path: str) -> str | None:
@@ -53,9 +53,16 @@ def image_gen_sections(path: str, *, required: bool = False) -> dict[str, dict] 
     return out
 
 
-def open_source(path: str) -> SourceCheckpoint:
-    """A release folder's tensors, with its image-generation sub-folders' weights joined when it has them."""
-    merge = registry.IMAGE_GEN_WEIGHT_FOLDERS if image_gen_sections(path) is not None else None
+def wants_image_gen(components) -> bool:
+    """Whether a load / conversion of `components` (None: everything the folder holds) reads image generation."""
+    return components is None or len(components) == 0 or "image_gen" in components
+
+
+def open_source(path: str, components=None) -> SourceCheckpoint:
+    """A release folder's tensors, with its image-generation sub-folders' weights joined when it has them and
+    `components` include image generation (so a broken image-generation folder never blocks an LLM-only load)."""
+    merge = (registry.IMAGE_GEN_WEIGHT_FOLDERS
+             if wants_image_gen(components) and image_gen_sections(path) is not None else None)
     return SourceCheckpoint(path, merge=merge)
 
 

@@ -337,7 +337,8 @@ def load_tensors(raw: Mapping, tensors: Mapping[str, Any], *, components: Sequen
 def _fill_from_release(path: str, described: Mapping[str, registry.Part], parts: Mapping[str, registry.Part],
                        shardings: Mapping[str, Any], mesh, rules) -> None:
     """Fill the parts' modules from the folder's safetensors, tensor by tensor (strict, like the converter)."""
-    _fill_from_tensors(path, TensorMapping(folders.open_source(path)), described, parts, shardings, mesh, rules)
+    _fill_from_tensors(path, TensorMapping(folders.open_source(path, list(parts))), described, parts, shardings, mesh,
+                       rules)
 
 
 def _fill_from_tensors(path: str, tensors: Mapping[str, Any], described: Mapping[str, registry.Part],

@@ -206,13 +206,16 @@ class SourceCheckpoint:
             if not isinstance(wm, dict):
                 raise CheckpointError(f"{folder}/{indexes[0]} has no weight_map")
             self.index_bytes += raw
+            on_disk = files
             files = sorted(set(wm.values()))
             missing = [f for f in files if not os.path.isfile(os.path.join(root, f))]
             if missing:
                 raise CheckpointError(f"{folder}/{indexes[0]} names shard(s) that are not in {folder}/: "
                                       f"{_listing(missing)}")
+            self.unindexed_files += [f"{folder}/{f}" for f in on_disk if f not in set(files)]
         if not files:
             raise CheckpointError(f"{folder}/ holds no *.safetensors weights")
+        found: dict[str, str] = {}
         for shard in files:
             infos, _ = read_header(os.path.join(root, shard))
             for name, info in infos.items():
@@ -220,6 +223,12 @@ class SourceCheckpoint:
                 if full in self.tensors:
                     raise CheckpointError(f"tensor {full} ({folder}/{shard}) is also in {self.tensors[full].shard}")
                 self.tensors[full] = dataclasses.replace(info, name=full, shard=f"{folder}/{shard}")
+                found[name] = shard
+        if indexes:  # the index must describe the shards exactly, as at the top level
+            bad = sorted(n for n in set(wm) | set(found) if wm.get(n) != found.get(n))
+            if bad:
+                detail = [f"{n} (index: {wm.get(n)}, shards: {found.get(n)})" for n in bad]
+                raise CheckpointError(f"{folder}/{indexes[0]} does not match the shards: {_listing(detail)}")
         return [f"{folder}/{f}" for f in files]
 
     def subfolders(self) -> list[tuple[str, int, int]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -154,9 +155,14 @@ def _write_png(path: str, image: np.ndarray) -> None:
 
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.partial.png"
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".partial.png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(image).save(f, format="PNG")
+        os.replace(tmp, path)  # atomic: a reader never sees half a file; concurrent runs never share a temp file
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 class _Bar:

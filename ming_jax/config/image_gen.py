@@ -99,7 +99,7 @@ class FlowMatchConfig:
     """The sigma schedule of the flow-matching Euler sampler (diffusers' FlowMatchEulerDiscreteScheduler keys)."""
 
     num_train_timesteps: int = 1000
-    shift: float = 3.0  # the Z-Image release's static shift
+    shift: float = 3.0  # the static shift of the scheduler file Z-Image ships (diffusers' class default is 1.0)
     use_dynamic_shifting: bool = False  # True: resolution-dependent shift mu(image tokens) instead of `shift`
     base_shift: float = 0.5
     max_shift: float = 1.15
@@ -185,16 +185,15 @@ class ImageGenConfig:
     @classmethod
     def from_official(cls, sections: Mapping[str, Mapping[str, Any]]) -> "ImageGenConfig":
         """sections: {"mlp": mlp/config.json, "connector": ..., "transformer": ..., "vae": ..., "scheduler":
-        scheduler/scheduler_config.json (optional: the Z-Image release's static shift 3.0 when absent)}."""
-        missing = [k for k in ("mlp", "connector", "transformer", "vae") if k not in sections]
+        scheduler/scheduler_config.json}; every one is required, as the release's loaders require them."""
+        missing = [k for k in ("mlp", "connector", "transformer", "vae", "scheduler") if k not in sections]
         if missing:
-            raise ConfigError(f"image generation needs the release sub-folders {missing} (config.json each)")
-        sched = sections.get("scheduler")
+            raise ConfigError(f"image generation needs the release sub-folders {missing} (their config files)")
         return cls(head=ImageGenHeadConfig.from_official(sections["mlp"]),
                    connector=Qwen2Config.from_official(sections["connector"], "connector/config.json"),
                    dit=DiTConfig.from_official(sections["transformer"]),
                    vae=VAEConfig.from_official(sections["vae"]),
-                   scheduler=FlowMatchConfig() if sched is None else FlowMatchConfig.from_official(sched))
+                   scheduler=FlowMatchConfig.from_official(sections["scheduler"]))
 
     def to_official(self) -> dict[str, dict[str, Any]]:
         return {"mlp": self.head.to_official(), "connector": self.connector.to_official(),

@@ -89,17 +89,24 @@ def prepare_glyphs(glyph, prompt_texts) -> tuple[np.ndarray | None, np.ndarray |
     return tok(texts, glyph.config.max_length)
 
 
+PROMPT_BUCKET = 64  # prompts (query block included) are right-padded to a multiple of this: one thinker program
+# per bucket, not per prompt length (padding is masked out and sits after every real token, so nothing changes)
+
+
 def prepare_condition(llm: LLMConfig, head: ImageGenHead | cond_lib.ImageGenHeadConfig, input_ids, attention_mask=None,
-                      image_embeds=None, image_grid_thw=None, *, glyph=None, prompt_texts=None) -> ConditionInputs:
-    """Host side: append the query block(s) and place the thinker's inputs. `image_embeds` [n, D] are the input
-    images' projected ViT rows (batch order), with their `image_grid_thw`. With a glyph branch (`ImageGenerator
-    .glyph`) and the chat-formatted `prompt_texts` (one per row), the ByT5 inputs too (`prepare_glyphs`)."""
+                      image_embeds=None, image_grid_thw=None, *, glyph=None, prompt_texts=None,
+                      bucket: int = PROMPT_BUCKET) -> ConditionInputs:
+    """Host side: append the query block(s), right-pad to a multiple of `bucket`, and place the thinker's inputs.
+    `image_embeds` [n, D] are the input images' projected ViT rows (batch order), with their `image_grid_thw`.
+    With a glyph branch (`ImageGenerator.glyph`) and the chat-formatted `prompt_texts` (one per row), the ByT5
+    inputs too (`prepare_glyphs`). `attention_mask` None means every token is real."""
     cfg = head.cfg if isinstance(head, ImageGenHead) else head
     if llm.image_patch_token is None or llm.image_start_token != llm.image_patch_token + 1:
         raise ValueError(f"image generation needs the release's token layout image_start_token == image_patch_token "
                          f"+ 1 (the query block opens with <imagePatch> + 1); this LLM config has image_patch_token="
                          f"{llm.image_patch_token}, image_start_token={llm.image_start_token}")
     qp = cond_lib.append_query_block(cfg, input_ids, attention_mask, llm.image_patch_token)
+    qp = cond_lib.pad_right(qp, bucket, 0 if llm.pad_token_id is None else llm.pad_token_id)
     grids = cond_lib.interleave_image_grids(qp, image_grid_thw, llm.image_patch_token)
     b, s = qp.input_ids.shape
     n_query = cfg.num_query_tokens
@@ -110,8 +117,9 @@ def prepare_condition(llm: LLMConfig, head: ImageGenHead | cond_lib.ImageGenHead
         raise ValueError(f"the prompts hold {int(n_input.sum())} input-image patch tokens but {given} image_embeds "
                          f"rows were given")
     width = llm.hidden_size
-    emb = (np.zeros((0, width), np.float32) if image_embeds is None else
-           np.asarray(image_embeds, np.float32).reshape(-1, width))
+    if image_embeds is not None and (np.ndim(image_embeds) != 2 or np.shape(image_embeds)[1] != width):
+        raise ValueError(f"image_embeds must be [rows, {width}] (the thinker width), got {np.shape(image_embeds)}")
+    emb = np.zeros((0, width), np.float32) if image_embeds is None else np.asarray(image_embeds, np.float32)
     rows, used = [], 0
     for i in range(b):  # feature rows in flat prompt order: a row's input images, then its query tokens
         rows += [emb[used:used + n_input[i]], np.zeros((n_query, width), np.float32)]
@@ -306,9 +314,14 @@ def generate(gen: ImageGenerator, inputs: ConditionInputs, *, height: int, width
     ref = None
     if reference is not None:
         reference = np.asarray(reference, np.float32)
-        if reference.ndim != 4 or reference.shape[1] != 3 or reference.shape[2:] != (height, width):
+        if reference.ndim != 4 or reference.shape[0] not in (1, b) or reference.shape[1] != 3 or \
+                reference.shape[2:] != (height, width):
             raise ValueError(f"reference image must be [1 or {b}, 3, {height}, {width}] in [-1, 1], got "
                              f"{reference.shape}")
+        lo, hi = float(reference.min()), float(reference.max())
+        if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:  # a [0, 255] or unnormalised image would edit silently wrong
+            raise ValueError(f"reference image values lie in [{lo:.3g}, {hi:.3g}]; expected [-1, 1] "
+                             f"(`ming_jax.processors.image_gen.reference_pixels` makes them)")
         ref = encode_reference(gen.vae, reference)
         if ref.shape[0] == 1 and b > 1:
             ref = jnp.repeat(ref, b, axis=0)

@@ -93,6 +93,8 @@ class Part:
     modules: Mapping[str, nnx.Module]  # subtree key -> abstract module
     table: Table  # official names -> our dotted paths, under the subtree keys
     prefixes: tuple[str, ...]  # official names starting with one of these belong here
+    problem: str | None = None  # why this component cannot be built (its configs are bad): it owns its names but
+    # loading it is an error naming this; the other components load regardless
 
     def owns(self, name: str) -> bool:
         return name.startswith(self.prefixes)
@@ -199,7 +201,12 @@ def describe(raw: Mapping, runtime: Runtime | None = None, *, deepstack: bool = 
         cfg = OmniConfig.from_official(raw)  # cross-section checks (projector widths, depth, token ids)
         parts = omni_parts(cfg, runtime, deepstack=deepstack)
         if sections:
-            parts["image_gen"] = image_gen_part(ImageGenConfig.from_official(sections), cfg.llm.hidden_size, runtime)
+            try:
+                parts["image_gen"] = image_gen_part(ImageGenConfig.from_official(sections), cfg.llm.hidden_size,
+                                                    runtime)
+            except (ConfigError, ValueError) as e:  # a bad sub-folder config must not block the understanding part
+                parts["image_gen"] = Part("image_gen", None, runtime, {}, Table([]), IMAGE_GEN_PREFIXES,
+                                          f"the image-generation configs cannot be used: {e}")
         return parts
     if kind == "llm":
         return {"llm": llm_part(LLMConfig.from_official(raw), "", runtime)}
@@ -209,10 +216,16 @@ def describe(raw: Mapping, runtime: Runtime | None = None, *, deepstack: bool = 
 
 
 def select(available, requested) -> list[str]:
-    """The requested component names (None / empty: all available), checked, in COMPONENTS order."""
+    """The requested component names (None / empty: all available that can be built), checked, in COMPONENTS
+    order. `available`: component names, or `describe`'s {name: Part} (a Part with a `problem` is left out of
+    "all" and is an error naming the problem when requested)."""
+    broken = {c: p.problem for c, p in available.items() if p.problem} if isinstance(available, Mapping) else {}
     available = list(available)
     if not requested:
-        return available
+        return [c for c in available if c not in broken]
+    asked_broken = [f"{c}: {broken[c]}" for c in requested if c in broken]
+    if asked_broken:
+        raise ConfigError("; ".join(asked_broken))
     unknown = [c for c in requested if c not in COMPONENTS]
     if unknown:
         hint = "; ".join(f"{k}: {v}" for k, v in PLANNED.items())

@@ -137,6 +137,20 @@ def append_query_block(cfg: ImageGenHeadConfig, input_ids, attention_mask, image
     return QueryPrompt(new_ids, new_mask, gen_mask, index, grids)
 
 
+def pad_right(prompt: QueryPrompt, multiple: int, pad_id: int) -> QueryPrompt:
+    """The same prompts right-padded (masked out) to a multiple of `multiple` slots: fixed shapes for jit. Padding
+    after every real token changes nothing the causal thinker computes at the real tokens."""
+    if multiple < 1:
+        raise ValueError(f"bucket multiple {multiple} must be >= 1")
+    b, s = prompt.input_ids.shape
+    extra = -s % multiple
+    if not extra:
+        return prompt
+    pad = lambda a, v: np.pad(a, ((0, 0), (0, extra)), constant_values=v)  # noqa: E731
+    return dataclasses.replace(prompt, input_ids=pad(prompt.input_ids, pad_id), attention_mask=pad(
+        prompt.attention_mask, False), gen_mask=pad(prompt.gen_mask, False))
+
+
 def interleave_image_grids(prompt: QueryPrompt, input_grids, image_patch_token: int) -> np.ndarray:
     """The llm grids in prompt order: each row's input images (their `image_grid_thw` rows, in batch order) and then
     its query blocks. [n, 3]."""

@@ -267,6 +267,6 @@ def append_glyph_rows(condition, negative, rows):
     if rows.shape[0] != condition.shape[0] or rows.shape[2] != condition.shape[2]:
         raise ValueError(f"glyph rows {rows.shape} do not fit the condition {condition.shape} (batch and width "
                          f"must agree: byt5.json's sdxl_channels must be the condition width)")
-    rows = rows.astype(condition.dtype)
-    return (jnp.concatenate([condition, rows], axis=1),
-            jnp.concatenate([negative, jnp.zeros_like(rows).astype(negative.dtype)], axis=1))
+    dt = jnp.promote_types(condition.dtype, rows.dtype)  # the release's torch.cat: bf16 condition + f32 rows -> f32
+    return (jnp.concatenate([condition.astype(dt), rows.astype(dt)], axis=1),
+            jnp.concatenate([negative.astype(dt), jnp.zeros_like(rows, dt)], axis=1))

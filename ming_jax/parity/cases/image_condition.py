@@ -51,7 +51,8 @@ def run(case: GoldenCase, mode: str = "float32") -> list[numerics.Comparison]:
     for name in names:
         x = case.inputs
         inputs = image_gen.prepare_condition(thinker.cfg, head, x[f"{name}_input_ids"], x.get(f"{name}_attention_mask"),
-                                             x.get(f"{name}_image_embeds"), x.get(f"{name}_image_grid_thw"))
+                                             x.get(f"{name}_image_embeds"), x.get(f"{name}_image_grid_thw"),
+                                             bucket=1)  # the official shapes, unpadded
         cond, taps = image_gen.condition(thinker, head, inputs, taps=True)
         prep = inputs.prepared
         ours = {
