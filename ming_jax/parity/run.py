@@ -12,7 +12,7 @@ import importlib
 from ming_jax.parity import golden, numerics
 
 KINDS = ("llm_backbone", "vision_encoder", "audio_encoder", "preprocessing", "full_mm_forward", "image_condition",
-         "image_dit", "image_vae", "image_sampler")
+         "image_dit", "image_vae", "image_sampler", "audio_vae", "talker_step", "talker_generate")
 
 
 class UnsupportedKind(Exception):

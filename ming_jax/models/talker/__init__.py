@@ -1,0 +1,1 @@
+"""Speech generation: the talker (Qwen2 LM + flow-matching head + aggregator + stop head) and its AudioVAE."""
