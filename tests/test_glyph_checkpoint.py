@@ -96,7 +96,7 @@ def test_views_shared_storages_and_containers(tmp_path):
     flat = torch.arange(30, dtype=torch.float32)
     saved = {
         "transposed": base.transpose(0, 2), "sliced": base[1:3, 2:, 1:4], "permuted": base.permute(2, 0, 1)[::2],
-        "expanded": flat[:5].expand(3, 5), "diagonal": flat[:25].view(5, 5).diagonal(), "empty": base[:, :0],
+        "diagonal": flat[:25].view(5, 5).diagonal(), "empty": base[:, :0], "stepped": flat.view(5, 6)[::2, ::3],
         "nested": [flat[3:9], (flat[10:12], {"deep": collections.OrderedDict(x=flat.view(5, 6)[:, 1])})],
         "param": torch.nn.Parameter(torch.ones(3)), "plain": {"n": 3, "s": "text", "f": 2.5, "none": None,
                                                               "b": b"\x00\xff", "set": {1, 2}, "c": 1 + 2j},
@@ -104,7 +104,7 @@ def test_views_shared_storages_and_containers(tmp_path):
     }
     torch.save(saved, tmp_path / "v.pt")
     got = torch_pickle.load(tmp_path / "v.pt")
-    for k in ("transposed", "sliced", "permuted", "expanded", "diagonal", "empty", "param"):
+    for k in ("transposed", "sliced", "permuted", "diagonal", "empty", "stepped", "param"):
         _same(got[k], saved[k])
     _same(got["nested"][0], flat[3:9])
     _same(got["nested"][1][0], flat[10:12])
@@ -112,8 +112,8 @@ def test_views_shared_storages_and_containers(tmp_path):
     assert type(got["nested"][1][1]["deep"]) is dict and isinstance(got["nested"][1], tuple)
     assert got["plain"] == saved["plain"]
     assert got["meta"] == [(2, 3), np.dtype("bfloat16"), "cpu"]
-    # flat's storage backs four tensors: each result is its own copy, none aliases another
-    views = [got["expanded"], got["diagonal"], got["nested"][0], got["nested"][1][0]]
+    # flat's storage backs five tensors: each result is its own copy, none aliases another
+    views = [got["stepped"], got["diagonal"], got["nested"][0], got["nested"][1][0], got["nested"][1][1]["deep"]["x"]]
     assert not any(np.shares_memory(a, b) for i, a in enumerate(views) for b in views[i + 1:])
     got["nested"][0][0] = -1.0  # writable
     assert got["nested"][1][0][0] == 10
@@ -131,6 +131,29 @@ def test_module_state_dict(tmp_path):
     for k, t in want.items():
         _same(got[k], t)
     assert got["2.num_batches_tracked"].dtype == np.int64 and got["2.num_batches_tracked"].shape == ()
+
+
+def test_module_state_dicts_load(tmp_path):
+    """state_dict() of a few kinds of module (none holds an expanded tensor), and a tied weight saved as a
+    transposed view: all load, the tied pair as one array (torch.load gives one tensor too)."""
+    torch = _torch()
+    modules = {"conv": torch.nn.Conv2d(2, 3, 3), "lstm": torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True),
+               "mha": torch.nn.MultiheadAttention(4, 2, kdim=3, vdim=5), "gru": torch.nn.GRU(2, 3),
+               "layer": torch.nn.TransformerEncoderLayer(8, 2, 16), "norm": torch.nn.GroupNorm(2, 4),
+               "weight_norm": torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(3, 2))}
+    for name, module in modules.items():
+        torch.save(module.state_dict(), tmp_path / f"{name}.pt")
+        got, want = torch_pickle.load(tmp_path / f"{name}.pt"), module.state_dict()
+        assert list(got) == list(want), name
+        for k, t in want.items():
+            _same(got[k], t)
+    emb = torch.nn.Embedding(6, 4)
+    sd = {"embed": emb.weight, "head": emb.weight, "head_t": emb.weight.detach().t()}
+    torch.save(sd, tmp_path / "tied.pt")
+    got = torch_pickle.load(tmp_path / "tied.pt")
+    assert got["embed"] is got["head"]
+    _same(got["head_t"], emb.weight.t())
+    assert not np.shares_memory(got["embed"], got["head_t"])
 
 
 def test_archive_reads_lazily(tmp_path):
@@ -257,6 +280,117 @@ def test_refuses_malformed_tensors(tmp_path):
         _zip(tmp_path / "bad.pt", _tensor_pickle(torch, **kw), records)
         with pytest.raises(CheckpointError, match=message):
             torch_pickle.load(tmp_path / "bad.pt")
+
+
+def test_refuses_expanded_tensors(tmp_path):
+    """Strides that address a storage element twice (expand, overlapping as_strided) would materialise more than
+    the file holds ([1e5, 1e5] at stride (0, 0) over one float: 40 GB): refused when read, the archive still opens."""
+    torch = _torch()
+    one = np.ones(1, np.float32).tobytes()
+    _zip(tmp_path / "wide.pt", _tensor_pickle(torch, size=(1000, 1000), stride=(0, 0), numel=1), {"0": one})
+    with torch_pickle.TorchArchive(tmp_path / "wide.pt") as arch:
+        assert arch.tree["t"].shape == (1000, 1000)  # the reference is fine to inspect
+        with pytest.raises(CheckpointError, match=r"more than once.*\.contiguous\(\)"):
+            torch_pickle.ArchiveTensors(arch, arch.tree)["t"]
+    with pytest.raises(CheckpointError, match=r"wide.pt: tensor float32\[1000, 1000\] \(stride \[0, 0\]\)"):
+        torch_pickle.load(tmp_path / "wide.pt")
+    data = np.arange(6, dtype=np.float32).tobytes()
+    for size, stride in [((2, 3), (2, 1)), ((3,), (0,)), ((2, 2, 2), (3, 1, 1))]:  # overlapping, inside the slice
+        _zip(tmp_path / "overlap.pt", _tensor_pickle(torch, size=size, stride=stride, numel=6), {"0": data})
+        with pytest.raises(CheckpointError, match="more than once"):
+            torch_pickle.load(tmp_path / "overlap.pt")
+    for size, stride in [((2, 3), (1, 2)), ((1, 6), (0, 1)), ((0, 4), (0, 0)), ((2, 2), (3, 1))]:  # distinct
+        _zip(tmp_path / "ok.pt", _tensor_pickle(torch, size=size, stride=stride, numel=6), {"0": data})
+        want = np.lib.stride_tricks.as_strided(np.arange(6, dtype=np.float32), size, [4 * s for s in stride])
+        np.testing.assert_array_equal(torch_pickle.load(tmp_path / "ok.pt")["t"], want)
+    flat = torch.arange(5, dtype=torch.float32)
+    torch.save({"expanded": flat.expand(3, 5)}, tmp_path / "expand.pt")
+    with pytest.raises(CheckpointError, match=r"expanded.*\.contiguous\(\)"):
+        torch_pickle.load(tmp_path / "expand.pt")
+    torch.save({"expanded": flat.expand(3, 5).contiguous()}, tmp_path / "expand.pt")
+    _same(torch_pickle.load(tmp_path / "expand.pt")["expanded"], flat.expand(3, 5))
+
+
+class _Call:
+    """Unpickles as fn(*args)."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def test_shared_subobjects_are_mapped_once(tmp_path):
+    """Lists each holding the one before twice (memo gets): the pickle grows with the depth, the tree it spells
+    out doubles per level. Each object is mapped once and stays shared (before: time exponential in the depth)."""
+    chain = []
+    for _ in range(8):
+        chain = [chain, chain]
+    _zip(tmp_path / "shared.pt", pickle.dumps({"c": chain}, protocol=2))
+    got = torch_pickle.load(tmp_path / "shared.pt")["c"]
+    assert got[0] is got[1] and got[0][0] is got[1][1]
+    for _ in range(192):
+        chain = [chain, chain]
+    raw = pickle.dumps(chain, protocol=2)
+    assert len(raw) < 2000  # 2**200 paths
+    _zip(tmp_path / "deep.pt", raw)
+    got = torch_pickle.load(tmp_path / "deep.pt")
+    for _ in range(200):
+        assert got[0] is got[1]
+        got = got[0]
+    assert got == []
+    with torch_pickle.TorchArchive(tmp_path / "deep.pt") as arch:
+        assert torch_pickle.tensor_refs(arch.tree) == []
+
+
+def test_item_budget(tmp_path, monkeypatch):
+    """A global budget of objects / container items (MAX_ITEMS): the tree walk counts every item it visits, the
+    unpickler every element an allowed call copies (set(x), OrderedDict(x), bytearray(x) of one shared x)."""
+    assert torch_pickle.MAX_ITEMS >= 10_000_000  # a state dict of 100k tensors visits ~300k
+    monkeypatch.setattr(torch_pickle, "MAX_ITEMS", 1000)
+    _zip(tmp_path / "ok.pt", pickle.dumps({"x": list(range(900))}, protocol=2))
+    assert torch_pickle.load(tmp_path / "ok.pt")["x"] == list(range(900))
+    _zip(tmp_path / "long.pt", pickle.dumps({"x": list(range(2000))}, protocol=2))
+    with pytest.raises(CheckpointError, match=r"long.pt: .*more than 1,000 .*MAX_ITEMS"):
+        torch_pickle.load(tmp_path / "long.pt")
+    items, table, text = list(range(100)), {str(i): i for i in range(100)}, b"\x00" * 100
+    for fn, arg in [(set, items), (collections.OrderedDict, table), (bytearray, text)]:  # 20 copies of one argument
+        _zip(tmp_path / "copies.pt", pickle.dumps([_Call(fn, arg) for _ in range(20)], protocol=2))
+        with pytest.raises(CheckpointError, match=r"copies.pt: .*more than 1,000 .*MAX_ITEMS"):
+            torch_pickle.load(tmp_path / "copies.pt")
+
+
+def test_refuses_compressed_records(tmp_path):
+    """torch.save writes every record stored (ZIP_STORED); a compressed one (an archive re-packed by another tool)
+    could inflate far beyond the file, so it is refused before anything is decompressed. Records that claim more
+    bytes than the file holds are refused on opening."""
+    torch = _torch()
+    torch.save({"w": torch.zeros(256, 256)}, tmp_path / "good.pt")
+    with zipfile.ZipFile(tmp_path / "good.pt") as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_STORED}
+
+    def deflate(src, dst, which):
+        with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+            for info in zin.infolist():
+                kind = zipfile.ZIP_DEFLATED if which(info.filename) else zipfile.ZIP_STORED
+                zout.writestr(info.filename, zin.read(info.filename), compress_type=kind)
+
+    for which, name in [(lambda n: n.endswith("/data/0"), "good/data/0"),
+                        (lambda n: n.endswith("/data.pkl"), "good/data.pkl"),
+                        (lambda n: n.endswith("/byteorder"), "good/byteorder")]:
+        deflate(tmp_path / "good.pt", tmp_path / "z.pt", which)
+        assert os.path.getsize(tmp_path / "z.pt") < os.path.getsize(tmp_path / "good.pt") or "data/0" not in name
+        with pytest.raises(CheckpointError, match=rf"record {name} is compressed \(DEFLATE\).*torch.save"):
+            torch_pickle.TorchArchive(tmp_path / "z.pt")
+    # a stored record whose directory entry claims 1 GiB in a file of a few hundred bytes
+    _zip(tmp_path / "big.pt", _tensor_pickle(torch, size=(2 ** 28,), numel=2 ** 28), {"0": b"\0" * 16})
+    raw = bytearray((tmp_path / "big.pt").read_bytes())
+    entry = raw.rindex(b"PK\x01\x02", 0, raw.rindex(b"archive/data/0") + 1)
+    struct.pack_into("<2L", raw, entry + 20, 2 ** 30, 2 ** 30)  # compressed and uncompressed sizes
+    (tmp_path / "big.pt").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"archive/data/0 claims 1073741824 bytes.*holds only"):
+        torch_pickle.TorchArchive(tmp_path / "big.pt")
 
 
 def test_refuses_bad_files(tmp_path):
@@ -575,8 +709,105 @@ def test_copy_glyph_round_trip(release, tmp_path, monkeypatch):
     assert _files(tmp_path / "copied" / GLYPH_FOLDER) == _files(src)
     assert os.stat(tmp_path / "copied" / GLYPH_FOLDER / FINETUNED_CKPT).st_ino != \
         os.stat(src / FINETUNED_CKPT).st_ino
-    with pytest.raises(CheckpointError, match="already exists"):
-        copy_glyph(model, tmp_path / "copied")
+
+
+def test_copy_glyph_reruns_replace_the_copy(release, tmp_path):
+    """A re-run over an earlier (possibly half-made) dst/byt5 replaces it; an interrupted run's temporary folders
+    go, nothing else in dst is touched."""
+    model = release[0]
+    src, dst = model / GLYPH_FOLDER, tmp_path / "dst"
+    copy_glyph(model, dst)
+    (dst / GLYPH_FOLDER / "stale.json").write_text("{}")
+    (dst / GLYPH_FOLDER / CONFIG_FILE).unlink()
+    (dst / f".{GLYPH_FOLDER}.partial-1-0000abcd").mkdir()
+    (dst / f".{GLYPH_FOLDER}.old-1-0000abcd").mkdir()
+    (dst / "model.json").write_text("{}")
+    copied = copy_glyph(model, dst)
+    assert sorted(copied) == sorted(_files(src)) and _files(dst / GLYPH_FOLDER) == _files(src)
+    assert sorted(p.name for p in dst.iterdir()) == [GLYPH_FOLDER, "model.json"]
+    assert load_glyph(dst).special_tokens == load_glyph(model).special_tokens
+
+
+def test_conversion_resumes_after_the_glyph_copy(release, tmp_path, monkeypatch):
+    """A conversion stopped right after copying byt5/ into DST.partial/ (its journal still there) resumes."""
+    from test_image_gen_checkpoint import QUIET, write_image_release
+
+    from ming_jax.checkpoint import convert, folders
+
+    src, dst = tmp_path / "release", tmp_path / "ckpt"
+    write_image_release(src, dtype=np.float32)
+    shutil.copytree(release[0] / GLYPH_FOLDER, src / GLYPH_FOLDER)
+    copy_sections = folders.copy_sections
+
+    def copy_then_crash(*args):
+        copy_sections(*args)
+        raise KeyboardInterrupt
+
+    logged = []
+    with monkeypatch.context() as m:
+        m.setattr(folders, "copy_sections", copy_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            convert.convert(str(src), str(dst), **QUIET)
+    assert (tmp_path / "ckpt.partial" / GLYPH_FOLDER).is_dir() and not dst.exists()
+    convert.convert(str(src), str(dst), **dict(QUIET, log=logged.append))
+    assert any("resuming" in line for line in logged)
+    assert _files(dst / GLYPH_FOLDER) == _files(src / GLYPH_FOLDER)
+
+
+def _linked_release(release, tmp_path, rel: str, target) -> str:
+    """A copy of the release whose byt5/`rel` is a symbolic link to `target` (a path, or a callable of the copy's
+    byt5/ folder)."""
+    model = tmp_path / "linked"
+    shutil.copytree(release[0] / GLYPH_FOLDER, model / GLYPH_FOLDER)
+    root = model / GLYPH_FOLDER
+    if (root / rel).is_file():
+        (root / rel).unlink()
+    os.symlink(target(root) if callable(target) else target, root / rel)
+    return model
+
+
+def test_copy_glyph_refuses_links_out(release, tmp_path):
+    """Folder links (a loop, an outside folder) and file links leading out of byt5/ are refused, naming the link;
+    nothing is written."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not the release's")
+    cases = [("loop", lambda root: root, "loop is a symbolic link to the folder"),
+             ("extra", outside, "extra is a symbolic link to the folder .*outside"),
+             ("glyph/notes.txt", outside / "secret.txt", r"notes.txt is a symbolic link to .*secret.txt, outside"),
+             ("dangling.txt", tmp_path / "missing", "dangling.txt is a symbolic link to .*not a regular file")]
+    for rel, target, message in cases:
+        model = _linked_release(release, tmp_path, rel, target)
+        with pytest.raises(CheckpointError, match=message):
+            copy_glyph(model, tmp_path / "dst")
+        assert not (tmp_path / "dst").exists()
+        shutil.rmtree(model)
+    model = tmp_path / "piped"
+    shutil.copytree(release[0] / GLYPH_FOLDER, model / GLYPH_FOLDER)
+    os.mkfifo(model / GLYPH_FOLDER / "pipe")
+    with pytest.raises(CheckpointError, match="pipe is not a regular file"):
+        copy_glyph(model, tmp_path / "dst")
+
+
+def test_copy_glyph_follows_file_links_inside_and_to_hub_blobs(release, tmp_path):
+    """A file link that stays in byt5/, and the Hugging Face hub cache's layout (every snapshot file a link to
+    <repo>/blobs/<hash>), copy as the files they name."""
+    repo = tmp_path / "hub" / "models--org--ming"
+    model = repo / "snapshots" / "0123abc"
+    shutil.copytree(release[0] / GLYPH_FOLDER, model / GLYPH_FOLDER)
+    (repo / "blobs").mkdir()
+    for i, path in enumerate(sorted((model / GLYPH_FOLDER).rglob("*"))):
+        if path.is_file():
+            blob = repo / "blobs" / f"{i:040x}"
+            path.rename(blob)
+            os.symlink(os.path.relpath(blob, path.parent), path)
+    os.symlink("byt5.json", model / GLYPH_FOLDER / "alias.json")  # inside byt5/
+    copied = copy_glyph(model, tmp_path / "dst")
+    got = _files(tmp_path / "dst" / GLYPH_FOLDER)
+    assert set(copied) == set(got) == set(_files(release[0] / GLYPH_FOLDER)) | {"alias.json"}
+    assert not any(p.is_symlink() for p in (tmp_path / "dst").rglob("*"))
+    assert got["alias.json"] == got[CONFIG_FILE] and got == _files(model / GLYPH_FOLDER)
+    assert load_glyph(tmp_path / "dst").t5 == load_glyph(release[0]).t5
 
 
 def test_copy_glyph_refuses_paths_outside(release, tmp_path):

@@ -31,6 +31,7 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 import uuid
 from typing import Any
 
@@ -325,21 +326,95 @@ def _inside(rel: str) -> bool:
 
 
 def _link_or_copy(src: str, dst: str) -> bool:
-    """A hard link when src and dst share a file system (True), else a copy (False). Symlinks are followed."""
+    """A hard link when src (a regular file) and dst share a file system (True), else a copy (False)."""
     try:
-        os.link(os.path.realpath(src), dst)
+        os.link(src, dst)
         return True
-    except OSError:  # another file system (EXDEV), or one without hard links
+    except OSError:  # another file system (EXDEV), one without hard links, or a file we may not link (EPERM)
         shutil.copy2(src, dst)
         return False
 
 
+def _hub_blob(target: str, src: str) -> bool:
+    """Whether `target` (a resolved path) is a blob of the Hugging Face hub cache whose snapshot holds `src`:
+    huggingface_hub keeps each file of `<repo>/snapshots/<revision>/` as a link to `<repo>/blobs/<hash>`."""
+    blobs = os.path.dirname(target)
+    snapshots = os.path.join(os.path.dirname(blobs), "snapshots")
+    return os.path.basename(blobs) == "blobs" and os.path.realpath(src).startswith(snapshots + os.sep)
+
+
+def _source_file(path: str, real_root: str, src: str) -> str:
+    """The regular file to copy for `path` (a walk entry of byt5/ that is not a folder): itself, or the target of a
+    symbolic link that stays inside byt5/ or is a hub-cache blob (`_hub_blob`); anything else is refused."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISREG(mode):
+        return path
+    if not stat.S_ISLNK(mode):
+        raise CheckpointError(f"{path} is not a regular file (a FIFO, socket or device): refusing to copy it")
+    target = os.path.realpath(path)
+    if not os.path.isfile(target):
+        raise CheckpointError(f"{path} is a symbolic link to {target}, which is not a regular file (a dangling or "
+                              f"looping link): refusing to copy it")
+    if os.path.commonpath([target, real_root]) != real_root and not _hub_blob(target, src):
+        raise CheckpointError(f"{path} is a symbolic link to {target}, outside byt5/: refusing to copy an outside "
+                              f"file into the checkpoint (replace the link by the file if it belongs there)")
+    return target
+
+
+def _glyph_tree(src: str, root: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """byt5/'s folders (relative) and files (relative, the regular file to copy), links not followed: a folder
+    that is a symbolic link is refused (it could loop, or pull an outside folder into the checkpoint), files as
+    `_source_file` says; an unreadable folder is an error, not a silent gap."""
+
+    def unreadable(e: OSError):
+        raise CheckpointError(f"{e.filename} cannot be listed ({e.strerror}): refusing an incomplete copy of byt5/")
+
+    real_root = os.path.realpath(root)
+    folders, files = [], []
+    for here, dirs, names in os.walk(root, onerror=unreadable):  # followlinks=False: a linked folder is not entered
+        dirs.sort()
+        folders.append(os.path.normpath(os.path.relpath(here, root)))
+        for name in dirs:
+            if os.path.islink(os.path.join(here, name)):
+                path = os.path.join(here, name)
+                raise CheckpointError(f"{path} is a symbolic link to the folder {os.path.realpath(path)}: byt5/ is "
+                                      f"copied without following folder links (one could loop, or pull an outside "
+                                      f"folder into the checkpoint); replace it by the folder itself")
+        for name in sorted(names):
+            path = os.path.join(here, name)
+            files.append((os.path.normpath(os.path.relpath(path, root)), _source_file(path, real_root, src)))
+    return folders, files
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
 def copy_glyph(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy `src`/byt5/ to `dst`/byt5/ file for file (hard links where possible), for the converter: a converted
-    checkpoint keeps the release's glyph files as they are, so `load_glyph` reads both formats. Written to a
-    temporary folder in `dst` and renamed into place; an existing `dst`/byt5 is refused. byt5.json's paths must
-    lie inside byt5/ (else the copy would not carry them). Returns the copied paths, relative to byt5/."""
-    root, dst = os.path.join(os.fspath(src), GLYPH_FOLDER), os.fspath(dst)
+    """Copy `src`/byt5/ to `dst`/byt5/ file for file, for the converter: a converted checkpoint keeps the release's
+    glyph files as they are, so `load_glyph` reads both formats. Returns the copied paths, relative to byt5/.
+
+    Files are hard links to the release's files where the file system allows (they save the GBs of the two
+    encoder checkpoints), else copies. A hard link is the same file under two names: replacing a file of the copy
+    (writing a new file and renaming it over the old) leaves the release alone, but writing into one in place
+    changes both, and that includes `torch.save` onto an existing path (it truncates the file it opens) and
+    editors that keep hard links by writing in place (vim does); delete the file first, or copy the folder, to
+    change one side only.
+
+    Links are not followed: a folder under byt5/ that is a symbolic link is refused (it could loop, or bring an
+    outside folder into the checkpoint), as is a file link leading outside byt5/, except to the Hugging Face hub
+    cache's blobs (how a snapshot download stores every file), and anything that is not a regular file.
+    byt5.json's paths must lie inside byt5/ (else the copy would not carry them).
+
+    Written to a temporary folder in `dst`, then renamed into place: an existing `dst`/byt5 (a converter re-run
+    after a crash) is replaced by the new copy, moved aside first so that `dst`/byt5 is always a complete folder
+    or, for a moment, absent; leftovers of an interrupted copy in `dst` are removed. One copy into a `dst` at a
+    time."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    root = os.path.join(src, GLYPH_FOLDER)
     cfg_path = os.path.join(root, CONFIG_FILE)
     try:
         cfg = GlyphConfig.from_official(_object(cfg_path, "glyph config"))
@@ -349,24 +424,33 @@ def copy_glyph(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     outside = [p for p in named if not _inside(p)]
     if outside:
         raise CheckpointError(f"{cfg_path} names {outside} outside byt5/: a copy of the folder would not carry them")
+    folders, files = _glyph_tree(src, root)  # everything refused before anything is written
     target = os.path.join(dst, GLYPH_FOLDER)
-    if os.path.lexists(target):
-        raise CheckpointError(f"{target} already exists")
     os.makedirs(dst, exist_ok=True)
-    tmp = os.path.join(dst, f".{GLYPH_FOLDER}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    for name in os.listdir(dst):  # an interrupted copy's temporary folders
+        if name.startswith((f".{GLYPH_FOLDER}.partial-", f".{GLYPH_FOLDER}.old-")):
+            _remove(os.path.join(dst, name))
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = os.path.join(dst, f".{GLYPH_FOLDER}.partial-{tag}")
     os.mkdir(tmp)  # not mkdtemp: the folder keeps the umask's permissions, not 0700
-    copied = []
     try:
-        for here, dirs, files in os.walk(root, followlinks=True):
-            dirs.sort()
-            rel_dir = os.path.relpath(here, root)
-            os.makedirs(os.path.join(tmp, rel_dir), exist_ok=True)
-            for name in sorted(files):
-                rel = os.path.normpath(os.path.join(rel_dir, name))
-                _link_or_copy(os.path.join(here, name), os.path.join(tmp, rel))
-                copied.append(rel)
-        os.replace(tmp, target)
+        for rel in folders:
+            os.makedirs(os.path.join(tmp, rel), exist_ok=True)
+        for rel, source in files:
+            _link_or_copy(source, os.path.join(tmp, rel))
+        if os.path.lexists(target):  # an earlier run's copy: moved aside, replaced, removed
+            old = os.path.join(dst, f".{GLYPH_FOLDER}.old-{tag}")
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            _remove(old)
+        else:
+            os.rename(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return copied
+    return [rel for rel, _ in files]

@@ -8,6 +8,8 @@ The zip format that `torch.save` writes (torch >= 1.6; `<a>` is the archive's on
                         on a torch.storage.UntypedStorage), nn.Parameters wrapped in _rebuild_parameter; storages are
                         persistent ids ("storage", torch.<X>Storage, key, location, numel)
     <a>/data/<key>      each storage's raw bytes (numel x itemsize, uncompressed, 64-byte aligned)
+                        (every record is written ZIP_STORED: torch's PyTorchStreamWriter::writeRecord compresses only
+                        when asked, and torch.save's `write_record(name, data, size)` never asks)
     <a>/byteorder       "little" / "big" (absent in old files: little)
     <a>/version, <a>/.format_version, <a>/.storage_alignment, <a>/.data/serialization_id   (not needed here)
 
@@ -27,6 +29,14 @@ whose tensors we need next to objects we do not (a training checkpoint's argumen
 
 Tensors come back as C-contiguous numpy arrays of the storage's dtype (bfloat16 / float8 via ml_dtypes), in native
 byte order. Legacy (non-zip) `torch.save` files are refused: re-save them with a current torch.
+
+What a hostile file can cost is bounded by its size: records must be stored (a compressed one is refused before
+anything is decompressed) and lie inside the file, so no storage is larger than the file; a tensor whose strides
+address a storage element twice (`expand`, overlapping `as_strided`: more elements than its slice holds) is refused
+when read, so no tensor is larger than its storage; the unpickler and the tree walk share out `MAX_ITEMS` objects /
+container items (a pickle's memo lets a few hundred bytes describe a tree of 2**n paths: every object is visited
+once, and shared objects stay shared in the result). Left as is: pickle itself re-hashes a tuple each time it is
+used as a dict key or set element, which costs time (not memory) quadratic in data.pkl's size at worst.
 """
 
 from __future__ import annotations
@@ -72,6 +82,12 @@ _TORCH_DTYPES = {
 _TORCH_DTYPES = {k: np.dtype(v) for k, v in _TORCH_DTYPES.items()}
 _BUILTINS = ("builtins", "__builtin__")  # protocol 2 writes the Python 2 name
 _ZIP_MAGIC = b"PK\x03\x04"
+_ZIP_METHODS = {zipfile.ZIP_DEFLATED: "DEFLATE", zipfile.ZIP_BZIP2: "BZIP2", zipfile.ZIP_LZMA: "LZMA"}
+# The most objects / container items one file may build: the unpickler counts what its allowed calls copy (set(x),
+# OrderedDict(x), bytearray(x), a tensor's size / stride: each element), the tree walk every item it visits once.
+# A state dict of 100k tensors (far beyond any model's) visits ~300k; ten million keeps each phase to seconds and
+# about a GB of Python objects.
+MAX_ITEMS = 10_000_000
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip local file header: 30 bytes, then name and extra field
 
 
@@ -212,6 +228,25 @@ def _bytearray(data=b""):
     return bytearray(data)
 
 
+class _Budget:
+    """A count of objects / items built, refused past `MAX_ITEMS` (read when the budget is made)."""
+
+    def __init__(self, where: str, what: str):
+        self.where, self.what, self.limit, self.used = where, what, MAX_ITEMS, 0
+
+    def charge(self, n: int) -> None:
+        self.used += n
+        if self.used > self.limit:
+            raise CheckpointError(f"{self.where}{self.what} more than {self.limit:,} objects / container items "
+                                  f"(torch_pickle.MAX_ITEMS), far more than a state dict holds: refusing it (a small "
+                                  f"pickle can spell out a huge tree by reusing its objects)")
+
+
+def _weight(value) -> int:
+    """What copying / iterating an argument costs: its length for sized built-ins, else 1."""
+    return len(value) if isinstance(value, (str, bytes, bytearray, tuple, list, dict, set, frozenset)) else 1
+
+
 def _allowed(module: str, name: str):
     """The stand-in of an allowed global, or None."""
     if module == "torch._utils":
@@ -240,11 +275,22 @@ class _Unpickler(pickle.Unpickler):
         self.opaque = opaque
         self.storages: dict[str, StorageRef] = {}
         self._opaque_types: dict[str, type] = {}
+        self.budget = _Budget(f"{where}: ", "data.pkl builds")
+
+    def _charged(self, fn: Callable) -> Callable:
+        """`fn`, each call first charged its arguments' sizes (a memo get is 2 bytes of pickle, an argument it
+        names may be a container of millions of items that fn copies)."""
+
+        def call(*args, **kwargs):
+            self.budget.charge(1 + sum(map(_weight, args)) + sum(map(_weight, kwargs.values())))
+            return fn(*args, **kwargs)
+
+        return call
 
     def find_class(self, module, name):
         found = _allowed(module, name)
         if found is not None:
-            return found
+            return self._charged(found) if callable(found) else found  # markers are arguments, never called
         full = f"{module}.{name}"
         if not self.opaque:
             raise CheckpointError(f"{self.where}: the pickle references the global {full}, which a tensor "
@@ -287,7 +333,8 @@ class TorchArchive:
     """An open `torch.save` zip file: `tree` is the saved object with `TensorRef` leaves; `read` fetches one.
 
     Opening reads only the pickle and the zip directory, and checks every storage record the pickle names (present,
-    of the size the pickle says) and every tensor's slice of its storage; tensor bytes are read by `read`."""
+    stored, of the size the pickle says, inside the file) and every tensor's slice of its storage; tensor bytes are
+    read by `read`. `refs`: the tree's tensors, each once (`tensor_refs`)."""
 
     def __init__(self, path: str | os.PathLike, *, opaque: bool = False):
         self.path = os.fspath(path)
@@ -313,6 +360,7 @@ class TorchArchive:
                                   f"{pickles or 'none'}")
         self.prefix = pickles[0][:-len("data.pkl")]
         self._infos = {i.filename: i for i in self._zip.infolist()}
+        self._size = os.path.getsize(self.path)
         order = self._record(self.prefix + "byteorder").decode("ascii", "replace") \
             if self.prefix + "byteorder" in self._infos else "little"
         if order not in ("little", "big"):
@@ -332,15 +380,19 @@ class TorchArchive:
             refs = tensor_refs(self.tree)
         except RecursionError:
             raise CheckpointError(f"{self.path}: data.pkl nests containers too deeply for a state dict") from None
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
         for ref in self.storages.values():
             info = self._infos.get(self._storage_name(ref))
             if info is None:
                 raise CheckpointError(f"{self.path}: storage {ref.key} is named by the pickle but has no record "
                                       f"{self._storage_name(ref)}")
+            self._check_record(info)
             want = ref.numel * ref.dtype.itemsize
             if info.file_size != want:
                 raise CheckpointError(f"{self.path}: storage {ref.key} holds {info.file_size} bytes but the pickle "
                                       f"says {ref.numel} x {ref.dtype} = {want}")
+        self.refs = refs
         self._uses = collections.Counter()
         for ref in refs:
             self._check_slice(ref)
@@ -349,7 +401,24 @@ class TorchArchive:
     def _storage_name(self, ref: StorageRef) -> str:
         return f"{self.prefix}data/{ref.key}"
 
+    def _check_record(self, info: zipfile.ZipInfo) -> None:
+        """A record we read is stored, as torch.save writes every record (a compressed one could inflate to any
+        size: refused before anything is decompressed), unencrypted, and lies inside the file."""
+        if info.compress_type != zipfile.ZIP_STORED:
+            method = _ZIP_METHODS.get(info.compress_type, f"method {info.compress_type}")
+            raise CheckpointError(f"{self.path}: record {info.filename} is compressed ({method}); torch.save writes "
+                                  f"every record uncompressed, so another tool re-packed this archive: load it with "
+                                  f"torch and re-save it with torch.save (torch.save(torch.load(path), path))")
+        if info.flag_bits & 0x1:
+            raise CheckpointError(f"{self.path}: record {info.filename} is encrypted: not a torch.save file")
+        end = info.header_offset + _LOCAL_HEADER.size + info.file_size
+        if info.compress_size != info.file_size or end > self._size:
+            raise CheckpointError(f"{self.path}: record {info.filename} claims {info.file_size} bytes at offset "
+                                  f"{info.header_offset}, but the file holds only {self._size}: truncated or "
+                                  f"corrupt file")
+
     def _record(self, name: str) -> bytes:
+        self._check_record(self._infos[name])
         try:
             with self._zip.open(name) as f:
                 return f.read()
@@ -374,26 +443,43 @@ class TorchArchive:
                                   f"holds {numel}")
 
     def _storage_bytes(self, ref: StorageRef) -> np.ndarray:
-        """The storage record's bytes, CRC-checked, in a buffer of our own, native byte order not yet applied."""
+        """The storage record's bytes (stored, inside the file: `_check_record`), CRC-checked, in a buffer of our
+        own, native byte order not yet applied."""
         info = self._infos[self._storage_name(ref)]
         buf = np.empty(info.file_size, np.uint8)
-        if info.compress_type == zipfile.ZIP_STORED:  # what torch writes: read straight into the buffer
-            with open(self.path, "rb") as f:
-                f.seek(info.header_offset)
-                head = f.read(_LOCAL_HEADER.size)
-                if len(head) < _LOCAL_HEADER.size or not head.startswith(_ZIP_MAGIC):
-                    raise CheckpointError(f"{self.path}: corrupt zip entry {info.filename}")
-                fields = _LOCAL_HEADER.unpack(head)
-                f.seek(info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1])
-                got = f.readinto(memoryview(buf))
-            if got != info.file_size:
-                raise CheckpointError(f"{self.path}: storage {ref.key} ends after {got} of {info.file_size} bytes "
-                                      f"(truncated file)")
-            if zlib.crc32(memoryview(buf)) != info.CRC:
-                raise CheckpointError(f"{self.path}: storage {ref.key} fails its CRC check (corrupt file)")
-        else:
-            buf[:] = np.frombuffer(self._record(info.filename), np.uint8)
+        with open(self.path, "rb") as f:  # read straight into the buffer
+            f.seek(info.header_offset)
+            head = f.read(_LOCAL_HEADER.size)
+            if len(head) < _LOCAL_HEADER.size or not head.startswith(_ZIP_MAGIC):
+                raise CheckpointError(f"{self.path}: corrupt zip entry {info.filename}")
+            fields = _LOCAL_HEADER.unpack(head)
+            f.seek(info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1])
+            got = f.readinto(memoryview(buf))
+        if got != info.file_size:
+            raise CheckpointError(f"{self.path}: storage {ref.key} ends after {got} of {info.file_size} bytes "
+                                  f"(truncated file)")
+        if zlib.crc32(memoryview(buf)) != info.CRC:
+            raise CheckpointError(f"{self.path}: storage {ref.key} fails its CRC check (corrupt file)")
         return buf
+
+    def _check_distinct(self, ref: TensorRef) -> None:
+        """No two of the tensor's elements are one storage element, so reading it never materialises more than
+        its slice of the storage holds (an expanded [1e5, 1e5] at stride (0, 0) over one float would be 40 GB).
+        The test: the dims of extent > 1 taken by increasing stride, each stride reaches past every element the
+        smaller ones address (sufficient for no overlap; views by slicing, stepping, transposing or permuting a
+        tensor always pass; `expand` (stride 0) and overlapping `as_strided` fail, as would an interleaving only
+        `as_strided` makes, e.g. [3, 2] at stride (2, 3))."""
+        if math.prod(ref.shape) == 0:
+            return
+        reach = 0
+        for stride, n in sorted((s, n) for n, s in zip(ref.shape, ref.stride) if n > 1):
+            if stride <= reach:
+                raise CheckpointError(
+                    f"{self.path}: tensor {ref.dtype}{list(ref.shape)} (stride {list(ref.stride)}) addresses "
+                    f"storage elements more than once (an expanded or overlapping view, e.g. from .expand()), so "
+                    f"reading it would materialise {math.prod(ref.shape):,} elements from fewer stored ones; "
+                    f"refused. A module's state_dict never holds such tensors: save this one as t.contiguous()")
+            reach += (n - 1) * stride
 
     def _storage_array(self, ref: StorageRef, dtype: np.dtype) -> np.ndarray:
         buf = self._storage_bytes(ref)
@@ -404,7 +490,9 @@ class TorchArchive:
 
     def read(self, ref: TensorRef, cache: dict | None = None) -> np.ndarray:
         """One tensor: a C-contiguous array of its dtype. `cache` (a dict) keeps storages read for later tensors;
-        a tensor of a storage that other tensors share is always a copy, so no two results alias."""
+        a tensor of a storage that other tensors share is always a copy, so no two results alias. A tensor whose
+        strides address a storage element twice is refused (`_check_distinct`)."""
+        self._check_distinct(ref)
         key = (ref.storage.key, ref.dtype.str, ref.dtype.name)
         storage = cache.get(key) if cache is not None else None
         if storage is None:
@@ -436,38 +524,57 @@ class TorchArchive:
 # --- trees ------------------------------------------------------------------------------------------------------
 
 
-def map_tree(obj: Any, fn: Callable[[TensorRef], Any], _active: set | None = None) -> Any:
+def map_tree(obj: Any, fn: Callable[[TensorRef], Any]) -> Any:
     """The tree with each `TensorRef` replaced by fn(ref): OrderedDicts become dicts (torch's `_metadata`
     attribute dropped), lists / tuples / dicts rebuilt, torch dtypes as numpy dtypes, `Opaque` records kept with
-    their arguments mapped."""
-    if isinstance(obj, TensorRef):
-        return fn(obj)
-    if isinstance(obj, _Marker):  # a torch dtype saved as a value
-        return obj.dtype if obj.kind == "dtype" else obj
-    if not isinstance(obj, (dict, list, tuple, Opaque)):
-        return obj
-    active = set() if _active is None else _active
-    if id(obj) in active:
-        raise CheckpointError("the pickle's containers refer to themselves (a cycle): not a state dict")
-    active.add(id(obj))
-    try:
-        if isinstance(obj, dict):
-            return {k: map_tree(v, fn, active) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [map_tree(v, fn, active) for v in obj]
-        if isinstance(obj, tuple):
-            return tuple(map_tree(v, fn, active) for v in obj)
-        out = type(obj)(*map_tree(obj.args, fn, active), **map_tree(obj.kwargs, fn, active))
-        out.__setstate__(map_tree(obj.state, fn, active))
-        out.items.extend(map_tree(obj.items, fn, active))
-        out.entries.update(map_tree(obj.entries, fn, active))
+    their arguments mapped. Each object is mapped once: one the tree holds in several places (a tied weight, a
+    pickle memo get) is one object in the result too (fn called once). Past `MAX_ITEMS` items visited, or on a
+    cycle, raises `CheckpointError`."""
+    done: dict[int, Any] = {}  # id -> result; the tree keeps every id's object alive for the walk
+    active: set[int] = set()
+    budget = _Budget("", "the tree holds")
+    limit, visited = budget.limit, 0
+
+    def walk(node):
+        nonlocal visited
+        visited += 1
+        if visited > limit:
+            budget.charge(visited)  # raises
+        if not isinstance(node, _NODES):
+            if isinstance(node, _Marker):  # a torch dtype saved as a value
+                return node.dtype if node.kind == "dtype" else node
+            return node
+        key = id(node)
+        if key in done:
+            return done[key]
+        if key in active:
+            raise CheckpointError("the pickle's containers refer to themselves (a cycle): not a state dict")
+        active.add(key)
+        if isinstance(node, TensorRef):
+            out = fn(node)
+        elif isinstance(node, dict):
+            out = {k: walk(v) for k, v in node.items()}
+        elif isinstance(node, list):
+            out = [walk(v) for v in node]
+        elif isinstance(node, tuple):
+            out = tuple(walk(v) for v in node)
+        else:
+            out = type(node)(*walk(node.args), **walk(node.kwargs))
+            out.__setstate__(walk(node.state))
+            out.items.extend(walk(node.items))
+            out.entries.update(walk(node.entries))
+        active.discard(key)
+        done[key] = out
         return out
-    finally:
-        active.discard(id(obj))
+
+    return walk(obj)
+
+
+_NODES = (TensorRef, dict, list, tuple, Opaque)
 
 
 def tensor_refs(obj: Any) -> list[TensorRef]:
-    """Every `TensorRef` of a tree, in order."""
+    """Every `TensorRef` of a tree, each once (a tensor the tree holds twice is one ref), in order."""
     found: list[TensorRef] = []
     map_tree(obj, lambda r: found.append(r))
     return found
@@ -492,7 +599,11 @@ class ArchiveTensors(collections.abc.Mapping):
 
 def load(path: str | os.PathLike, *, opaque: bool = False) -> Any:
     """The object saved in a `torch.save` file, tensors as numpy arrays (nested dicts / lists / tuples as saved;
-    OrderedDicts as dicts). Raises `CheckpointError` for a missing, truncated, non-zip or forbidden file."""
+    OrderedDicts as dicts). A tensor saved twice (one object, e.g. a tied weight) is one array in both places, as
+    torch.load gives one tensor; distinct tensors over one storage are distinct arrays. Raises `CheckpointError`
+    for a missing, truncated, non-zip or forbidden file, or an expanded tensor (before any tensor is read)."""
     with TorchArchive(path, opaque=opaque) as arch:
+        for ref in arch.refs:
+            arch._check_distinct(ref)
         cache: dict = {}
         return map_tree(arch.tree, lambda ref: arch.read(ref, cache))
