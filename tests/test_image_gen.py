@@ -101,6 +101,19 @@ def test_connector_table_round_trip_and_tied_head():
                     {k: v for k, v in state.items() if k != "lm_head.weight"})  # the copy is optional
 
 
+def test_untied_connector_head_is_stored_and_round_trips():
+    torch = _torch()
+    cfg = Qwen2Config.tiny(tie_word_embeddings=False)
+    state = {k: v.detach().numpy().copy() for k, v in _hf_qwen2(torch, cfg).state_dict().items()}
+    assert not np.array_equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    table = qwen2_table(cfg)
+    model = load_state_dict(nnx.eval_shape(lambda: Qwen2Model(cfg, rngs=nnx.Rngs(0), lm_head=True)), table, state)
+    back = export_state_dict(model, table)
+    assert set(back) == set(state)
+    for k, v in back.items():
+        np.testing.assert_array_equal(v, state[k])
+
+
 def test_qwen2_config_refuses_what_it_does_not_model():
     base = Qwen2Config.tiny().to_official()
     with pytest.raises(ConfigError, match="sliding"):

@@ -114,12 +114,16 @@ class Qwen2Layer(nnx.Module):
 class Qwen2Model(nnx.Module):
     """embed [V, D] (stored, read only by `embed_tokens`), `layers` stacked [L, ...], `final_norm`."""
 
-    def __init__(self, cfg: Qwen2Config, runtime: Runtime | None = None, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen2Config, runtime: Runtime | None = None, *, rngs: nnx.Rngs, lm_head: bool = False):
+        """lm_head: also hold a CausalLM checkpoint's untied `lm_head` [D, V] (stored and exported; nothing here
+        reads it: the connector uses the final hidden states). A tied or bare model has none."""
         runtime = Runtime() if runtime is None else runtime
         self.cfg = cfg
         self.runtime = runtime
         pdt = jnp.dtype(runtime.param_dtype)
         self.embed = param(rngs, normal(1.0), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pdt)
+        self.lm_head = (param(rngs, fan_in_normal(), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdt)
+                        if lm_head and not cfg.tie_word_embeddings else None)
 
         @nnx.split_rngs(splits=cfg.num_hidden_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS_AXIS)

@@ -2,8 +2,8 @@
 
 Official layout under `{prefix}`: `model.embed_tokens.weight`, `model.layers.{i}.self_attn.{q,k,v}_proj.{weight,
 bias}`, `o_proj.weight`, `mlp.{gate,up,down}_proj.weight`, `input_layernorm.weight`, `post_attention_layernorm.weight`,
-`model.norm.weight`; `lm_head.weight` is a tied copy of the embeddings when `tie_word_embeddings` (the release's
-connector) and is then accepted only as that copy. An untied head is not modelled (the connector never reads one).
+`model.norm.weight`; `lm_head.weight` is a tied copy of the embeddings when `tie_word_embeddings` (accepted only as
+that copy), else a tensor of its own.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ def _heads(n: int, hd: int) -> Transform:
 
 
 def qwen2_table(cfg: Qwen2Config, prefix: str = "", ours: str = "") -> Table:
-    if not cfg.tie_word_embeddings:
-        raise ValueError("an untied Qwen2 LM head is not modelled here (tie_word_embeddings=false); the connector "
-                         "and the talker LM tie it")
+    """A Qwen2ForCausalLM state dict: tied embeddings make `lm_head.weight` an optional exact copy; an untied head is
+    its own tensor, our `lm_head` [D, V] (`Qwen2Model(..., lm_head=True)`; the connector stores it, never reads it)."""
     h, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     m, o = f"{prefix}model.", ours
     layers = {"i": range(cfg.num_hidden_layers)}
@@ -45,4 +44,6 @@ def qwen2_table(cfg: Qwen2Config, prefix: str = "", ours: str = "") -> Table:
         layer("post_attention_layernorm.weight", "post_norm.scale"),
         Rule(f"{m}norm.weight", f"{o}final_norm.scale"),
     ]
+    if not cfg.tie_word_embeddings:
+        return Table(rules + [Rule(f"{prefix}lm_head.weight", f"{o}lm_head", LINEAR)])
     return Table(rules, tied={f"{prefix}lm_head.weight": f"{m}embed_tokens.weight"})

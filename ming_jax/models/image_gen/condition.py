@@ -63,7 +63,7 @@ class ImageGenHead(nnx.Module):
         self.queries = nnx.List([param(rngs, _unit_rows, (s * s, llm_hidden), (None, "embed"), pdt)
                                  for s in cfg.img_gen_scales])
         self.proj_in = Linear(llm_hidden, connector.hidden_size, ("embed", "mlp"), param_dtype=pdt, rngs=rngs)
-        self.connector = Qwen2Model(connector, runtime, rngs=rngs)
+        self.connector = Qwen2Model(connector, runtime, rngs=rngs, lm_head=True)  # a CausalLM checkpoint
         self.proj_out = Linear(connector.hidden_size, cfg.diffusion_c_input_dim, ("mlp", "embed"),
                                param_dtype=pdt, rngs=rngs)
         self.clip_mlp = None if cfg.use_identity_mlp else ClipMLP(cfg.diffusion_c_input_dim, param_dtype=pdt,
