@@ -5,6 +5,9 @@ independent references at other sizes."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import numpy as np
 import pytest
 import jax
@@ -175,6 +178,13 @@ def tiny_thinker_config() -> LLMConfig:
 
 
 def _tiny_generator(seed: int = 0, *, identity: bool = True) -> image_gen.ImageGenerator:
+    """Random tiny components (built once per seed and kind: eager init is the slow part); a fresh generator object
+    each call, so a test that sets `.glyph` does not leak it into the next."""
+    return dataclasses.replace(_tiny_components(seed, identity))
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_components(seed: int, identity: bool) -> image_gen.ImageGenerator:
     llm_cfg = tiny_thinker_config()
     cfg = ImageGenConfig.tiny()
     if not identity:
