@@ -34,3 +34,15 @@ def run(main, module: str) -> None:
     for flag in flags.FLAGS.get_key_flags_for_module(module):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main)
+
+
+def mesh_and_rules(mesh_text: str | None, rules_name: str):
+    """(mesh, rules) of the --mesh / --rules flags, or (None, None) without --mesh; a bad mesh is a usage error."""
+    from ming_jax import sharding
+
+    if not mesh_text:
+        return None, None
+    try:
+        return sharding.make_mesh(sharding.MeshSpec.parse(mesh_text)), sharding.ShardingRules.preset(rules_name)
+    except sharding.ShardingError as e:
+        raise app.UsageError(f"--mesh {mesh_text!r}: {e}") from None

@@ -180,12 +180,7 @@ def _omni_main() -> int:
 
 def _mesh():
     """(mesh, rules) from --mesh / --rules, or (None, None)."""
-    if not _MESH.value:
-        return None, None
-    try:
-        return sharding.make_mesh(sharding.MeshSpec.parse(_MESH.value)), sharding.ShardingRules.preset(_RULES.value)
-    except sharding.ShardingError as e:
-        raise app.UsageError(f"--mesh {_MESH.value!r}: {e}") from None
+    return cli.mesh_and_rules(_MESH.value, _RULES.value)
 
 
 def _mesh_context():

@@ -71,12 +71,8 @@ def _tiny_configs() -> tuple[OmniConfig, ImageGenConfig]:
 
 
 def _mesh():
-    if not _MESH.value:
-        return None, None
-    try:
-        return sharding.make_mesh(sharding.MeshSpec.parse(_MESH.value)), sharding.ShardingRules.preset(_RULES.value)
-    except sharding.ShardingError as e:
-        raise app.UsageError(f"--mesh {_MESH.value!r}: {e}") from None
+    """(mesh, rules) from --mesh / --rules, or (None, None)."""
+    return cli.mesh_and_rules(_MESH.value, _RULES.value)
 
 
 def _parse_size(text: str) -> tuple[int, int]:

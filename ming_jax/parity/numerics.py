@@ -9,7 +9,7 @@ output compared with an integer reference fails (naming both dtypes) instead of 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -124,6 +124,30 @@ def _is_exact(dtype) -> bool:
     """Integer or boolean: the dtypes compared exactly."""
     dtype = np.dtype(dtype)
     return dtype == np.bool_ or np.issubdtype(dtype, np.integer)
+
+
+def missing(name: str, note: str) -> Comparison:
+    """A failed row for a reference tensor we do not produce (a skipped output is a failure, not a pass)."""
+    return Comparison(name, float("nan"), float("nan"), float("nan"), 0.0, False, False, note)
+
+
+def compare_outputs(ours: Mapping[str, object], refs: Mapping[str, object], *, dtype: str = "float32",
+                    prefix: str = "", missing_note: Callable[[str], str] | str = "not an output of this kind"
+                    ) -> list[Comparison]:
+    """Every reference tensor whose name starts with `prefix` against `ours[name without the prefix]` (float
+    outputs compared as float32); one we lack is a failed row noted by `missing_note` (a text, or a function of the
+    short name)."""
+    rows = []
+    for key, ref in refs.items():
+        if not key.startswith(prefix):
+            continue
+        short = key[len(prefix):]
+        if short not in ours:
+            rows.append(missing(key, missing_note(short) if callable(missing_note) else missing_note))
+            continue
+        value = np.asarray(ours[short])
+        rows.append(compare(key, value.astype(np.float32) if value.dtype.kind == "f" else value, ref, dtype=dtype))
+    return rows
 
 
 def report(rows: Iterable[Comparison]) -> str:

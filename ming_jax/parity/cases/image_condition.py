@@ -65,15 +65,6 @@ def run(case: GoldenCase, mode: str = "float32") -> list[numerics.Comparison]:
             "dit_caption_feats": image_gen._wrap(head, cond),
             **taps,
         }
-        for key, ref in case.outputs.items():
-            if not key.startswith(f"{name}_"):
-                continue
-            short = key[len(name) + 1:]
-            if short not in ours:
-                rows.append(numerics.Comparison(key, float("nan"), float("nan"), float("nan"), 0.0, False, False,
-                                                "no such output in the condition path"))
-                continue
-            value = np.asarray(ours[short])
-            rows.append(numerics.compare(key, value.astype(np.float32) if value.dtype.kind == "f" else value, ref,
-                                         dtype=mode))
+        rows += numerics.compare_outputs(ours, case.outputs, dtype=mode, prefix=f"{name}_",
+                                         missing_note="no such output in the condition path")
     return rows

@@ -82,13 +82,6 @@ def run(case: GoldenCase, mode: str = "float32") -> list[numerics.Comparison]:
                                                 ref_latent=ref, record=True)
         ours.update(step_model_out=outs, step_latents=lats, final_latents=final,
                     image_pt=image_gen.decode_images(vae, final))
-        for key, want in case.outputs.items():
-            if not key.startswith(f"{name}_"):
-                continue
-            short = key[len(name) + 1:]
-            if short not in ours:
-                rows.append(numerics.Comparison(key, float("nan"), float("nan"), float("nan"), 0.0, False, False,
-                                                "no such output in the sampler"))
-                continue
-            rows.append(numerics.compare(key, np.asarray(ours[short], np.float32), want, dtype=mode))
+        rows += numerics.compare_outputs(ours, case.outputs, dtype=mode, prefix=f"{name}_",
+                                         missing_note="no such output in the sampler")
     return rows

@@ -48,13 +48,7 @@ def run(case: GoldenCase, mode: str = "float32") -> list[numerics.Comparison]:
         raise ValueError(f"{case.path}: neither 'latents' nor 'ref_image' among the inputs {sorted(case.inputs)}")
     model = build(case.config, case.weights, numerics.runtime_for(mode))
     ours = outputs(model, case.inputs)
-    rows = []
-    for name, ref in case.outputs.items():
-        if name in ours:
-            rows.append(numerics.compare(name, ours[name], ref, dtype=mode))
-        else:
-            why = ("its input is missing" if name in _DECODE_OUTPUTS + _ENCODE_OUTPUTS
-                   else "not an output of this kind")
-            rows.append(numerics.Comparison(name, float("nan"), float("nan"), float("nan"), 0.0, False, False,
-                                            f"the case has it, we do not produce it ({why})"))
-    return rows
+    known = _DECODE_OUTPUTS + _ENCODE_OUTPUTS
+    return numerics.compare_outputs(ours, case.outputs, dtype=mode, missing_note=lambda name: (
+        "the case has it, we do not produce it (" +
+        ("its input is missing" if name in known else "not an output of this kind") + ")"))
