@@ -20,6 +20,7 @@ an expert axis > 1 (ragged all-to-all and the compiled Pallas grouped matmuls on
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Sequence
 
@@ -31,13 +32,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ming_jax import sharding
 from ming_jax.aot.memory_plan import MemoryPlan
 from ming_jax.aot.topology import HBM_BYTES, chip_of, topology_devices
+from ming_jax.config.dit import DiTConfig
 from ming_jax.config.llm import LLMConfig
 from ming_jax.config.runtime import Runtime
-from ming_jax.gen import text
+from ming_jax.config.vae import VAEConfig
+from ming_jax.gen import image as image_lib, text
 from ming_jax.gen.sampling import SamplingConfig
 from ming_jax.gen.steps import make_decode_step, make_prefill
 from ming_jax.layers.kv_cache import KVCache, kv_cache_shardings
 from ming_jax.models import llm as model_lib
+from ming_jax.models.image_gen.dit import ZImageDiT, ceil_to
+from ming_jax.models.image_gen import vae as vae_lib
+from ming_jax.models.image_gen.vae import AutoencoderKL
 from ming_jax.train import step as train_step
 from ming_jax.train.config import TrainConfig
 
@@ -160,3 +166,172 @@ def _libtpu_version() -> str:
         return version("libtpu")
     except Exception:  # noqa: BLE001 - informational only
         return "?"
+
+
+# --- image generation ------------------------------------------------------------------------------------------------
+
+IMAGE_STEPS = ("dit", "denoise", "vae_decode")
+VAE_SCALE = 8  # the Flux VAE's downsampling (2 ** (levels - 1)); latents are image_size / 8 on a side
+
+# Rules the image steps may use besides `sharding.PRESETS`. "fsdp_seq": ZeRO-3 weights as `fsdp`, the activations'
+# token axis split over (fsdp, expert) instead of the batch (a CFG batch of 2 does not split over more chips than 2;
+# 4352 = 17 x 256 DiT tokens split up to 256 ways); the batch goes to `data` only.
+IMAGE_RULES = {"fsdp_seq": lambda: sharding.ShardingRules.preset("fsdp", batch="data", seq=("fsdp", "expert"))}
+
+
+def image_rules(name: str) -> sharding.ShardingRules:
+    """A `sharding.PRESETS` name or one of `IMAGE_RULES`."""
+    return IMAGE_RULES[name]() if name in IMAGE_RULES else sharding.ShardingRules.preset(name)
+
+
+def image_latent_side(image_size: int) -> int:
+    """Latent side of a square image: 1024 -> 128 (the pipeline's `latent_shape`, VAE scale 8)."""
+    return image_lib.latent_shape(1, 16, image_size, image_size, VAE_SCALE)[2]
+
+
+def dit_tokens(cfg: DiTConfig, image_size: int, caption_len: int) -> int:
+    """Tokens of the DiT's joint sequence: image tokens (latent / patch, squared, padded to the sequence multiple)
+    plus the caption slots (padded the same way): 1024 px, caption 256 -> 4096 + 256 = 4352."""
+    p = cfg.all_patch_size[0]
+    n = (image_latent_side(image_size) // p) ** 2
+    return ceil_to(n, cfg.seq_multiple) + ceil_to(caption_len, cfg.seq_multiple)
+
+
+def _abstract_module(make, mesh, rules):
+    """(graphdef, abstract state carrying its shardings, those shardings) of `make()`, never materialised."""
+    abstract = nnx.eval_shape(make)
+    graphdef, state = nnx.split(abstract)
+    shard = sharding.state_shardings(abstract, mesh, rules)
+    return graphdef, _abstract(state, shard), shard
+
+
+def _split_batch(mesh, rules, shape, dtype):
+    """Dim 0 over the `batch` rule's axes when it divides evenly (else replicated: a CFG pair on 4 chips)."""
+    axes = tuple(a for a in rules.mesh_axes("batch") if mesh.shape[a] > 1)
+    n = math.prod(mesh.shape[a] for a in axes)
+    spec = PartitionSpec(axes if len(axes) > 1 else axes[0]) if axes and shape[0] % n == 0 else PartitionSpec()
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+
+def _fresh_programs(graphdef, rows_cfg: bool):
+    """The three image programs as functions made for this lowering only.
+
+    jax caches a function's trace by its identity, the argument types and the mesh, not by the sharding rules that
+    `constrain` and the splash `shard_map` read while tracing: lowering the module-level jits
+    (`ming_jax.gen.image._denoise` / `_decode`) a second time with other rules on the same mesh would silently
+    reuse the first trace. Fresh closures trace anew; their bodies are the sampler's and the decoder's own."""
+
+    def dit(state, x, t, caption):  # `ming_jax.gen.image._denoise_body`'s DiT call: no caption lengths, no reference
+        return nnx.merge(graphdef, state)(x, t, caption, None, None)
+
+    def denoise(state, caption, negative, latents, sigmas, times, guidance):
+        return image_lib._denoise_body(graphdef, state, caption, negative, latents, sigmas, times, guidance, None,
+                                       cfg=rows_cfg, record=False)
+
+    def vae_decode(state, latents):  # `ming_jax.gen.image._decode` with the VAE's jitted NCHW wrapper inlined
+        model = nnx.merge(graphdef, state)
+        z = jnp.transpose(vae_lib.to_decoder_input(model.cfg, latents), (0, 2, 3, 1))  # NCHW -> NHWC
+        return vae_lib.postprocess(jnp.transpose(model.decode_nhwc(z), (0, 3, 1, 2)))
+
+    return dit, denoise, vae_decode
+
+
+def lower_image_step(step: str, mesh, rules: sharding.ShardingRules, *, dit: DiTConfig | None = None,
+                     vae: VAEConfig | None = None, runtime: Runtime | None = None, batch: int = 1,
+                     image_size: int = 1024, caption_len: int = 256, steps: int = 30, cfg: bool = True):
+    """An image-generation program lowered for `mesh` from abstract, sharded arguments.
+
+    step: "dit" (one DiT forward: latents [R, C, 1, h, w], model times [R], caption [R, caption_len, Dc], R = 2 x
+    batch with CFG, in the compute dtype, as `denoise` feeds it); "denoise" (the body of `ming_jax.gen.image._denoise`,
+    the sampler users run: a `lax.scan` of `steps` DiT calls on float32 latents [batch, C, h, w], CFG by a batch of
+    two, the negative caption an argument of the caption's shape); "vae_decode" (`ming_jax.gen.image.decode_images`:
+    float32 latents [batch, L, h, w] -> [batch, 3, image_size, image_size] in [0, 1]). h = w = image_size / 8 (the VAE's
+    scale factor for vae_decode). Each call traces fresh functions (`_fresh_programs`), so the rules always apply.
+    dit / vae: the configs (default `DiTConfig.z_image()`, `VAEConfig.flux()`); runtime: default
+    `Runtime.bf16()` (bf16 parameters and compute, attention "auto")."""
+    runtime = Runtime.bf16() if runtime is None else runtime
+    dt = jnp.dtype(runtime.dtype)
+    side = image_latent_side(image_size)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    if step in ("dit", "denoise"):
+        dit = DiTConfig.z_image() if dit is None else dit
+        c = dit.in_channels
+        graphdef, a_state, _ = _abstract_module(lambda: ZImageDiT(dit, runtime, rngs=nnx.Rngs(0)), mesh, rules)
+        dit_fn, denoise_fn, _ = _fresh_programs(graphdef, cfg)
+        with sharding.use_mesh(mesh, rules):
+            if step == "dit":
+                rows = 2 * batch if cfg else batch
+                x = _split_batch(mesh, rules, (rows, c, 1, side, side), dt)
+                t = _split_batch(mesh, rules, (rows,), jnp.float32)
+                caption = _split_batch(mesh, rules, (rows, caption_len, dit.cap_feat_dim), dt)
+                return jax.jit(dit_fn).lower(a_state, x, t, caption)
+            caption = _split_batch(mesh, rules, (batch, caption_len, dit.cap_feat_dim), dt)
+            latents = _split_batch(mesh, rules, (batch, c, side, side), jnp.float32)
+            vec = lambda n: jax.ShapeDtypeStruct((n,), jnp.float32, sharding=replicated)  # noqa: E731
+            guidance = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+            return jax.jit(denoise_fn).lower(a_state, caption, caption, latents, vec(steps + 1), vec(steps), guidance)
+    if step == "vae_decode":
+        vae = VAEConfig.flux() if vae is None else vae
+        graphdef, a_state, _ = _abstract_module(lambda: AutoencoderKL(vae, runtime, rngs=nnx.Rngs(0)), mesh, rules)
+        side = image_size // vae.scale_factor
+        latents = _split_batch(mesh, rules, (batch, vae.latent_channels, side, side), jnp.float32)
+        vae_lib.check_latents(vae, latents.shape)
+        _, _, decode_fn = _fresh_programs(graphdef, cfg)
+        with sharding.use_mesh(mesh, rules):
+            return jax.jit(decode_fn).lower(a_state, latents)
+    raise ValueError(f"image step={step!r} (known: {', '.join(IMAGE_STEPS)})")
+
+
+def compile_image_step(step: str, topology: str, mesh_spec: str, rules_name: str, *, dit: DiTConfig | None = None,
+                       vae: VAEConfig | None = None, runtime: Runtime | None = None, batch: int = 1,
+                       image_size: int = 1024, caption_len: int = 256, steps: int = 30, cfg: bool = True,
+                       num_slices: int = 1, devices: Sequence | None = None) -> tuple[MemoryPlan, object]:
+    """Compile one image-generation step for a topology; -> (its memory plan, the compiled executable).
+
+    The plan's `batch` is the images, `seq` the attention's sequence (DiT: image + caption tokens; VAE: the
+    mid-block's h x w pixels); `note` says the image size, the DiT rows and the caption length."""
+    runtime = Runtime.bf16() if runtime is None else runtime
+    devices = topology_devices(topology, num_slices) if devices is None else devices
+    mesh = sharding.make_mesh(mesh_spec, devices)
+    rules = image_rules(rules_name)
+    t0 = time.perf_counter()
+    compiled = lower_image_step(step, mesh, rules, dit=dit, vae=vae, runtime=runtime, batch=batch,
+                                image_size=image_size, caption_len=caption_len, steps=steps, cfg=cfg).compile()
+    m = compiled.memory_analysis()
+    shape = ",".join(f"{a}={s}" for a, s in mesh.shape.items() if s > 1) or "1 chip"
+    if step == "vae_decode":
+        v = VAEConfig.flux() if vae is None else vae
+        side = image_size // v.scale_factor
+        seq = side * side
+        note = f"{image_size}px, latents [{batch}, {v.latent_channels}, {side}, {side}]"
+    else:
+        d = DiTConfig.z_image() if dit is None else dit
+        seq = dit_tokens(d, image_size, caption_len)
+        rows = 2 * batch if cfg else batch
+        note = (f"{image_size}px, DiT batch {rows}{' (CFG)' if cfg else ''}, caption {caption_len}"
+                + (f", {steps} steps" if step == "denoise" else ""))
+    plan = MemoryPlan(topology + (f" x{num_slices}" if num_slices > 1 else ""), step, shape, rules_name, batch, seq,
+                      int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
+                      int(m.alias_size_in_bytes), int(m.generated_code_size_in_bytes),
+                      HBM_BYTES[chip_of(topology)] * 1.0, time.perf_counter() - t0, note=note,
+                      attention=runtime.attention)
+    return plan, compiled
+
+
+def mosaic_kernels(compiled) -> int:
+    """Mosaic (Pallas TPU) custom calls in a compiled program's HLO: the splash kernels of the attention."""
+    return compiled.as_text().count('custom_call_target="tpu_custom_call"')
+
+
+def dit_param_count(cfg: DiTConfig) -> int:
+    """Parameters of the DiT, counted abstractly (`DiTConfig.z_image()`: 6,154,908,736)."""
+    abstract = nnx.eval_shape(lambda: ZImageDiT(cfg, rngs=nnx.Rngs(0)))
+    return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+
+
+def vae_param_count(cfg: VAEConfig, part: str = "all") -> int:
+    """Parameters of the VAE ("all"), or of its "decoder" (+ post_quant_conv): what `vae_decode` reads (jit drops
+    the unused encoder from the compiled program's arguments)."""
+    abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+    keep = lambda p: part == "all" or p[0] in ("decoder", "post_quant_conv")  # noqa: E731
+    return sum(math.prod(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)) if keep(p))

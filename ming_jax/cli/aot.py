@@ -4,6 +4,8 @@ host (libtpu needed).
     python -m ming_jax.aot --preset ming-flash-omni-2.0 --topology v5p:4x4x4 --mesh fsdp=16,expert=4 --step train
     python -m ming_jax.aot --topology v6e:8x8 --mesh expert=64 --rules ep_tp --step decode --batch 256 --seq 8192
     python -m ming_jax.aot --table plans.json       # render earlier --json results as a markdown table
+    python -m ming_jax.aot --step dit --topology v5p:2x2x1 --mesh fsdp=4 --rules fsdp    # image generation:
+    python -m ming_jax.aot --step vae_decode --topology v6e:2x2 --mesh fsdp=4 --rules fsdp   # dit / denoise / vae
 
 All logic lives in `ming_jax.aot`; this file parses flags and prints.
 """
@@ -14,12 +16,14 @@ import dataclasses
 import json
 
 import jax
-from absl import flags
+from absl import app, flags
 
 from ming_jax import cli, sharding
-from ming_jax.aot.compile import STEPS, _libtpu_version, _param_count, compile_step
+from ming_jax.aot import compile as aot
+from ming_jax.aot.compile import IMAGE_RULES, IMAGE_STEPS, STEPS, _libtpu_version, _param_count, compile_step
 from ming_jax.aot.memory_plan import MemoryPlan
 from ming_jax.aot.topology import topology_devices
+from ming_jax.config import dit as dit_config, vae as vae_config
 from ming_jax.config.llm import PRESETS
 from ming_jax.config.runtime import Runtime
 
@@ -33,6 +37,10 @@ def main(argv):
             for plan in MemoryPlan.load(path):
                 print(plan.markdown())
         return 0
+    if f.step in IMAGE_STEPS:
+        return _image_main(f)
+    if f.rules in IMAGE_RULES:
+        raise app.UsageError(f"--rules {f.rules} is for the image steps ({', '.join(IMAGE_STEPS)}) only")
     cfg = PRESETS[f.preset](**({"num_layers": f.layers} if f.layers else {}))
     runtime = Runtime(dtype=f.dtype, param_dtype=f.dtype, remat=True, attention=f.attention_impl,
                       capacity_factor=f.capacity_factor or None)
@@ -43,13 +51,45 @@ def main(argv):
     print(f"{cfg.__class__.__name__} {f.preset}: {_param_count(cfg) / 1e9:.1f}B parameters; {f.topology} "
           f"x{f.num_slices} = {n} chips; step={f.step} batch={batch} {'max_len' if f.step.startswith('decode') else 'seq'}="
           f"{seq}; jax {jax.__version__}, libtpu {_libtpu_version()}", flush=True)
+    return _compile_meshes(f, lambda mesh_spec: compile_step(
+        cfg, f.topology, mesh_spec, f.rules, f.step, batch=batch, seq=seq, num_slices=f.num_slices, devices=devices,
+        cache_layout=f.cache_layout, runtime=runtime, new_tokens=f.new_tokens))
+
+
+def _image_main(f):
+    """The image-generation steps: the DiT (one forward or the whole sampler) or the VAE decode."""
+    runtime = Runtime(dtype=f.dtype, param_dtype=f.dtype, attention=f.attention_impl)
+    dit = dit_config.PRESETS[f.dit_preset](**({"n_layers": f.layers} if f.layers else {}))
+    vae = vae_config.PRESETS[f.vae_preset]()
+    devices = topology_devices(f.topology, f.num_slices)
+    batch = f.batch or 1
+    if f.step == "vae_decode":
+        what = f"VAE {f.vae_preset}: {aot.vae_param_count(vae) / 1e6:.1f}M parameters"
+    else:
+        what = (f"DiT {f.dit_preset}: {aot.dit_param_count(dit) / 1e9:.2f}B parameters, "
+                f"{aot.dit_tokens(dit, f.image_size, f.caption_len)} tokens")
+    print(f"{what}; {f.topology} x{f.num_slices} = {len(devices)} chips; step={f.step} images={batch} "
+          f"{f.image_size}x{f.image_size}{' CFG' if f.cfg and f.step != 'vae_decode' else ''}; jax {jax.__version__}, "
+          f"libtpu {_libtpu_version()}", flush=True)
+
+    def one(mesh_spec):
+        plan, compiled = aot.compile_image_step(
+            f.step, f.topology, mesh_spec, f.rules, dit=dit, vae=vae, runtime=runtime, batch=batch,
+            image_size=f.image_size, caption_len=f.caption_len, steps=f.denoise_steps, cfg=f.cfg,
+            num_slices=f.num_slices, devices=devices)
+        print(f"  {plan.note}; Mosaic (splash) kernels in the program: {aot.mosaic_kernels(compiled)}", flush=True)
+        return plan, compiled
+
+    return _compile_meshes(f, one)
+
+
+def _compile_meshes(f, compile_one):
+    """Compile every --mesh with `compile_one(mesh_spec) -> (plan, compiled)`; print, write --json; exit status."""
     plans, failed = [], []
     print(MemoryPlan.header(), flush=True)
     for mesh_spec in f.mesh:
         try:
-            plan, _ = compile_step(cfg, f.topology, mesh_spec, f.rules, f.step, batch=batch, seq=seq,
-                                   num_slices=f.num_slices, devices=devices, cache_layout=f.cache_layout,
-                                   runtime=runtime, new_tokens=f.new_tokens)
+            plan, _ = compile_one(mesh_spec)
         except Exception as e:  # noqa: BLE001 - reported per mesh; the exit status says that one failed
             print(f"{mesh_spec}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
             failed.append(mesh_spec)
@@ -75,16 +115,29 @@ def _define_flags():
     flags.DEFINE_integer("num_slices", 1, "Slices of that topology (multi-slice: DCN between them).")
     flags.DEFINE_multi_string("mesh", ["fsdp=-1"], "Mesh spec(s) (sharding.MeshSpec), e.g. fsdp=16,expert=4; "
                               "repeat to compare several.")
-    flags.DEFINE_enum("rules", "ep_fsdp", list(sharding.PRESETS), "Sharding rules preset.")
-    flags.DEFINE_enum("step", "train", list(STEPS), "Which program to compile: train (the train step), prefill (a "
-                      "prompt into a fresh cache), decode (the generation loop of --new_tokens steps), decode_step "
-                      "(one token against the cache).")
+    flags.DEFINE_enum("rules", "ep_fsdp", list(sharding.PRESETS) + list(IMAGE_RULES),
+                      "Sharding rules preset (fsdp_seq: image steps only, ZeRO-3 weights and the DiT's tokens split "
+                      "over fsdp x expert, the batch over data).")
+    flags.DEFINE_enum("step", "train", list(STEPS) + list(IMAGE_STEPS),
+                      "Which program to compile: train (the train step), prefill (a prompt into a fresh cache), "
+                      "decode (the generation loop of --new_tokens steps), decode_step (one token against the cache); "
+                      "image generation: dit (one DiT forward as the sampler calls it), denoise (the sampler's scan "
+                      "of --denoise_steps DiT calls), vae_decode (latents to --image_size images).")
+    flags.DEFINE_integer("image_size", 1024, "Image steps: square image side in pixels (latents: a side / 8).")
+    flags.DEFINE_integer("caption_len", 256, "dit / denoise: caption (condition) tokens (the release: 256 query "
+                         "tokens).")
+    flags.DEFINE_integer("denoise_steps", 30, "denoise: DiT calls in the sampler's scan.")
+    flags.DEFINE_bool("cfg", True, "dit / denoise: classifier-free guidance (the DiT runs a batch of 2 x images).")
+    flags.DEFINE_enum("dit_preset", "z-image", list(dit_config.PRESETS), "dit / denoise: DiT config preset.")
+    flags.DEFINE_enum("vae_preset", "flux", list(vae_config.PRESETS), "vae_decode: VAE config preset.")
     flags.DEFINE_integer("new_tokens", 256, "prefill / decode: tokens generated after the prompt.")
     flags.DEFINE_bool("keep_going", False, "Compile every --mesh even after one fails (the exit status is still 1).")
-    flags.DEFINE_integer("batch", 0, "Global batch (default: 1 sequence per chip for train, 4 for decode).")
+    flags.DEFINE_integer("batch", 0, "Global batch (default: 1 sequence per chip for train, 4 for decode; image "
+                         "steps: images, default 1).")
     flags.DEFINE_integer("seq", 0, "Train / prefill sequence length, decode KV-cache length (default 4096 / "
                          "8192).")
-    flags.DEFINE_integer("layers", 0, "Override the number of layers (0: the preset's).")
+    flags.DEFINE_integer("layers", 0, "Override the number of layers (0: the preset's; image steps: the DiT's main "
+                         "layers).")
     flags.DEFINE_float("capacity_factor", 0.0, "Expert capacity factor (0: dropless).")
     flags.DEFINE_enum("attention_impl", "auto", ["xla", "auto", "splash"],
                       "Attention backend: 'auto' compiles the splash kernel for TPU (in a shard_map under the mesh; "
