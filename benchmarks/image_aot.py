@@ -2,7 +2,7 @@
 one Z-Image DiT forward (CFG batch of two), the sampler's whole scan of DiT calls and the Flux VAE decode, at
 1024 x 1024, and whether the attention runs the splash Pallas kernel (Mosaic custom calls in the compiled program).
 
-    python benchmarks/image_aot.py [--out docs/data/image_aot.json] [--cases dit/v5p:2x2x1/fsdp=4/fsdp/1 ...]
+    python -m benchmarks.image_aot [--out docs/data/image_aot.json] [--cases dit/v5p:2x2x1/fsdp=4/fsdp/1 ...]
 
 A case is step/topology/mesh/rules/images. Cases run one after another in this process (each compile takes from
 half a minute, the DiT, to several minutes, the VAE); the JSON is rewritten after every case, so an interrupted

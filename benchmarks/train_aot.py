@@ -2,7 +2,7 @@
 TPU compiler for pod slices from this host (libtpu, no TPU): per-chip memory, and the compiled FLOPs per token
 against the analytic count (6 x active matmul parameters + causal attention, `active_flops_per_token`).
 
-    python benchmarks/train_aot.py [--out results.json] [--cases v5p:4x4x4/fsdp=16,expert=4 ...]
+    python -m benchmarks.train_aot [--out results.json] [--cases v5p:4x4x4/fsdp=16,expert=4 ...]
 
 Prints a table and writes JSON. The compiled FLOPs are XLA's cost analysis of one chip's program times the chips,
 per token of the global batch. XLA's cost analysis counts the body of a loop once: for the full step (layers
