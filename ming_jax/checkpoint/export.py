@@ -75,8 +75,9 @@ def export_official(ckpt_dir: str, dst: str, *, max_shard_bytes: int = 5 * 10**9
         renamed = {prefix + t.name[len(prefix):]: t for t in group}
         local = [OutTensor(t.name[len(prefix):], t.dtype, t.shape) for t in group]
         os.makedirs(os.path.join(tmp, folder))
-        sub = write_sharded(os.path.join(tmp, folder), local, lambda t: fetch(renamed[prefix + t.name]),
-                            max_shard_bytes, lambda t: on_tensor(renamed[prefix + t.name]),
+        sub = write_sharded(os.path.join(tmp, folder), local,
+                            lambda t, renamed=renamed, prefix=prefix: fetch(renamed[prefix + t.name]), max_shard_bytes,
+                            lambda t, renamed=renamed, prefix=prefix: on_tensor(renamed[prefix + t.name]),
                             base=_FOLDER_FILES[folder], single_file=True)
         index["weight_map"].update({prefix + n: f"{folder}/{f}" for n, f in sub["weight_map"].items()})
     shutil.copyfile(os.path.join(ckpt_dir, mf.CONFIG_FILE), os.path.join(tmp, mf.CONFIG_FILE))

@@ -38,7 +38,7 @@ from flax import nnx
 from ming_jax.checkpoint import folders
 from ming_jax.checkpoint.manifest import (CONFIG_FILE, MANIFEST_FILE, PARAMS_DIR, CheckpointFormatError, Manifest,
                                           np_dtype, read_config)
-from ming_jax.checkpoint.safetensors import CheckpointError, SourceCheckpoint, TensorMapping
+from ming_jax.checkpoint.safetensors import CheckpointError, TensorMapping
 from ming_jax.config.omni import OmniConfig
 from ming_jax.config.runtime import Runtime
 from ming_jax.models import registry
