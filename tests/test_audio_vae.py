@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 from ming_jax import weights
@@ -182,6 +181,7 @@ def test_stream_state_checks(model, case):
 def test_istft_head_matches_torch_istft(hop):
     """torch.istft(center=True) trims n_fft // 2 = 2 hop at each end, "same" padding 1.5 hop: ours, cut by a
     further hop / 2 at each end, is the same signal (same irfft, window, overlap-add and envelope)."""
+    torch = pytest.importorskip("torch")
     n_fft, n = 4 * hop, 9
     rng = np.random.default_rng(hop)
     head = rng.normal(size=(2, n, n_fft + 2)).astype(np.float32)
@@ -207,6 +207,7 @@ def test_overlap_add_matches_a_loop():
 
 @pytest.mark.parametrize("factor,t", [(4, 6), (3, 5), (2, 1)])
 def test_linear_upsample_matches_torch(factor, t):
+    torch = pytest.importorskip("torch")
     x = np.random.default_rng(factor).normal(size=(2, t, 3)).astype(np.float32)
     up = torch.nn.Upsample(scale_factor=factor, mode="linear", align_corners=False)
     ref = up(torch.from_numpy(x).transpose(1, 2)).transpose(1, 2).numpy()
@@ -216,6 +217,7 @@ def test_linear_upsample_matches_torch(factor, t):
 def test_backbone_and_its_kv_cache_match_transformers_qwen2():
     """A random transformers Qwen2Model (causal, 4 heads / 2 kv) moved by the table's backbone rules: our full
     forward, and the KV-cached path streaming uses fed in two pieces, both give its last_hidden_state."""
+    torch = pytest.importorskip("torch")
     import transformers
 
     hf_cfg = transformers.Qwen2Config(vocab_size=1, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
