@@ -1,4 +1,5 @@
-"""Rotary position embeddings: 1-D, 2-D (vision) and the BailingMoeV2 3-D "video rope".
+"""Rotary position embeddings: 1-D, 2-D (vision) and the BailingMoeV2 3-D "video rope" (rotate-half layout), and
+the interleaved-pair rotation of the Z-Image DiT and the talker's flow head.
 
 All functions are pure and work in float32. Text positions are the special case of 3-D positions whose three rows
 are equal, for which the video rope is exactly the ordinary 1-D rope.
@@ -68,3 +69,15 @@ def rope_cos_sin(positions, inv_freq):
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_interleaved_rotary(x, cos, sin):
+    """x [B, T, N, hd], cos / sin [B, T, hd / 2]: rotate each (even, odd) channel pair by its angle, in float32.
+
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin): the complex product (x0 + i x1) e^{i angle}.
+    """
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)  # [B, T, N, hd/2, 2]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = jnp.stack([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)

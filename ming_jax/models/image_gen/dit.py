@@ -54,6 +54,7 @@ from ming_jax.layers.linear import Linear
 from ming_jax.layers.mlp import GatedMLP
 from ming_jax.layers.norms import RMSNorm, layer_norm
 from ming_jax.layers.params import fan_in_normal, normal, param, read
+from ming_jax.layers.rotary import apply_interleaved_rotary
 from ming_jax.pallas.attention.api import AttentionMask, attention
 
 _LAYERS_AXIS = {nnx.PARTITION_NAME: "layers"}
@@ -107,18 +108,6 @@ def rope_cos_sin(pos, cfg: DiTConfig):
     cos = [jnp.take(jnp.asarray(c), pos[..., a], axis=0) for a, (c, _) in enumerate(tables)]
     sin = [jnp.take(jnp.asarray(s), pos[..., a], axis=0) for a, (_, s) in enumerate(tables)]
     return jnp.concatenate(cos, axis=-1), jnp.concatenate(sin, axis=-1)
-
-
-def apply_interleaved_rotary(x, cos, sin):
-    """x [B, T, N, hd], cos / sin [B, T, hd / 2]: rotate each (even, odd) channel pair by its angle, in float32.
-
-    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin): the complex product (x0 + i x1) e^{i angle}.
-    """
-    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)  # [B, T, N, hd/2, 2]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = jnp.stack([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
 
 
 # --- pure layout: patches, padding, positions ------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from ming_jax.layers.linear import Linear
 from ming_jax.layers.mlp import GeluMLP
 from ming_jax.layers.norms import RMSNorm
 from ming_jax.layers.params import fan_in_normal, param, read, zeros
-from ming_jax.models.image_gen.dit import apply_interleaved_rotary
+from ming_jax.layers.rotary import apply_interleaved_rotary
 from ming_jax.pallas.attention.api import attention
 
 _LAYERS_AXIS = {nnx.PARTITION_NAME: "layers"}
