@@ -404,7 +404,9 @@ def test_broken_source_is_a_clear_error(omni_release, tmp_path, kind):
 
 
 def test_unknown_or_absent_component(omni_release, golden_dir, tmp_path):
-    with pytest.raises(convert.ConversionError, match="unknown component.*talker.*not implemented"):
+    with pytest.raises(convert.ConversionError, match=r"unknown component.*\['speech'\]; known: .*talker"):
+        convert.plan_conversion(omni_release[0], components=["llm", "speech"])
+    with pytest.raises(convert.ConversionError, match=r"\['talker'\] are not in this release"):  # no talker configs
         convert.plan_conversion(omni_release[0], components=["llm", "talker"])
     src = copy_case(golden_dir, "llm_backbone", tmp_path / "src")
     with pytest.raises(convert.ConversionError, match="not in this release"):

@@ -112,11 +112,13 @@ class Plan:
 
 
 def _folder_kind(name: str) -> str:
-    planned = registry.PLANNED_FOLDERS.get(name) or ("talker" if name.startswith("talker") else None)
+    planned = registry.PLANNED_FOLDERS.get(name)
     if planned:
         return registry.PLANNED[planned]
     if name in registry.IMAGE_GEN_WEIGHT_FOLDERS or name in folders.config_only_folders():
         return "image generation: not requested (--components), or its folders are incomplete"
+    if name == registry.TALKER_FOLDER:
+        return "speech generation (talker): not requested (--components), or its configs are incomplete"
     return "not part of the models ming_jax implements"
 
 
@@ -137,11 +139,12 @@ def plan_conversion(src: str | SourceCheckpoint, *, dtype: str | None = None,
         raise ConversionError(f"dtype={dtype!r}; choose bf16 or f32 (or leave it unset to keep the source dtypes)")
     store = DTYPE_FLAGS.get(dtype) if dtype else None
     try:
-        comps = registry.describe(source.config, sections=folders.image_gen_sections(source.path))
+        comps = registry.describe(source.config, sections=folders.image_gen_sections(source.path),
+                                  speech=folders.talker_sections(source.path))
         chosen = registry.select(comps, components)
     except ConfigError as e:
-        problem = folders.image_gen_problem(source.path)
-        raise ConversionError(str(e) + (f" ({problem})" if problem else "")) from None
+        problems = [p for p in (folders.image_gen_problem(source.path), folders.talker_problem(source.path)) if p]
+        raise ConversionError(str(e) + (f" ({'; '.join(problems)})" if problems else "")) from None
 
     owner: dict[str, str] = {}
     orphans = []
@@ -167,6 +170,9 @@ def plan_conversion(src: str | SourceCheckpoint, *, dtype: str | None = None,
         names = [n for n, o in owner.items() if o == cname]
         try:
             assignments = comp.table.plan(names)
+            # the non-parameter buffers the config fixes (the talker's rope inv_freq): small, read and checked now
+            comp.table.check_constants({n: source.read(source.tensors[n])[0] for n in names
+                                        if n in comp.table.constants})
         except WeightError as e:
             raise WeightError(f"{cname}: {e}") from None
         by_leaf: dict[str, list[Assignment]] = {}
@@ -206,6 +212,8 @@ def plan_conversion(src: str | SourceCheckpoint, *, dtype: str | None = None,
     items.sort(key=lambda i: (i.info.shard, i.info.offset))
     leaves.sort(key=lambda leaf: leaf.path)
     kept = folders.config_only_folders() if "image_gen" in chosen else set()
+    if "talker" in chosen and registry.release_kind(source.config) == "talker":
+        kept |= {f[0] for f in source.subfolders()}  # a bare talker folder: llm/, data/, ... are copied as they are
     broken = {c: p.problem for c, p in comps.items() if p.problem}
     return Plan(source, chosen, leaves, items, skipped, [f for f in source.subfolders() if f[0] not in kept], broken,
                 {"dtype": store, "components": chosen})
@@ -307,6 +315,8 @@ def convert(src: str, dst: str, *, dtype: str | None = None, components: Sequenc
     shutil.copyfile(plan.source.config_path, os.path.join(tmp, mf.CONFIG_FILE))
     if "image_gen" in plan.components:  # its sub-configs (and byt5/): a converted folder describes itself
         folders.copy_sections(plan.source.path, tmp)
+    if "talker" in plan.components:  # the talker's configs, tokenizer, voices, speaker model
+        folders.copy_talker_files(plan.source.path, tmp)
     for f in (_STATE, _JOURNAL):
         os.remove(os.path.join(tmp, f))
     _publish(tmp, dst, overwrite)

@@ -32,7 +32,8 @@ def export_official(ckpt_dir: str, dst: str, *, max_shard_bytes: int = 5 * 10**9
         raise ConversionError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
     manifest = mf.Manifest.read(ckpt_dir)
     raw = mf.read_config(ckpt_dir)
-    parts = registry.describe(raw, sections=folders.image_gen_sections(ckpt_dir))
+    parts = registry.describe(raw, sections=folders.image_gen_sections(ckpt_dir),
+                              speech=folders.talker_sections(ckpt_dir))
     reader = orbax_tree.TreeReader(os.path.join(ckpt_dir, mf.PARAMS_DIR))
     plan: dict[str, tuple[Assignment, OutTensor]] = {}
     for cname in manifest.components:
@@ -47,8 +48,12 @@ def export_official(ckpt_dir: str, dst: str, *, max_shard_bytes: int = 5 * 10**9
                 shape = tuple(rule.transform.to_official(_dummy(full[len(slot):])).shape)
                 name = rule.name(v)
                 plan[name] = (Assignment(name, path, slot, rule.transform), OutTensor(name, dtype, shape))
+    constants = {n: v for cname in manifest.components for n, v in parts[cname].table.constants.items()}
+    for name, value in constants.items():  # buffers the config fixes (never converted): written from the config
+        plan[name] = (None, OutTensor(name, value.dtype, tuple(value.shape)))
     source = manifest.source.get("tensors", {})
-    order = [n for n in source if n in plan] if set(source) == set(plan) else list(plan)
+    order = ([n for n in source if n in plan] + [n for n in plan if n in constants and n not in source]
+             if set(source) | set(constants) == set(plan) else list(plan))
     tensors = [plan[n][1] for n in order]
     tmp = _partial_dir(dst)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -58,6 +63,8 @@ def export_official(ckpt_dir: str, dst: str, *, max_shard_bytes: int = 5 * 10**9
 
     def fetch(t: OutTensor) -> np.ndarray:
         a = plan[t.name][0]
+        if a is None:
+            return np.ascontiguousarray(constants[t.name])
         value = np.ascontiguousarray(a.transform.to_official(reader.read(a.path, a.index)))
         want = source.get(t.name)
         if want is not None and want["dtype"] == st_code(value.dtype):
@@ -68,13 +75,14 @@ def export_official(ckpt_dir: str, dst: str, *, max_shard_bytes: int = 5 * 10**9
         return value
 
     on_tensor = lambda t: bar.update(t.nbytes, t.name)  # noqa: E731
-    by_folder = _split_folders(tensors, set(_image_gen_names(plan, parts, manifest)))
+    folder_map = _weight_folders(ckpt_dir, raw, manifest)
+    by_folder = _split_folders(tensors, folder_map, parts, manifest)
     index = write_sharded(tmp, by_folder.pop(""), fetch, max_shard_bytes, on_tensor)
-    for folder, group in by_folder.items():  # image generation: each sub-folder a checkpoint of its own
-        prefix = registry.IMAGE_GEN_WEIGHT_FOLDERS[folder]
+    for folder, group in by_folder.items():  # image generation, talker: each sub-folder a checkpoint of its own
+        prefix = folder_map[folder]
         renamed = {prefix + t.name[len(prefix):]: t for t in group}
         local = [OutTensor(t.name[len(prefix):], t.dtype, t.shape) for t in group]
-        os.makedirs(os.path.join(tmp, folder))
+        os.makedirs(os.path.join(tmp, folder), exist_ok=True)
         sub = write_sharded(os.path.join(tmp, folder), local,
                             lambda t, renamed=renamed, prefix=prefix: fetch(renamed[prefix + t.name]), max_shard_bytes,
                             lambda t, renamed=renamed, prefix=prefix: on_tensor(renamed[prefix + t.name]),
@@ -83,6 +91,8 @@ def export_official(ckpt_dir: str, dst: str, *, max_shard_bytes: int = 5 * 10**9
     shutil.copyfile(os.path.join(ckpt_dir, mf.CONFIG_FILE), os.path.join(tmp, mf.CONFIG_FILE))
     if "image_gen" in manifest.components:
         folders.copy_sections(ckpt_dir, tmp)
+    if "talker" in manifest.components:
+        folders.copy_talker_files(ckpt_dir, tmp)
     elapsed = bar.close()
     _publish(tmp, dst, overwrite)
     n_shards = len(set(index["weight_map"].values()))
@@ -95,23 +105,37 @@ def export_official(ckpt_dir: str, dst: str, *, max_shard_bytes: int = 5 * 10**9
     return index
 
 
-# File names the release's loaders open in each image-generation sub-folder: mlp/model.safetensors is read by name,
-# connector/ through transformers' from_pretrained, transformer/ and vae/ through diffusers' from_pretrained.
+# File names the release's loaders open in each weight sub-folder: mlp/model.safetensors is read by name,
+# connector/ and talker/ through transformers' from_pretrained, transformer/ and vae/ through diffusers', talker/vae/
+# through the AudioVAE's (transformers) from_pretrained.
 _FOLDER_FILES = {"mlp": "model", "connector": "model", "transformer": "diffusion_pytorch_model",
-                 "vae": "diffusion_pytorch_model"}
+                 "vae": "diffusion_pytorch_model", registry.TALKER_FOLDER: "model",
+                 f"{registry.TALKER_FOLDER}/vae": "model"}
+_COMPONENT_FOLDERS = ("image_gen", "talker")  # the components whose weights live in sub-folders of the release
 
 
-def _image_gen_names(plan, parts, manifest) -> list[str]:
-    if "image_gen" not in manifest.components:
-        return []
-    return [n for n in plan if parts["image_gen"].owns(n)]
+def _weight_folders(ckpt_dir: str, raw, manifest) -> dict[str, str]:
+    """{sub-folder: name prefix} of every exported component that keeps its weights in sub-folders."""
+    out: dict[str, str] = {}
+    if "image_gen" in manifest.components:
+        out.update(registry.IMAGE_GEN_WEIGHT_FOLDERS)
+    if "talker" in manifest.components and registry.release_kind(raw) != "talker":
+        out.update(registry.TALKER_WEIGHT_FOLDERS)  # a bare talker folder keeps its own at the top (and vae/)
+    elif "talker" in manifest.components:
+        out.update(registry.TALKER_ONLY_WEIGHT_FOLDERS)
+    return out
 
 
-def _split_folders(tensors: list[OutTensor], image_gen: set[str]) -> dict[str, list[OutTensor]]:
-    """"" (the release's own shards) and each image-generation sub-folder -> its tensors, order kept."""
-    prefixes = sorted(registry.IMAGE_GEN_WEIGHT_FOLDERS.items(), key=lambda kv: -len(kv[1]))
+def _split_folders(tensors: list[OutTensor], folder_map: dict[str, str], parts, manifest
+                   ) -> dict[str, list[OutTensor]]:
+    """"" (the release's own shards) and each weight sub-folder -> its tensors, order kept. A tensor of a component
+    that lives in sub-folders goes to the one with the longest matching prefix (talker/vae/ before talker/)."""
+    owners = [parts[c] for c in _COMPONENT_FOLDERS if c in manifest.components]
     out: dict[str, list[OutTensor]] = {"": []}
     for t in tensors:
-        folder = "" if t.name not in image_gen else next(f for f, p in prefixes if t.name.startswith(p))
+        folder = ""
+        if any(p.owns(t.name) for p in owners):
+            hits = [(len(p), f) for f, p in folder_map.items() if t.name.startswith(p)]
+            folder = max(hits)[1] if hits else ""
         out.setdefault(folder, []).append(t)
     return out

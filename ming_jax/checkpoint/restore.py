@@ -6,6 +6,7 @@
     loaded.llm                                            # the BailingMoeV2
     loaded.modules["vision"], loaded.modules["vision_proj"]
     loaded.omni()                                         # an OmniModel of the loaded components (needs llm)
+    loaded = load(DIR, components=["talker"])             # speech: loaded.modules["talker"], ["audio_vae"]
 
 The format is detected: a folder with `ming_jax.json` is a converted checkpoint (`ming_jax.checkpoint.convert`),
 restored with orbax, each device reading only its shard of each array (`restore_params`); a folder with
@@ -260,14 +261,16 @@ def load(path: str, *, components: Sequence[str] | None = None, mesh: jax.shardi
     if fmt == RELEASE and dtype is None:
         dtype = release_dtype(raw)  # the parameters stay in the release's dtype (runtime.param_dtype is not used)
     sections = folders.image_gen_sections(path)
-    described = registry.describe(raw, _runtime(base, dtype, None), deepstack=deepstack, sections=sections)
+    speech = folders.talker_sections(path)
+    described = registry.describe(raw, _runtime(base, dtype, None), deepstack=deepstack, sections=sections,
+                                  speech=speech)
     if fmt == CONVERTED:
         manifest = Manifest.read(path)
         chosen = (registry.select(described, components) if components
                   else [c for c in described if c in manifest.components])
         for c in chosen:
             _needs(manifest, c, path)
-        parts = _converted_parts(raw, manifest, described, chosen, dtype, base, deepstack, sections)
+        parts = _converted_parts(raw, manifest, described, chosen, dtype, base, deepstack, sections, speech)
         for part in parts.values():
             for key, module in part.modules.items():
                 # each array to the dtype the module gives it: float32 router biases stay float32 in a bf16 model
@@ -299,7 +302,8 @@ def _needs(manifest: Manifest, component: str, ckpt_dir: str) -> None:
 
 def _converted_parts(raw: dict, manifest: Manifest, described: Mapping[str, registry.Part], chosen: list[str],
                      dtype: str | None, base: Runtime, deepstack: bool,
-                     sections: Mapping[str, Any] | None = None) -> dict[str, registry.Part]:
+                     sections: Mapping[str, Any] | None = None,
+                     speech: Mapping[str, Any] | None = None) -> dict[str, registry.Part]:
     """The chosen parts, each built in the dtype most of its parameters are stored in (unless `dtype`)."""
     by_dtype: dict[str, list[str]] = {}
     for c in chosen:
@@ -309,7 +313,7 @@ def _converted_parts(raw: dict, manifest: Manifest, described: Mapping[str, regi
     for pdt, names in by_dtype.items():
         if any(described[c].runtime.param_dtype != pdt for c in names):
             described = registry.describe(raw, base.replace(param_dtype=pdt), deepstack=deepstack,
-                                          sections=sections)
+                                          sections=sections, speech=speech)
         parts.update({c: described[c] for c in names})
     return {c: parts[c] for c in chosen}
 
@@ -318,17 +322,17 @@ def load_tensors(raw: Mapping, tensors: Mapping[str, Any], *, components: Sequen
                  mesh: jax.sharding.Mesh | None = None, rules: ShardingRules | str | None = None,
                  dtype: str | None = None, compute_dtype: str | None = None, runtime: Runtime | None = None,
                  deepstack: bool = False, source: str = "tensors",
-                 sections: Mapping[str, Any] | None = None) -> Loaded:
+                 sections: Mapping[str, Any] | None = None, speech: Mapping[str, Any] | None = None) -> Loaded:
     """`load` for official tensors already at hand: `raw` a config.json dict, `tensors` {official name: array}
     (e.g. a golden case's weights, or a lazy `TensorMapping`). Strict like the release path of `load`.
     `sections`: image-generation sub-folder configs (their tensors named as `registry.IMAGE_GEN_WEIGHT_FOLDERS`
-    joins them)."""
+    joins them); `speech`: the talker configs (tensors named as `registry.TALKER_WEIGHT_FOLDERS` joins them)."""
     if isinstance(rules, str):
         rules = ShardingRules.preset(rules)
     if mesh is not None and rules is None:
         rules = ShardingRules.preset(DEFAULT_RULES)
     described = registry.describe(raw, _runtime(runtime, dtype, compute_dtype), deepstack=deepstack,
-                                  sections=sections)
+                                  sections=sections, speech=speech)
     parts = {c: described[c] for c in registry.select(described, components)}
     _fill_from_tensors(source, tensors, described, parts, {}, mesh, rules)
     return Loaded(source, RELEASE, dict(raw), parts, deepstack, mesh, rules)

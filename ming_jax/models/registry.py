@@ -25,19 +25,24 @@ from ming_jax.config.image_gen import ImageGenConfig
 from ming_jax.config.llm import LLMConfig
 from ming_jax.config.omni import OmniConfig
 from ming_jax.config.runtime import Runtime
+from ming_jax.config.speech import SpeechConfig
 from ming_jax.config.vision import VisionConfig
 from ming_jax.models.audio import AudioTower
 from ming_jax.models.llm import BailingMoeV2
 from ming_jax.models.image_gen.condition import ImageGenHead
 from ming_jax.models.image_gen.dit import ZImageDiT
 from ming_jax.models.image_gen.vae import AutoencoderKL
+from ming_jax.models.talker.audio_vae import AudioVAE
+from ming_jax.models.talker.talker import Talker
 from ming_jax.models.vision import VisionProjector, VisionTransformer
 from ming_jax.weights.audio import audio_table
 from ming_jax.weights.dit import dit_table
+from ming_jax.weights.audio_vae import audio_vae_table
 from ming_jax.weights.image_gen import head_table
 from ming_jax.weights.llm import llm_table
 from ming_jax.weights.vae import vae_table
 from ming_jax.weights.table import Table, param_shapes
+from ming_jax.weights.talker import talker_table
 from ming_jax.weights.vision import OMNI_PROJECTOR_PREFIX, OMNI_VISION_PREFIX, projector_table, vision_table
 
 
@@ -56,13 +61,14 @@ COMPONENTS: dict[str, Component] = {
     "audio": Component("audio", ("audio",), "audio tower (whisper encoder) + projector"),
     "image_gen": Component("image_gen", ("image_head", "dit", "vae"),
                            "image generation: query tokens + Qwen2 connector (image_head), Z-Image DiT, Flux VAE"),
+    "talker": Component("talker", ("talker", "audio_vae"),
+                        "speech generation: Qwen2 talker LM + flow-matching head + aggregator + stop / speaker heads "
+                        "(talker), AudioVAE to 44.1 kHz (audio_vae)"),
 }
-# Parts of the release not implemented yet: named in errors and in the converter's skip report.
-PLANNED: dict[str, str] = {
-    "talker": "speech generation (talker/, talker/vae/), not implemented",
-}
+# Parts of the release not implemented yet: named in errors and in the converter's skip report ({} today).
+PLANNED: dict[str, str] = {}
 # Release sub-folders of the planned components (the converter skips and lists them).
-PLANNED_FOLDERS: dict[str, str] = {"talker": "talker"}
+PLANNED_FOLDERS: dict[str, str] = {}
 
 # The image-generation component lives in release sub-folders, each a checkpoint of its own. Their weights join one
 # name space under these prefixes (the official module's own names: `get_condition_embeds_for_image_gen` reads
@@ -77,10 +83,24 @@ IMAGE_GEN_PREFIXES = ("query_tokens_dict.", "proj_in.", "proj_out.", "mlp.", "co
 LLM_PREFIX = "model."  # in the omni release, BailingMoeV2ForCausalLM's own names (`model.`, `lm_head.`) follow it
 AUDIO_PREFIXES = ("audio.", "linear_proj_audio.")
 
+# Speech generation lives in the release's talker/ folder, a checkpoint of its own (config.json + model.safetensors
+# with the talker's names, llm/config.json + the LM's tokenizer, campplus.onnx, data/voice_name.json) with the AudioVAE
+# in talker/vae/ (config.json + model.safetensors). Config files relative to the talker folder:
+TALKER_FOLDER = "talker"
+TALKER_CONFIG_FILES: dict[str, str] = {"talker": "config.json", "llm": "llm/config.json", "vae": "vae/config.json"}
+TALKER_PREFIX = "talker."  # the talker's own names under this prefix in an omni release ...
+TALKER_VAE_PREFIX = "vae."  # ... and the VAE's under it + this
+# Weight sub-folders joined into one name space: of an omni release root, and of a bare talker folder (whose own
+# shards are the top-level ones).
+TALKER_WEIGHT_FOLDERS: dict[str, str] = {TALKER_FOLDER: TALKER_PREFIX,
+                                         f"{TALKER_FOLDER}/vae": TALKER_PREFIX + TALKER_VAE_PREFIX}
+TALKER_ONLY_WEIGHT_FOLDERS: dict[str, str] = {"vae": TALKER_VAE_PREFIX}
+_TALKER_OWN = ("model.", "cfm.", "aggregator.", "stop_head.", "spk_head.")  # the names of BailingTalker2's modules
+
 
 def nested(table: Table, ours: str) -> Table:
     """The same rules with our paths under the subtree `ours` (e.g. "llm.")."""
-    return Table((dataclasses.replace(r, ours=ours + r.ours) for r in table.rules), table.tied)
+    return table.renamed(ours=ours)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +108,7 @@ class Part:
     """One component as a given release holds it."""
 
     name: str
-    config: Any  # LLMConfig | VisionConfig | AudioConfig | ImageGenConfig
+    config: Any  # LLMConfig | VisionConfig | AudioConfig | ImageGenConfig | SpeechConfig
     runtime: Runtime  # what the modules were built with (dtypes, kernels)
     modules: Mapping[str, nnx.Module]  # subtree key -> abstract module
     table: Table  # official names -> our dotted paths, under the subtree keys
@@ -150,6 +170,26 @@ def image_gen_part(cfg: ImageGenConfig, llm_hidden: int, runtime: Runtime) -> Pa
     return Part("image_gen", cfg, runtime, modules, table, IMAGE_GEN_PREFIXES)
 
 
+def talker_part(cfg: SpeechConfig, prefix: str, runtime: Runtime) -> Part:
+    """The talker and its AudioVAE. `prefix`: what precedes the talker's own names (`TALKER_PREFIX` in an omni
+    release, "" in a bare talker folder); the VAE's follow it + `TALKER_VAE_PREFIX`."""
+    modules = {"talker": abstract(lambda: Talker(cfg.talker, runtime, rngs=nnx.Rngs(0))),
+               "audio_vae": abstract(lambda: AudioVAE(cfg.vae, runtime, rngs=nnx.Rngs(0)))}
+    table = (talker_table(cfg.talker).renamed(prefix, "talker.") +
+             audio_vae_table(cfg.vae, prefix + TALKER_VAE_PREFIX, "audio_vae."))
+    prefixes = (prefix,) if prefix else _TALKER_OWN + (TALKER_VAE_PREFIX,)
+    return Part("talker", cfg, runtime, modules, table, prefixes)
+
+
+def _talker_or_problem(speech: Mapping[str, Mapping], prefix: str, runtime: Runtime) -> Part:
+    """The talker part, or (its configs bad) a part that owns the talker's names and says why it cannot load."""
+    try:
+        return talker_part(SpeechConfig.from_official(speech), prefix, runtime)
+    except (ConfigError, ValueError) as e:  # a bad talker config must not block the understanding parts
+        prefixes = (prefix,) if prefix else _TALKER_OWN + (TALKER_VAE_PREFIX,)
+        return Part("talker", None, runtime, {}, Table([]), prefixes, f"the talker configs cannot be used: {e}")
+
+
 def omni_parts(cfg: OmniConfig, runtime: Runtime | None = None, *, deepstack: bool = False) -> dict[str, Part]:
     """The parts of an omni model (the towers its config has)."""
     runtime = Runtime() if runtime is None else runtime
@@ -172,9 +212,12 @@ def omni_table(cfg: OmniConfig) -> Table:
 
 
 def release_kind(raw: Mapping) -> str:
-    """"omni", "llm", "vision" or "audio": which layout a config.json describes."""
+    """"omni", "llm", "vision", "audio" or "talker" (a bare talker/ folder): which layout a config.json
+    describes."""
     if isinstance(raw.get("llm_config"), Mapping):
         return "omni"
+    if isinstance(raw.get("flowmodel"), Mapping) and isinstance(raw.get("aggregator"), Mapping):
+        return "talker"
     model_type = raw.get("model_type")
     if model_type == "bailing_moe_v2" or "BailingMoeV2ForCausalLM" in (raw.get("architectures") or ()):
         return "llm"
@@ -183,20 +226,40 @@ def release_kind(raw: Mapping) -> str:
     if isinstance(raw.get("audio_config"), Mapping):
         return "audio"
     raise ConfigError(f"config.json describes no model we convert or load (model_type={model_type!r}, architectures="
-                      f"{raw.get('architectures')!r}); expected the omni config, an LLM-only, vision-only or "
-                      f"audio-only config")
+                      f"{raw.get('architectures')!r}); expected the omni config, an LLM-only, vision-only, audio-only or "
+                      f"talker config")
+
+
+def release_kind_or_none(raw: Mapping | None) -> str | None:
+    """`release_kind`, or None for a missing or unrecognised config."""
+    if not isinstance(raw, Mapping):
+        return None
+    try:
+        return release_kind(raw)
+    except ConfigError:
+        return None
 
 
 def describe(raw: Mapping, runtime: Runtime | None = None, *, deepstack: bool = False,
-             sections: Mapping[str, Mapping] | None = None) -> dict[str, Part]:
+             sections: Mapping[str, Mapping] | None = None,
+             speech: Mapping[str, Mapping] | None = None) -> dict[str, Part]:
     """The components `raw` (a config.json dict) describes, each as a `Part` built with `runtime` (default:
     `Runtime()`), in COMPONENTS order. `sections`: the image-generation sub-folder configs of an omni release
     ({"mlp": ..., "connector": ..., "transformer": ..., "vae": ..., "scheduler": ...}, see
-    `ming_jax.checkpoint.release.image_gen_sections`); with them the omni release also has "image_gen"."""
+    `ming_jax.checkpoint.folders.image_gen_sections`); with them the omni release also has "image_gen".
+    `speech`: the talker folder's configs ({"talker": ..., "llm": ..., "vae": ...}, see
+    `ming_jax.checkpoint.folders.talker_sections`); with them the omni release also has "talker" (a bare talker
+    folder, kind "talker", needs them)."""
     runtime = Runtime() if runtime is None else runtime
     kind = release_kind(raw)
     if sections and kind != "omni":
         raise ConfigError(f"image-generation folders belong to the omni release; this config.json is {kind}-only")
+    if speech and kind not in ("omni", "talker"):
+        raise ConfigError(f"a talker folder belongs to the omni release; this config.json is {kind}-only")
+    if kind == "talker":
+        if not speech:
+            raise ConfigError("a talker folder needs its llm/config.json and vae/config.json (speech sections)")
+        return {"talker": _talker_or_problem(speech, "", runtime)}
     if kind == "omni":
         cfg = OmniConfig.from_official(raw)  # cross-section checks (projector widths, depth, token ids)
         parts = omni_parts(cfg, runtime, deepstack=deepstack)
@@ -207,6 +270,8 @@ def describe(raw: Mapping, runtime: Runtime | None = None, *, deepstack: bool = 
             except (ConfigError, ValueError) as e:  # a bad sub-folder config must not block the understanding part
                 parts["image_gen"] = Part("image_gen", None, runtime, {}, Table([]), IMAGE_GEN_PREFIXES,
                                           f"the image-generation configs cannot be used: {e}")
+        if speech:
+            parts["talker"] = _talker_or_problem(speech, TALKER_PREFIX, runtime)
         return parts
     if kind == "llm":
         return {"llm": llm_part(LLMConfig.from_official(raw), "", runtime)}
@@ -229,7 +294,8 @@ def select(available, requested) -> list[str]:
     unknown = [c for c in requested if c not in COMPONENTS]
     if unknown:
         hint = "; ".join(f"{k}: {v}" for k, v in PLANNED.items())
-        raise ConfigError(f"unknown component(s) {unknown}; known: {', '.join(COMPONENTS)} ({hint})")
+        raise ConfigError(f"unknown component(s) {unknown}; known: {', '.join(COMPONENTS)}" +
+                          (f" ({hint})" if hint else ""))
     absent = [c for c in requested if c not in available]
     if absent:
         raise ConfigError(f"component(s) {absent} are not in this release's config.json (it has: "

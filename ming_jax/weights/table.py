@@ -128,15 +128,45 @@ class Table:
     alias is optional in the source; when present it is consumed by a check that it equals its twin (in-memory
     loading compares the values; the streaming converter, which plans before reading data, only drops it), and the
     export leaves it out, as `save_pretrained` does.
+
+    `constants` names official buffers that are not parameters but values the config implies (x_transformers keeps
+    its rope `inv_freq` in the state dict). They are required in the source (`plan` lists a missing one), checked
+    against the expected value wherever data is read (`check_constants`), filled by nothing, and written back by the
+    export (`export_arrays`).
     """
 
-    def __init__(self, rules: Iterable[Rule], tied: Mapping[str, str] | None = None):
+    def __init__(self, rules: Iterable[Rule], tied: Mapping[str, str] | None = None,
+                 constants: Mapping[str, np.ndarray] | None = None):
         self.rules = tuple(rules)
         self.tied = dict(tied or {})
+        self.constants = {k: np.asarray(v) for k, v in (constants or {}).items()}
         self._compiled = [(r, r.regex) for r in self.rules]
 
     def __add__(self, other: "Table") -> "Table":
-        return Table(self.rules + other.rules, {**self.tied, **other.tied})
+        return Table(self.rules + other.rules, {**self.tied, **other.tied}, {**self.constants, **other.constants})
+
+    def renamed(self, official: str = "", ours: str = "") -> "Table":
+        """The same table with `official` prepended to every official name (rules, aliases, constants) and `ours`
+        to every one of our paths: a component that sits under a prefix in a bigger checkpoint or tree."""
+        rules = (dataclasses.replace(r, official=official + r.official, ours=ours + r.ours) for r in self.rules)
+        return Table(rules, {official + k: official + v for k, v in self.tied.items()},
+                     {official + k: v for k, v in self.constants.items()})
+
+    def check_constants(self, tensors: Mapping[str, np.ndarray], names: Iterable[str] | None = None,
+                        rtol: float = 1e-6) -> None:
+        """Every constant among `names` (default: all of `tensors`) is shaped and valued as the config implies
+        (relative tolerance `rtol`: float32 rounding of the same formula; a buffer stored in a narrower float, e.g.
+        a checkpoint cast to bfloat16 with its buffers, is allowed that dtype's rounding)."""
+        import ml_dtypes
+
+        for name in (n for n in (tensors.keys() if names is None else names) if n in self.constants):
+            want = self.constants[name]
+            got = np.asarray(tensors[name])
+            tol = max(rtol, float(ml_dtypes.finfo(got.dtype).eps)) if got.dtype.kind in "fV" else rtol
+            if got.shape != want.shape or not np.allclose(got.astype(np.float64), want.astype(np.float64),
+                                                          rtol=tol, atol=0.0):
+                raise WeightError(f"{name} {tuple(got.shape)} is not the value {tuple(want.shape)} this config implies "
+                                  f"(a non-parameter buffer fixed by the config: a different head size or rope base?)")
 
     def match(self, name: str) -> Assignment | None:
         hits = []
@@ -156,12 +186,14 @@ class Table:
 
     def plan(self, names: Iterable[str]) -> list[Assignment]:
         """Map every official name; raise naming all unexpected and all missing tensors."""
-        names = [n for n in names if n not in self.tied]
+        names = list(names)
+        missing_constants = sorted(set(self.constants) - set(names))
+        names = [n for n in names if n not in self.tied and n not in self.constants]
         out, unexpected = [], []
         for n in names:
             a = self.match(n)
             (unexpected.append(n) if a is None else out.append(a))
-        missing = sorted(set(self.expected_names()) - set(names))
+        missing = sorted(set(self.expected_names()) - set(names)) + missing_constants
         if unexpected or missing:
             msg = []
             if missing:
@@ -211,6 +243,7 @@ def load_arrays(table: Table, tensors: Mapping[str, np.ndarray], shapes: Mapping
         if not np.array_equal(np.asarray(tensors[alias]), np.asarray(tensors[twin])):
             raise WeightError(f"{alias} should be a copy of {twin} (tied weights) but differs: untied weights are "
                               f"not what this config describes")
+    table.check_constants(tensors, names)
     for a in table.plan(names):
         if a.path not in shapes:
             raise WeightError(f"{a.official} maps to {a.path}, which the model does not have")
@@ -239,6 +272,7 @@ def export_arrays(table: Table, arrays: Mapping[str, np.ndarray]) -> dict[str, n
             if path not in arrays:
                 raise WeightError(f"cannot export {r.name(v)}: our tree has no {path}")
             out[r.name(v)] = np.ascontiguousarray(r.transform.to_official(np.asarray(arrays[path])[r.slot(v)]))
+    out.update({name: np.ascontiguousarray(value) for name, value in table.constants.items()})
     return out
 
 

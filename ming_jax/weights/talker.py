@@ -12,8 +12,8 @@ Block tensors: norm1 / norm2 -> norm1 / norm2.scale; attn.to_{q,k,v} -> attn.{q,
 with qk_norm); mlp.ff.0.0 / mlp.ff.2 -> mlp.w_in / b_in, w_out / b_out.
 
 The rope buffers `cfm.model.rotary_embed.inv_freq` and `aggregator.rotary_embed.inv_freq` (x_transformers keeps them
-in the state dict) are constants of the config, not parameters: `load_talker` requires them and checks them against
-the values the model computes (`talker_constants`); `export_talker` writes them back.
+in the state dict) are constants of the config, not parameters: the table lists them as `Table.constants`, so every
+loader requires them and checks them against the values the config implies, and the export writes them back.
 """
 
 from __future__ import annotations
@@ -24,11 +24,8 @@ import numpy as np
 
 from ming_jax.config.talker import HEAD_ROPE_THETA, HeadBlocksConfig, TalkerConfig
 from ming_jax.weights.qwen2 import qwen2_table
-from ming_jax.weights.table import (LINEAR, Rule, Table, Transform, WeightError, export_state_dict, linear_from,
-                                    linear_to, load_state_dict)
-
-_INV_FREQ_RTOL = 1e-6  # torch's float32 pow vs ours: an ulp at most
-
+from ming_jax.weights.table import (LINEAR, Rule, Table, Transform, export_state_dict, linear_from, linear_to,
+                                    load_state_dict)
 
 def _heads(n: int, hd: int) -> Transform:
     return Transform("bias_split_heads", lambda a: a.reshape(n, hd), lambda a: a.reshape(n * hd))
@@ -77,7 +74,7 @@ def talker_table(cfg: TalkerConfig) -> Table:
              *_linear(f"{a}x_embedder", "aggregator.x_embedder"),
              *head_blocks_rules(cfg.aggregator, a, "aggregator."),
              *_linear("stop_head", "stop_head"), *_linear("spk_head", "spk_head")]
-    return lm + Table(rules)
+    return lm + Table(rules, constants=talker_constants(cfg))
 
 
 def _inv_freq(head_dim: int) -> np.ndarray:
@@ -91,25 +88,12 @@ def talker_constants(cfg: TalkerConfig) -> dict[str, np.ndarray]:
             "aggregator.rotary_embed.inv_freq": _inv_freq(cfg.aggregator.head_dim)}
 
 
-def check_constants(cfg: TalkerConfig, tensors: Mapping[str, np.ndarray]) -> list[str]:
-    """Check the constant buffers (present, shaped and valued as the config implies); return the other names."""
-    expected = talker_constants(cfg)
-    for name, want in expected.items():
-        if name not in tensors:
-            raise WeightError(f"missing tensor {name} (the rope buffer of x_transformers' RotaryEmbedding)")
-        got = np.asarray(tensors[name], np.float32)
-        if got.shape != want.shape or not np.allclose(got, want, rtol=_INV_FREQ_RTOL, atol=0.0):
-            raise WeightError(f"{name} {got.shape} is not the rope inv_freq {want.shape} of theta "
-                              f"{HEAD_ROPE_THETA:g} this config implies: a different head size or rope base")
-    return [n for n in tensors if n not in expected]
-
-
 def load_talker(model, tensors: Mapping[str, np.ndarray], *, put: Callable | None = None):
-    """Fill every parameter of a (possibly abstract) `Talker` from the official state dict (strict both ways)."""
-    names = check_constants(model.cfg, tensors)
-    return load_state_dict(model, talker_table(model.cfg), tensors, names=names, put=put)
+    """Fill every parameter of a (possibly abstract) `Talker` from the official state dict (strict both ways; the
+    rope buffers checked)."""
+    return load_state_dict(model, talker_table(model.cfg), tensors, put=put)
 
 
 def export_talker(model) -> dict[str, np.ndarray]:
     """The official state dict (parameters and the rope buffers) of a `Talker`."""
-    return {**export_state_dict(model, talker_table(model.cfg)), **talker_constants(model.cfg)}
+    return export_state_dict(model, talker_table(model.cfg))
