@@ -4,8 +4,10 @@
     python -m ming_jax.convert --reverse --src CKPT_DIR --dst OUT_DIR [--max_shard_size 5GB]
 
 (also `python tools/convert_torch.py ...` from a checkout). The release folder holds config.json,
-model.safetensors.index.json and the shards; sub-folders (talker, image generation) are not implemented in ming_jax
-and are skipped with a note. Progress goes to stderr; errors (truncated or missing shards, a wrong index, tensors that
+model.safetensors.index.json and the shards, the image-generation sub-folders (mlp/, connector/, transformer/, vae/,
+scheduler/, byt5/) and the talker (talker/ with talker/vae/); a bare talker/ folder converts on its own. A
+converted checkpoint keeps the sub-folders' configs and the talker's other files (tokenizer, voices, speaker model)
+at their release paths. Other sub-folders are skipped with a note. Progress goes to stderr; errors (truncated or missing shards, a wrong index, tensors that
 do not fit the config, ...) print one message and exit with status 1. All logic lives in
 `ming_jax.checkpoint.convert` / `.export`; load the result with `ming_jax.checkpoint.load` (or
 `python -m ming_jax.generate --checkpoint CKPT_DIR`).
@@ -25,8 +27,8 @@ _SRC = flags.DEFINE_string("src", None, "Release folder (or, with --reverse, a c
 _DST = flags.DEFINE_string("dst", None, "Output folder; must not exist unless --overwrite.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["bf16", "f32"], "Store every parameter in this dtype (default: as in "
                            "the source).")
-_COMPONENTS = flags.DEFINE_list("components", None, "Sub-models to convert: llm, vision, audio, image_gen (default: all the "
-                                "config describes).")
+_COMPONENTS = flags.DEFINE_list("components", None, "Sub-models to convert: llm, vision, audio, image_gen, talker "
+                                "(default: all the folder describes).")
 _REVERSE = flags.DEFINE_bool("reverse", False, "Export a converted checkpoint back to official safetensors.")
 _MAX_SHARD = flags.DEFINE_string("max_shard_size", "5GB", "--reverse: largest output shard (e.g. 5GB, 500MB).")
 _COMPRESSION = flags.DEFINE_enum("compression", "zstd", ["zstd", "none"], "zarr chunk compression.")
