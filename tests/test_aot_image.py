@@ -188,7 +188,9 @@ def test_cli_lists_the_image_flags():
     out = r.stdout + r.stderr
     for flag in ("--image_size", "--caption_len", "--denoise_steps", "--[no]cfg", "--dit_preset", "--vae_preset"):
         assert flag in out, flag
-    assert re.search(r"<train\|prefill\|decode\|decode_step\|dit\|denoise\|vae_decode>", out)
+    unwrapped = re.sub(r"\n\s+", "", out)  # absl wraps long enum lists
+    assert re.search(r"<train\|prefill\|decode\|decode_step\|dit\|denoise\|vae_decode\|talker_step\|"
+                     r"talker_generate\|audio_vae_decode>", unwrapped)  # the speech steps: tests/test_aot_talker.py
 
 
 @pytest.mark.slow

@@ -16,6 +16,12 @@ logits); parameters and optimizer state donated. Prefill: a [batch, seq] prompt 
 generation `while_loop` users run (`ming_jax.gen.text`), `--new_tokens` steps over a donated cache of `--seq`
 slots; decode_step: one token of it. All run the MoE layers expert-parallel when the mesh has
 an expert axis > 1 (ragged all-to-all and the compiled Pallas grouped matmuls on TPU).
+
+Image generation (`lower_image_step` / `compile_image_step`): one Z-Image DiT forward, the sampler's scan, the VAE
+decode. Speech generation (`lower_speech_step` / `compile_speech_step`): one talker step (flow sampler with CFG,
+aggregator, stop head, one LM position against the KV cache), the talker's whole jitted generation program (prefill
+and `lax.while_loop`, `ming_jax.gen.speech`), the AudioVAE decode to 44.1 kHz waveforms; a batch of utterances split
+over the batch axes, weights replicated by default (`SPEECH_RULES`).
 """
 
 from __future__ import annotations
@@ -32,11 +38,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ming_jax import sharding
 from ming_jax.aot.memory_plan import MemoryPlan
 from ming_jax.aot.topology import HBM_BYTES, chip_of, topology_devices
+from ming_jax.config.audio_vae import AudioVAEConfig
 from ming_jax.config.dit import DiTConfig
 from ming_jax.config.llm import LLMConfig
 from ming_jax.config.runtime import Runtime
+from ming_jax.config.talker import TalkerConfig
 from ming_jax.config.vae import VAEConfig
-from ming_jax.gen import image as image_lib, text
+from ming_jax.gen import image as image_lib, speech as speech_lib, text
 from ming_jax.gen.sampling import SamplingConfig
 from ming_jax.gen.steps import make_decode_step, make_prefill
 from ming_jax.layers.kv_cache import KVCache, kv_cache_shardings
@@ -44,6 +52,10 @@ from ming_jax.models import llm as model_lib
 from ming_jax.models.image_gen.dit import ZImageDiT, ceil_to
 from ming_jax.models.image_gen import vae as vae_lib
 from ming_jax.models.image_gen.vae import AutoencoderKL
+from ming_jax.models.qwen2 import Qwen2Cache
+from ming_jax.models.talker import audio_vae as audio_vae_lib, talker as tk
+from ming_jax.models.talker.audio_vae import AudioVAEDecoder
+from ming_jax.models.talker.talker import SamplerArgs
 from ming_jax.train import step as train_step
 from ming_jax.train.config import TrainConfig
 
@@ -335,3 +347,195 @@ def vae_param_count(cfg: VAEConfig, part: str = "all") -> int:
     abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
     keep = lambda p: part == "all" or p[0] in ("decoder", "post_quant_conv")  # noqa: E731
     return sum(math.prod(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)) if keep(p))
+
+
+# --- speech generation -----------------------------------------------------------------------------------------------
+
+SPEECH_STEPS = ("talker_step", "talker_generate", "audio_vae_decode")
+SPEECH_BATCH = 64  # utterances per call (the default of `--batch` for these steps)
+SPEECH_MAX_LEN = 2048  # talker_step's KV cache: the release's StaticCache (`GenerateConfig.max_cache_len`)
+SPEECH_PROMPT = 128  # talker_generate: prompt positions (a multiple of `gen.speech`'s default bucket, 64)
+SPEECH_LATENTS = 250  # audio_vae_decode: latents per utterance (20 s at 12.5 latents / s)
+TALKER_PRESETS = {"ming-flash-omni-2.0": TalkerConfig.ming_flash_omni_2, "tiny": TalkerConfig.tiny}
+AUDIO_VAE_PRESETS = {"ming-flash-omni-2.0": AudioVAEConfig.ming_flash_omni_2, "tiny": AudioVAEConfig.tiny}
+
+# Rules the speech steps may use besides `sharding.PRESETS`. "replicated" (their default): every weight on every chip
+# (the talker is 0.7B parameters, 1.4 GB in bf16; the VAE decoder 0.36B), the utterance batch split over data x fsdp x
+# expert. A decode step runs the LM once and the flow DiT 10 times (CFG batch of 2B) on a few tokens per utterance:
+# with ZeRO-sharded weights (`fsdp`) every one of those 11 passes would all-gather its weights again each step, for
+# 64 x (1 + 37 + 5) tokens of work; replicated weights need no collective at all (rows are independent).
+SPEECH_RULES = {"replicated": lambda: sharding.ShardingRules(batch=("data", "fsdp", "expert"))}
+_CACHE_KV = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
+
+
+def speech_rules(name: str) -> sharding.ShardingRules:
+    """A `sharding.PRESETS` name or one of `SPEECH_RULES`."""
+    return SPEECH_RULES[name]() if name in SPEECH_RULES else sharding.ShardingRules.preset(name)
+
+
+def _qwen2_cache_shardings(mesh, rules, cache: Qwen2Cache):
+    """The talker LM's cache: k / v [L, B, K, S, hd] by (layers, batch, kv_heads, cache_seq, head_dim), valid [B, S]
+    by (batch, cache_seq), the write slot replicated."""
+    axes = Qwen2Cache(_CACHE_KV, _CACHE_KV, ("batch", "cache_seq"), ())
+    return sharding.tree_shardings(cache, axes, mesh, rules, what="talker cache")
+
+
+def _speech_programs(graphdef, tcfg: TalkerConfig | None, max_steps: int):
+    """The three speech programs as functions made for this lowering only (see `_fresh_programs`: jax's trace cache
+    does not key on the sharding rules; `ming_jax.gen.speech._generate` is a module-level jit)."""
+
+    def talker_step(state, h_t, history, cache, positions, keys, step, args):
+        """One step of `ming_jax.gen.speech._loop`'s while body: the row noise of `step`, the flow sampler (CFG),
+        the aggregator, the stop head and the history update (`talker.sample_step`), then the next LM position
+        through the cache (`talker.lm_step`)."""
+        talker = nnx.merge(graphdef, state)
+        y0, sde = speech_lib._row_noise(keys, step, (tcfg.patch_size, tcfg.latent_dim), tcfg.steps)
+        out = tk.sample_step(talker, h_t, history, y0, sde, args)
+        h_next, cache = tk.lm_step(talker, out.next_embed, positions, cache)
+        return out.latents, out.stop_prob, out.history, h_next.astype(jnp.float32), cache
+
+    def talker_generate(state, embeds, lengths, history, caps, min_new, args, keys):
+        """`ming_jax.gen.speech._generate`'s body: the prefill and the whole while_loop, noise from row keys."""
+        return speech_lib._loop(graphdef, state, embeds, lengths, history, caps, min_new, args, keys, None,
+                                max_steps=max_steps, taps=False)
+
+    def audio_vae_decode(state, latents):
+        """`ming_jax.models.talker.audio_vae.decode`: latents [B, T, d] -> waveform [B, 1, f T hop] float32."""
+        return nnx.merge(graphdef, state).intermediates(latents)["wave"]
+
+    return talker_step, talker_generate, audio_vae_decode
+
+
+def _sampler_args(mesh):
+    replicated = NamedSharding(mesh, PartitionSpec())
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+    return SamplerArgs(scalar, scalar, scalar)
+
+
+def _row_keys(mesh, rules, batch: int):
+    key = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
+    return _split_batch(mesh, rules, key.shape, key.dtype)
+
+
+def lower_speech_step(step: str, mesh, rules: sharding.ShardingRules, *, talker: TalkerConfig | None = None,
+                      vae: AudioVAEConfig | None = None, runtime: Runtime | None = None, batch: int = SPEECH_BATCH,
+                      max_len: int = SPEECH_MAX_LEN, prompt_len: int = SPEECH_PROMPT, max_steps: int | None = None,
+                      latents: int = SPEECH_LATENTS):
+    """A speech-generation program lowered for `mesh` from abstract, sharded arguments (nothing allocated).
+
+    step: "talker_step" (one autoregressive step for `batch` utterances: h_t [B, H] and the history [B, 32, 64]
+    float32, the LM cache of `max_len` slots (donated), rope positions [B], row keys [B], the step index and the
+    sampler knobs -> latents [B, 4, 64], stop probabilities [B, 2], the new history, the next h_t and the cache);
+    "talker_generate" (the program `ming_jax.gen.speech.generate_speech` runs: prompt embeddings [B, prompt_len, H]
+    in the compute dtype, lengths, the initial history, per-row caps, min_new_token, the knobs and row keys -> one
+    prefill into a cache of prompt_len + max_steps slots and one `lax.while_loop` of at most `max_steps` steps,
+    -> `SpeechOutput`, latents [B, max_steps * 4, 64] float32); "audio_vae_decode" (float32 latents [B, latents, 64]
+    -> waveforms [B, 1, 4 x latents x 882 (+1)] float32 at 44.1 kHz; only the decoder is built). Every batched
+    argument is split over the `batch` rule's axes when they divide it. talker_step's cache argument has the default
+    (row-major) layout: the TPU compiler then gives the layer loop's carried cache its own layout and copies it in
+    and out (cache-sized temporaries); talker_generate allocates its cache inside, in the layout the compiler picks.
+    talker / vae: default the release presets; runtime: default `Runtime.bf16()`; max_steps: default the talker's
+    `generate.max_steps` (1000)."""
+    runtime = Runtime.bf16() if runtime is None else runtime
+    dt = jnp.dtype(runtime.dtype)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    if step in ("talker_step", "talker_generate"):
+        tcfg = TalkerConfig.ming_flash_omni_2() if talker is None else talker
+        steps = tcfg.generate.max_steps if max_steps is None else max_steps
+        if steps < 1:
+            raise ValueError(f"talker_generate: max_steps={steps} must be >= 1")
+        h, hp, c = tcfg.hidden_size, tcfg.history_patch_size, tcfg.latent_dim
+        graphdef, a_state, _ = _abstract_module(lambda: tk.Talker(tcfg, runtime, rngs=nnx.Rngs(0)), mesh, rules)
+        step_fn, generate_fn, _ = _speech_programs(graphdef, tcfg, steps)
+        b32 = lambda *shape: _split_batch(mesh, rules, (batch,) + shape, jnp.float32)  # noqa: E731
+        i32 = _split_batch(mesh, rules, (batch,), jnp.int32)
+        with sharding.use_mesh(mesh, rules):
+            if step == "talker_step":
+                cache = jax.eval_shape(lambda: Qwen2Cache.create(tcfg.llm, batch, max_len, runtime.dtype))
+                c_shard = _qwen2_cache_shardings(mesh, rules, cache)
+                step_i = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+                fn = jax.jit(step_fn, donate_argnums=(3,))
+                return fn.lower(a_state, b32(h), b32(hp, c), _abstract(cache, c_shard), i32,
+                                _row_keys(mesh, rules, batch), step_i, _sampler_args(mesh))
+            embeds = _split_batch(mesh, rules, (batch, prompt_len, h), dt)
+            min_new = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+            return jax.jit(generate_fn).lower(a_state, embeds, i32, b32(hp, c), i32, min_new, _sampler_args(mesh),
+                                              _row_keys(mesh, rules, batch))
+    if step == "audio_vae_decode":
+        vcfg = AudioVAEConfig.ming_flash_omni_2() if vae is None else vae
+        graphdef, a_state, _ = _abstract_module(lambda: AudioVAEDecoder(vcfg, runtime, rngs=nnx.Rngs(0)), mesh,
+                                                rules)
+        lat = _split_batch(mesh, rules, (batch, latents, vcfg.decoder.latent_dim), jnp.float32)
+        audio_vae_lib.check_latents(vcfg, lat.shape)
+        _, _, decode_fn = _speech_programs(graphdef, None, 0)
+        with sharding.use_mesh(mesh, rules):
+            return jax.jit(decode_fn).lower(a_state, lat)
+    raise ValueError(f"speech step={step!r} (known: {', '.join(SPEECH_STEPS)})")
+
+
+def _flops(compiled) -> float:
+    """XLA's flop count of a compiled program (its partitioned, per-chip module; a while / scan body counted once)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - informational only
+        return 0.0
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def compile_speech_step(step: str, topology: str, mesh_spec: str, rules_name: str, *,
+                        talker: TalkerConfig | None = None, vae: AudioVAEConfig | None = None,
+                        runtime: Runtime | None = None, batch: int = SPEECH_BATCH, max_len: int = SPEECH_MAX_LEN,
+                        prompt_len: int = SPEECH_PROMPT, max_steps: int | None = None, latents: int = SPEECH_LATENTS,
+                        num_slices: int = 1, devices: Sequence | None = None) -> tuple[MemoryPlan, object]:
+    """Compile one speech-generation step for a topology; -> (its memory plan, the compiled executable).
+
+    The plan's `batch` is the utterances, `seq` the LM's cache slots (talker_step: max_len; talker_generate:
+    prompt_len + max_steps) or the VAE backbone's frames (4 x latents); `flops` XLA's cost analysis; `note` the
+    shapes."""
+    runtime = Runtime.bf16() if runtime is None else runtime
+    devices = topology_devices(topology, num_slices) if devices is None else devices
+    mesh = sharding.make_mesh(mesh_spec, devices)
+    rules = speech_rules(rules_name)
+    t0 = time.perf_counter()
+    compiled = lower_speech_step(step, mesh, rules, talker=talker, vae=vae, runtime=runtime, batch=batch,
+                                 max_len=max_len, prompt_len=prompt_len, max_steps=max_steps,
+                                 latents=latents).compile()
+    m = compiled.memory_analysis()
+    shape = ",".join(f"{a}={s}" for a, s in mesh.shape.items() if s > 1) or "1 chip"
+    if step == "audio_vae_decode":
+        v = AudioVAEConfig.ming_flash_omni_2() if vae is None else vae
+        seq = v.frames_per_latent * latents
+        note = f"{batch} x {latents} latents -> {seq} frames, {seq * v.decoder.hop} samples at {v.sample_rate} Hz"
+    else:
+        t = TalkerConfig.ming_flash_omni_2() if talker is None else talker
+        steps = t.generate.max_steps if max_steps is None else max_steps
+        if step == "talker_step":
+            seq = max_len
+            note = f"cache {max_len} slots, {t.steps} Euler steps (CFG batch {2 * batch})"
+        else:
+            seq = prompt_len + steps
+            note = f"prompt {prompt_len}, up to {steps} steps ({steps * t.patch_size} latents), cache {seq} slots"
+    plan = MemoryPlan(topology + (f" x{num_slices}" if num_slices > 1 else ""), step, shape, rules_name, batch, seq,
+                      int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
+                      int(m.alias_size_in_bytes), int(m.generated_code_size_in_bytes),
+                      HBM_BYTES[chip_of(topology)] * 1.0, time.perf_counter() - t0, note=note,
+                      attention=runtime.attention, flops=_flops(compiled))
+    return plan, compiled
+
+
+def talker_param_count(cfg: TalkerConfig, part: str = "all") -> int:
+    """Parameters of the talker ("all"), or those one step reads ("step": all but the LM's token embedding table,
+    which only the prompt front end reads; jit drops it from the step's arguments). The release preset: 699,065,794
+    in all."""
+    abstract = tk.create_abstract(cfg)
+    keep = lambda p: part == "all" or p[:2] != ("llm", "embed")  # noqa: E731
+    return sum(math.prod(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)) if keep(p))
+
+
+def audio_vae_decoder_param_count(cfg: AudioVAEConfig) -> int:
+    """Parameters of the AudioVAE decoder (fc1, the Qwen2 backbone with its unused 1-row token table, the iSTFT
+    head and its stored window): what audio_vae_decode reads."""
+    abstract = nnx.eval_shape(lambda: AudioVAEDecoder(cfg, Runtime(), rngs=nnx.Rngs(0)))
+    return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))

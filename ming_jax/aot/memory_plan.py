@@ -26,6 +26,7 @@ class MemoryPlan:
     note: str = ""
     attention: str = "xla"
     capacity_factor: float = 0.0  # 0: dropless
+    flops: float = 0.0  # XLA's cost_analysis of the compiled program, per chip (0: not recorded)
 
     @property
     def total(self) -> int:

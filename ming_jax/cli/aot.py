@@ -6,6 +6,11 @@ host (libtpu needed).
     python -m ming_jax.aot --table plans.json       # render earlier --json results as a markdown table
     python -m ming_jax.aot --step dit --topology v5p:2x2x1 --mesh fsdp=4 --rules fsdp    # image generation:
     python -m ming_jax.aot --step vae_decode --topology v6e:2x2 --mesh fsdp=4 --rules fsdp   # dit / denoise / vae
+    python -m ming_jax.aot --step talker_step --topology v5p:2x2x1 --mesh fsdp=4   # speech generation: talker_step /
+    python -m ming_jax.aot --step audio_vae_decode --topology v5p:4x4x4 --mesh fsdp=64  # talker_generate / vae
+
+Speech steps default to 64 utterances and to the `replicated` rules (weights on every chip, utterances split over
+data x fsdp x expert) when --rules is not given.
 
 All logic lives in `ming_jax.aot`; this file parses flags and prints.
 """
@@ -20,7 +25,8 @@ from absl import app, flags
 
 from ming_jax import cli, sharding
 from ming_jax.aot import compile as aot
-from ming_jax.aot.compile import IMAGE_RULES, IMAGE_STEPS, STEPS, _libtpu_version, _param_count, compile_step
+from ming_jax.aot.compile import (IMAGE_RULES, IMAGE_STEPS, SPEECH_RULES, SPEECH_STEPS, STEPS, _libtpu_version,
+                                  _param_count, compile_step)
 from ming_jax.aot.memory_plan import MemoryPlan
 from ming_jax.aot.topology import topology_devices
 from ming_jax.config import dit as dit_config, vae as vae_config
@@ -37,6 +43,10 @@ def main(argv):
             for plan in MemoryPlan.load(path):
                 print(plan.markdown())
         return 0
+    if f.step in SPEECH_STEPS:
+        return _speech_main(f)
+    if f.rules in SPEECH_RULES:
+        raise app.UsageError(f"--rules {f.rules} is for the speech steps ({', '.join(SPEECH_STEPS)}) only")
     if f.step in IMAGE_STEPS:
         return _image_main(f)
     if f.rules in IMAGE_RULES:
@@ -83,6 +93,51 @@ def _image_main(f):
     return _compile_meshes(f, one)
 
 
+def _speech_main(f):
+    """The speech-generation steps: one talker step, the talker's whole generation program, the AudioVAE decode."""
+    if f.rules in IMAGE_RULES:
+        raise app.UsageError(f"--rules {f.rules} is for the image steps ({', '.join(IMAGE_STEPS)}) only")
+    if f.layers:
+        raise app.UsageError("--layers is for the LLM and image steps; the speech steps take --talker_preset / "
+                             "--audio_vae_preset")
+    for name in ("max_steps", "latents"):
+        if f[name].present and getattr(f, name) < 1:
+            raise app.UsageError(f"--{name}={getattr(f, name)} must be >= 1")
+    rules = f.rules if f["rules"].present else "replicated"
+    runtime = Runtime(dtype=f.dtype, param_dtype=f.dtype, attention=f.attention_impl)
+    talker = aot.TALKER_PRESETS[f.talker_preset]()
+    vae = aot.AUDIO_VAE_PRESETS[f.audio_vae_preset]()
+    devices = topology_devices(f.topology, f.num_slices)
+    batch = f.batch or aot.SPEECH_BATCH
+    max_steps = f.max_steps or talker.generate.max_steps
+    if f.step == "talker_step":
+        seq = f.seq or aot.SPEECH_MAX_LEN
+        shapes = f"KV cache {seq} slots"
+    elif f.step == "talker_generate":
+        seq = f.seq or aot.SPEECH_PROMPT
+        shapes = f"prompt {seq}, up to {max_steps} steps"
+    else:
+        seq = 0
+        shapes = f"{f.latents} latents each"
+    if f.step == "audio_vae_decode":
+        what = f"AudioVAE {f.audio_vae_preset}: decoder {aot.audio_vae_decoder_param_count(vae) / 1e6:.1f}M parameters"
+    else:
+        what = (f"talker {f.talker_preset}: {aot.talker_param_count(talker) / 1e6:.1f}M parameters "
+                f"({aot.talker_param_count(talker, 'step') / 1e6:.1f}M read per step)")
+    print(f"{what}; {f.topology} x{f.num_slices} = {len(devices)} chips; step={f.step} utterances={batch} {shapes}; "
+          f"rules {rules}; jax {jax.__version__}, libtpu {_libtpu_version()}", flush=True)
+
+    def one(mesh_spec):
+        plan, compiled = aot.compile_speech_step(
+            f.step, f.topology, mesh_spec, rules, talker=talker, vae=vae, runtime=runtime, batch=batch,
+            max_len=seq or aot.SPEECH_MAX_LEN, prompt_len=seq or aot.SPEECH_PROMPT, max_steps=max_steps,
+            latents=f.latents, num_slices=f.num_slices, devices=devices)
+        print(f"  {plan.note}; XLA flops per chip {plan.flops / 1e9:.1f} G (each loop body counted once)", flush=True)
+        return plan, compiled
+
+    return _compile_meshes(f, one)
+
+
 def _compile_meshes(f, compile_one):
     """Compile every --mesh with `compile_one(mesh_spec) -> (plan, compiled)`; print, write --json; exit status."""
     plans, failed = [], []
@@ -115,14 +170,27 @@ def _define_flags():
     flags.DEFINE_integer("num_slices", 1, "Slices of that topology (multi-slice: DCN between them).")
     flags.DEFINE_multi_string("mesh", ["fsdp=-1"], "Mesh spec(s) (sharding.MeshSpec), e.g. fsdp=16,expert=4; "
                               "repeat to compare several.")
-    flags.DEFINE_enum("rules", "ep_fsdp", list(sharding.PRESETS) + list(IMAGE_RULES),
+    flags.DEFINE_enum("rules", "ep_fsdp", list(sharding.PRESETS) + list(IMAGE_RULES) + list(SPEECH_RULES),
                       "Sharding rules preset (fsdp_seq: image steps only, ZeRO-3 weights and the DiT's tokens split "
-                      "over fsdp x expert, the batch over data).")
-    flags.DEFINE_enum("step", "train", list(STEPS) + list(IMAGE_STEPS),
+                      "over fsdp x expert, the batch over data; replicated: speech steps only, and their default, "
+                      "every weight on every chip, the utterances split over data x fsdp x expert).")
+    flags.DEFINE_enum("step", "train", list(STEPS) + list(IMAGE_STEPS) + list(SPEECH_STEPS),
                       "Which program to compile: train (the train step), prefill (a prompt into a fresh cache), "
                       "decode (the generation loop of --new_tokens steps), decode_step (one token against the cache); "
                       "image generation: dit (one DiT forward as the sampler calls it), denoise (the sampler's scan "
-                      "of --denoise_steps DiT calls), vae_decode (latents to --image_size images).")
+                      "of --denoise_steps DiT calls), vae_decode (latents to --image_size images); speech generation: "
+                      "talker_step (one autoregressive step: flow sampler with CFG, aggregator, stop head, one LM "
+                      "position against a KV cache of --seq slots), talker_generate (the whole jitted prefill of "
+                      "--seq prompt positions and while_loop of up to --max_steps steps), audio_vae_decode (--latents "
+                      "latents per utterance to 44.1 kHz waveforms).")
+    flags.DEFINE_enum("talker_preset", "ming-flash-omni-2.0", list(aot.TALKER_PRESETS),
+                      "talker_step / talker_generate: talker config preset.")
+    flags.DEFINE_enum("audio_vae_preset", "ming-flash-omni-2.0", list(aot.AUDIO_VAE_PRESETS),
+                      "audio_vae_decode: AudioVAE config preset.")
+    flags.DEFINE_integer("max_steps", 0, "talker_generate: the while_loop's step buffer (0: the preset's "
+                         "generate.max_steps, 1000 for the release).")
+    flags.DEFINE_integer("latents", aot.SPEECH_LATENTS, "audio_vae_decode: latents per utterance (12.5 per second of "
+                         "speech; 250 = 20 s).")
     flags.DEFINE_integer("image_size", 1024, "Image steps: square image side in pixels (latents: a side / 8).")
     flags.DEFINE_integer("caption_len", 256, "dit / denoise: caption (condition) tokens (the release: 256 query "
                          "tokens).")
@@ -133,11 +201,12 @@ def _define_flags():
     flags.DEFINE_integer("new_tokens", 256, "prefill / decode: tokens generated after the prompt.")
     flags.DEFINE_bool("keep_going", False, "Compile every --mesh even after one fails (the exit status is still 1).")
     flags.DEFINE_integer("batch", 0, "Global batch (default: 1 sequence per chip for train, 4 for decode; image "
-                         "steps: images, default 1).")
+                         "steps: images, default 1; speech steps: utterances, default 64).")
     flags.DEFINE_integer("seq", 0, "Train / prefill sequence length, decode KV-cache length (default 4096 / "
-                         "8192).")
+                         "8192); talker_step: KV-cache slots (default 2048, the release's cache); talker_generate: "
+                         "prompt positions (default 128).")
     flags.DEFINE_integer("layers", 0, "Override the number of layers (0: the preset's; image steps: the DiT's main "
-                         "layers).")
+                         "layers; not taken by the speech steps).")
     flags.DEFINE_float("capacity_factor", 0.0, "Expert capacity factor (0: dropless).")
     flags.DEFINE_enum("attention_impl", "auto", ["xla", "auto", "splash"],
                       "Attention backend: 'auto' compiles the splash kernel for TPU (in a shard_map under the mesh; "

@@ -192,10 +192,13 @@ class AudioVAEConfig:
     @classmethod
     def ming_flash_omni_2(cls, **override) -> AudioVAEConfig:
         """The release's talker VAE. Confirmed (golden README, peer ports): 44.1 kHz, hop = input_dim = output_dim =
-        882 (50 frames/s), patch 4 (12.5 latents/s), latent 64. INFERRED, unconfirmed (the release's
-        talker/vae/config.json is not in the source snapshot): both backbones take the talker LM's Qwen2-0.5B shape
-        (hidden 896, 24 layers, 14 heads / 2 kv, intermediate 4864, theta 1e6) with vocab 1. Replace them from the
-        real config before loading weights; the strict weight table will refuse a mismatch."""
+        882 (50 frames/s), patch 4 (12.5 latents/s), latent 64; the mstar port asserts sample rate 44100 and latent
+        64 against the released talker/vae/config.json (test/modular/test_ming_flash_omni_config.py) and quotes its
+        `enc_kwargs: {hop_size: 882, input_dim: 882, latent_dim: 64}` (PORTING_NOTES step 6d). INFERRED, unconfirmed
+        (the release's talker/vae/config.json is not in the source snapshot, and no port found quotes the backbone
+        dicts): both backbones take the talker LM's Qwen2-0.5B shape (hidden 896, 24 layers, 14 heads / 2 kv,
+        intermediate 4864, theta 1e6) with vocab 1. Replace them from the real config before loading weights; the
+        strict weight table will refuse a mismatch."""
         bb = Qwen2Config(vocab_size=1, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
                          tie_word_embeddings=False)

@@ -261,6 +261,47 @@ class TalkerConfig:
         return cls(**dict(base, **override))
 
     @classmethod
+    def ming_flash_omni_2(cls, **override) -> "TalkerConfig":
+        """The release's talker (`inclusionAI/Ming-flash-omni-2.0`, folders `talker/` and `talker/llm/`), for
+        sizing and AOT plans. Neither config.json is in the source snapshot; the values come from:
+
+          * LM (`talker/llm/config.json`): Qwen2-0.5B's shape, hidden 896, 24 layers, 14 heads / 2 KV heads (head
+            dim 64), intermediate 4864, vocab 151936, rope theta 1e6, RMSNorm eps 1e-6, tied embeddings. hidden 896,
+            24 layers and 2 KV heads are asserted against the released checkpoint by the snapshot-gated config test
+            of the mstar port (mstar-project/mstar, test/modular/test_ming_flash_omni_config.py,
+            `test_subdir_configs_load_when_present`, which its PORTING_NOTES say passed against the real `talker/`
+            tree); the other values are that port's `TalkerLLMConfig` defaults, documented there as mirroring the
+            populated keys of the released `talker/llm/config.json`, not asserted. The official code agrees on the
+            width: `modeling_bailing_talker.py` hard-codes a 896-wide zero speaker embedding, and sglang-omni calls
+            it a "0.5B dense talker (Qwen2, hidden=896)".
+          * flowmodel: hidden 1024 and depth 8 are asserted by the same mstar test against the released
+            `talker/config.json`; num_heads 16 (head dim 64) and mlp_ratio 4 are that port's defaults (also the
+            official DiT's defaults) and are INFERRED; dropout 0 ("0 vs 0.1 on the released ckpt", mstar
+            PORTING_NOTES step 6a); attn_mask_enabled False (mstar notes step 6c); qk_norm and pe_attn_head are
+            INFERRED to be off (None): a release with qk_norm would add two 64-wide RMSNorm scales per block and
+            the strict weight table would refuse this preset.
+          * aggregator: dropout 0.1 is asserted by the mstar test; hidden 1024, depth 8, 16 heads, mlp_ratio 4 come
+            from the mstar notes ("flowmodel and aggregator share shape, only dropout differs"), not asserted
+            (vllm-omni's Ming-omni-tts constants also give an aggregator width of 1024).
+          * steps 10, patch_size 4, history_patch_size 32: patch 4 and history 32 are asserted by the mstar test,
+            steps 10 is stated in its notes ("the released ckpt's steps=10 schedule"); latent_dim 64 is hard-coded
+            by the official talker.
+          * generate defaults: the official `generate` keyword defaults (`GenerateConfig()`).
+
+        Replace the inferred values from the real config files before loading weights: the strict weight table
+        refuses any shape mismatch."""
+        llm = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                          num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
+                          tie_word_embeddings=True)
+        flow = FlowModelConfig(hidden_size=1024, depth=8, num_heads=16, mlp_ratio=4.0, in_channels=64,
+                               llm_cond_dim=896, dropout=0.0, attn_mask_enabled=False)
+        agg = AggregatorConfig(hidden_size=1024, depth=8, num_heads=16, mlp_ratio=4.0, in_channels=64, dropout=0.1,
+                               attn_mask_enabled=False)
+        base = dict(llm=llm, flow=flow, aggregator=agg, steps=10, patch_size=4, history_patch_size=32, latent_dim=64,
+                    generate=GenerateConfig())
+        return cls(**dict(base, **override))
+
+    @classmethod
     def from_official(cls, d: Mapping[str, Any], llm: Mapping[str, Any] | None = None,
                       section: str = "talker") -> "TalkerConfig":
         """`d`: the talker config dict; `llm`: the LM's config.json (`talker/llm/`) unless `d` inlines it as
