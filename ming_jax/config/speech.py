@@ -46,6 +46,12 @@ class SpeechConfig:
         return dataclasses.replace(cls(talker=talker, vae=vae), **override)
 
     @classmethod
+    def ming_flash_omni_2(cls, **override) -> "SpeechConfig":
+        """The release's talker and AudioVAE (their presets say which values are confirmed and which inferred)."""
+        return dataclasses.replace(cls(talker=TalkerConfig.ming_flash_omni_2(), vae=AudioVAEConfig.ming_flash_omni_2()),
+                                   **override)
+
+    @classmethod
     def from_official(cls, sections: Mapping[str, Mapping[str, Any]]) -> "SpeechConfig":
         missing = [k for k in SECTIONS if not isinstance(sections.get(k), Mapping)]
         if missing:
