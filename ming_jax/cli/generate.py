@@ -4,6 +4,7 @@
     python -m ming_jax.generate --checkpoint DIR --image a.jpg --audio b.wav --video c.mp4 --prompt "What is this?"
     python -m ming_jax.generate --checkpoint DIR --asr --audio b.wav [--asr_topic cooking --hotword Umsh]
     python -m ming_jax.generate                     # no checkpoint: the tiny preset with RANDOM weights
+    python -m ming_jax.generate --checkpoint DIR --prompt "Hello" --speak --speak_out answer.wav   # + the talker
 
     python -m ming_jax.generate --checkpoint CKPT --mesh expert=8 --rules ep_fsdp --prompt_ids 1,2,3
 
@@ -39,6 +40,8 @@ from ming_jax.config.runtime import Runtime
 from ming_jax.config.omni import OmniConfig
 from ming_jax.gen import omni
 from ming_jax.gen import text as generation
+from ming_jax.gen import tts
+from ming_jax.gen import voice as voice_lib
 from ming_jax.models import inputs as multimodal
 from ming_jax.models import llm as model_lib
 from ming_jax.processors import prompt as prompt_lib
@@ -76,6 +79,12 @@ _CONVERSATION = flags.DEFINE_string("conversation", None, "Text: a JSON file hol
 _ASR = flags.DEFINE_bool("asr", False, "Transcribe the --audio clip(s) with the release's ASR instruction.")
 _ASR_TOPIC = flags.DEFINE_string("asr_topic", None, "Contextual ASR: what the audio is about.")
 _HOTWORD = flags.DEFINE_multi_string("hotword", [], "Contextual ASR: a word or phrase likely to occur; repeatable.")
+_SPEAK = flags.DEFINE_bool("speak", False, "Speak the answer(s) with the talker of the same checkpoint (its talker/ "
+                            "folder; the tiny random talker without --checkpoint) into --speak_out.")
+_SPEAK_OUT = flags.DEFINE_string("speak_out", "answer.wav", "WAV of the spoken answer (several answers: "
+                                 "answer_0.wav, ...).")
+_SPEAK_VOICE = flags.DEFINE_string("speak_voice", tts.DEFAULT_VOICE, "Voice of the spoken answer: a name of the "
+                                   "talker folder's voice_name.json when it has it ('' or a missing name: no voice).")
 _ANSWER_PREFIX = flags.DEFINE_string("answer_prefix", "", "Text the answer starts with (e.g. 'English\\t' for ASR in "
                                      "a known language).")
 
@@ -175,6 +184,31 @@ def _omni_main() -> int:
     print(f"--- media: {len(_IMAGE.value)} image(s), {len(_VIDEO.value)} video(s), {len(_AUDIO.value)} audio clip(s)")
     print(f"+++ {n} tokens: {tok.decode(out.tokens[0][:n])!r}")
     print(f"    ids: {out.tokens[0][:n].tolist()}")
+    return _speak([tok.decode(out.tokens[0][:n])]) if _SPEAK.value else 0
+
+
+def _speak(answers: list[str]) -> int:
+    """--speak: the answers through the talker (gen.tts), one WAV each."""
+    texts = [a for a in answers if a.strip()]
+    if not texts:
+        print("--speak: the answer is empty; nothing to speak", file=sys.stderr)
+        return 1
+    try:
+        if _CHECKPOINT.value:
+            model = tts.load_model(_CHECKPOINT.value, dtype=_DTYPE.value)
+        else:
+            print("--speak: the TINY talker with RANDOM weights (no --checkpoint): the audio is noise",
+                  file=sys.stderr)
+            model = tts.tiny_model(_SEED.value, _DTYPE.value)
+        known = model.folder is not None and _SPEAK_VOICE.value in voice_lib.voice_names(model.folder)
+        voice, notes = tts.make_voice(model, name=_SPEAK_VOICE.value if known else None,
+                                      key=jax.random.key(_SEED.value + 1))
+        for note in notes:
+            print(f"--speak: {note}", file=sys.stderr)
+        tts.speak(model, texts, _SPEAK_OUT.value, voice=voice, key=jax.random.key(_SEED.value))
+    except (ValueError, OSError) as e:  # TTSError, VoiceError, prompt / audio / checkpoint errors
+        print(f"--speak: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -350,6 +384,8 @@ def main(argv):
         print(f"--- prompt: {label}")
         print(f"+++ {n} tokens: {tok.decode(toks[:n])!r}")
         print(f"    ids: {toks[:n].tolist()}")
+    if _SPEAK.value:
+        return _speak([tok.decode(toks[:n]) for toks, n in zip(out.tokens[:len(prompts)], out.lengths)])
     return 0
 
 

@@ -193,3 +193,145 @@ def generate_speech(talker: Talker, prompt_embeds, prompt_lengths=None, *, promp
     graphdef, state = nnx.split(talker)
     return _generate(graphdef, state, embeds, jnp.asarray(lengths, jnp.int32), history,
                      jnp.asarray(caps, jnp.int32), min_new, args, keys, noise, max_steps=max_steps, taps=taps)
+
+
+# --- generation in segments (streaming) -------------------------------------------------------------------------------
+#
+# The same loop as `generate_speech`, cut into calls of at most `steps` steps each, so that the host can decode and
+# play the latents of one segment while asking for the next. The carry between calls is the loop's own (step count,
+# LM state, history, KV cache, per-row flags); the noise of step s is drawn from fold_in(row key, s) as in
+# `generate_speech`, so a segmented run emits the same latents as one `generate_speech` call with the same key (up
+# to float rounding between the two compiled programs). One program per segment length.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SpeechCarry:
+    step: jax.Array  # int32: steps run so far
+    h_t: jax.Array  # [B, H] float32: the LM's state for the next step
+    history: jax.Array  # [B, Hp, C]
+    cache: object  # Qwen2Cache
+    done: jax.Array  # [B] bool
+    emitted: jax.Array  # [B] int32 steps emitted so far
+    stopped: jax.Array  # [B] bool: the stop head ended the row
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SpeechSegment:
+    latents: jax.Array  # [B, steps * P, C] float32: this segment's latents, row b's first new_steps[b] * P real
+    new_steps: jax.Array  # [B] int32 steps row b emitted in this segment
+    done: jax.Array  # [B] bool after the segment
+    stopped: jax.Array  # [B] bool
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_steps"))
+def _segment_start(graphdef, state, embeds, lengths, history, caps, *, max_steps):
+    talker = nnx.merge(graphdef, state, copy=True)
+    b, t, _ = embeds.shape
+    _, h_t, cache = tk.prefill(talker, embeds, lengths, t + max_steps)
+    zeros = jnp.zeros((b,), jnp.int32)
+    return SpeechCarry(jnp.int32(0), h_t.astype(jnp.float32), history, cache, caps <= 0, zeros,
+                       jnp.zeros((b,), bool))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_steps", "steps"))
+def _segment_run(graphdef, state, carry: SpeechCarry, lengths, caps, min_new, args, keys, halt, *, max_steps, steps):
+    fresh = lambda: nnx.merge(graphdef, state, copy=True)  # noqa: E731
+    cfg = fresh().cfg
+    b = lengths.shape[0]
+    p, c = cfg.patch_size, cfg.latent_dim
+    buf = jnp.zeros((b, steps * p, c), jnp.float32)
+    done0 = carry.done | halt
+    init = (jnp.int32(0), carry.step, carry.h_t, carry.history, carry.cache, done0, carry.emitted, carry.stopped, buf,
+            jnp.zeros((b,), jnp.int32))
+
+    def cond(x):
+        i, s, done = x[0], x[1], x[5]
+        return (i < steps) & (s < max_steps) & ~jnp.all(done)
+
+    def body(x):
+        i, s, h_t, hist, cache, done, emitted, stopped, buf, new = x
+        y0, sde = _row_noise(keys, s, (p, c), cfg.steps)
+        out = tk.sample_step(fresh(), h_t, hist, y0, sde, args)
+        active = ~done
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(active[:, None, None], out.latents, 0.0), i * p, 1)
+        fired = active & tk.should_stop(s, out.stop_prob, min_new)
+        done = done | fired | (s + 1 >= caps)
+
+        def advance(cache):
+            h_next, cache = tk.lm_step(fresh(), out.next_embed, lengths + s, cache)
+            return h_next.astype(jnp.float32), cache
+
+        h_t, cache = jax.lax.cond(jnp.all(done), lambda cache: (h_t, cache), advance, cache)
+        step = active.astype(jnp.int32)
+        return (i + 1, s + 1, h_t, out.history, cache, done, emitted + step, stopped | fired, buf, new + step)
+
+    _, s, h_t, hist, cache, done, emitted, stopped, buf, new = jax.lax.while_loop(cond, body, init)
+    return SpeechCarry(s, h_t, hist, cache, done, emitted, stopped), SpeechSegment(buf, new, done, stopped)
+
+
+class SpeechStream:
+    """`generate_speech` one segment at a time (same arguments, random noise only):
+
+        stream = SpeechStream(talker, embeds, lengths, key=key, ...)
+        while not stream.finished:
+            seg = stream.advance(4)        # up to 4 more steps per row; seg.latents [B, 4 P, C], seg.new_steps [B]
+
+    `halt` (a [B] bool mask given to `advance`) ends rows before the segment runs (they emit nothing more and do not
+    count as stopped by the stop head): the caller's own length guard. A row's emitted latents, in order over the
+    segments, are what `generate_speech` emits for it with the same key."""
+
+    def __init__(self, talker: Talker, prompt_embeds, prompt_lengths=None, *, prompt_latents=None,
+                 prompt_latent_lengths=None, key, max_steps: int | None = None, max_new_steps=None,
+                 cfg: float | None = None, sigma: float | None = None, temperature: float | None = None,
+                 min_new_token: int | None = None, prompt_bucket: int = 64):
+        tcfg, gen = talker.cfg, talker.cfg.generate
+        embeds = jnp.asarray(prompt_embeds)
+        b, t = embeds.shape[:2] if embeds.ndim == 3 else (0, 0)
+        lengths = np.full((b,), t, np.int64) if prompt_lengths is None else np.asarray(prompt_lengths)
+        if key is None:
+            raise ValueError("SpeechStream: a key is needed (segments draw their noise from it)")
+        max_steps = gen.max_steps if max_steps is None else max_steps
+        lat = None if prompt_latents is None else np.asarray(prompt_latents)
+        lat_len = None if prompt_latent_lengths is None else np.asarray(prompt_latent_lengths)
+        _check(talker, embeds, lengths, lat, lat_len, None, max_steps)
+        caps = np.minimum(np.minimum(gen.max_steps, gen.max_cache_len - lengths), max_steps)
+        if max_new_steps is not None:
+            caps = np.minimum(caps, np.broadcast_to(np.asarray(max_new_steps), (b,)))
+        padded = bucket(t, prompt_bucket)
+        embeds = jnp.pad(embeds.astype(talker.runtime.dtype), ((0, 0), (0, padded - t), (0, 0)))
+        self.batch, self.max_steps = b, max_steps
+        self.caps = caps.astype(np.int64)  # [B] the most steps each row can run
+        self._graphdef, self._state = nnx.split(talker)
+        self._lengths = jnp.asarray(lengths, jnp.int32)
+        self._caps = jnp.asarray(caps, jnp.int32)
+        self._min_new = jnp.int32(gen.min_new_token if min_new_token is None else min_new_token)
+        self._args = SamplerArgs.of(gen.cfg if cfg is None else cfg, gen.sigma if sigma is None else sigma,
+                                    gen.temperature if temperature is None else temperature)
+        self._keys = _row_keys(key, b)
+        history = tk.initial_history(tcfg, b, lat, lat_len)
+        self._carry = _segment_start(self._graphdef, self._state, embeds, self._lengths, history, self._caps,
+                                     max_steps=max_steps)
+        self._done = np.asarray(self._carry.done)
+        self._step = 0
+
+    @property
+    def finished(self) -> bool:
+        return bool(self._done.all()) or self._step >= self.max_steps
+
+    @property
+    def done(self) -> np.ndarray:
+        return self._done.copy()
+
+    def advance(self, steps: int, halt=None) -> SpeechSegment:
+        """Run up to `steps` more steps (fewer when every row is done first); halt [B] bool: rows to end now."""
+        if steps < 1:
+            raise ValueError(f"SpeechStream.advance: steps={steps} must be >= 1")
+        halt = np.zeros((self.batch,), bool) if halt is None else np.asarray(halt, bool)
+        self._carry, seg = _segment_run(self._graphdef, self._state, self._carry, self._lengths, self._caps,
+                                        self._min_new, self._args, self._keys, jnp.asarray(halt),
+                                        max_steps=self.max_steps, steps=steps)
+        self._done = np.asarray(seg.done)
+        self._step = int(self._carry.step)
+        return seg
