@@ -116,7 +116,10 @@ def _omni_setup():
         if os.path.exists(pre):
             with open(pre) as f:
                 processor = ProcessorConfig.from_official(json.load(f))
-        return cfg, tok, processor, lambda: _load(ckpt).omni()
+        # the understanding parts only (LLM + the towers config.json has): image generation and the talker are
+        # loaded by their own jobs (imagine, --speak), not held for the whole chat
+        understanding = [c for c in ("llm", "vision", "audio") if getattr(cfg, c, None) is not None]
+        return cfg, tok, processor, lambda: _load(ckpt, components=understanding).omni()
     if _PRESET.value != "tiny":
         raise app.UsageError(f"preset {_PRESET.value} needs --checkpoint: random weights of that size are "
                              "neither useful nor likely to fit in memory")
