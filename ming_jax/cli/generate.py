@@ -78,6 +78,8 @@ _ASR_TOPIC = flags.DEFINE_string("asr_topic", None, "Contextual ASR: what the au
 _HOTWORD = flags.DEFINE_multi_string("hotword", [], "Contextual ASR: a word or phrase likely to occur; repeatable.")
 _ANSWER_PREFIX = flags.DEFINE_string("answer_prefix", "", "Text the answer starts with (e.g. 'English\\t' for ASR in "
                                      "a known language).")
+_STREAM = flags.DEFINE_bool("stream", False, "Print the answer as it is generated (one prompt; "
+                            "ming_jax.gen.stream).")
 
 
 class _Progress:
@@ -166,6 +168,8 @@ def _omni_main() -> int:
           f"{model_lib.param_count(model) / 1e6:.1f}M parameters", file=sys.stderr)
     sampling = generation.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                                          top_k=_TOP_K.value, top_p=_TOP_P.value, stop_tokens=cfg.llm.eos_ids)
+    if _STREAM.value:
+        return _stream(model, inputs, sampling, tok)
     t0 = time.perf_counter()
     with _mesh_context():
         out = generation.as_numpy(omni.generate(model, inputs, sampling, seed=_SEED.value,
@@ -341,6 +345,8 @@ def main(argv):
     prep = multimodal.prepare(cfg, ids, mask)
     sampling = generation.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                                          top_k=_TOP_K.value, top_p=_TOP_P.value, stop_tokens=cfg.eos_ids)
+    if _STREAM.value:
+        return _stream(model, prep, sampling, tok)
     t0 = time.perf_counter()
     with _mesh_context():
         out = generation.generate(model, prep, sampling, seed=_SEED.value, progress=_Progress(_MAX_NEW.value))
@@ -350,6 +356,23 @@ def main(argv):
         print(f"--- prompt: {label}")
         print(f"+++ {n} tokens: {tok.decode(toks[:n])!r}")
         print(f"    ids: {toks[:n].tolist()}")
+    return 0
+
+
+def _stream(model, inputs, sampling, tok) -> int:
+    """--stream: the answer printed piece by piece as the chunked decode produces it (`ming_jax.gen.stream`)."""
+    from ming_jax.gen import stream
+
+    if inputs.input_ids.shape[0] != 1:
+        raise app.UsageError(f"--stream prints one answer: give one prompt (and a --mesh that does not split the "
+                             f"batch); got {inputs.input_ids.shape[0]} rows")
+    t0 = time.perf_counter()
+    with _mesh_context():
+        for piece in stream.stream_generate(model, inputs, sampling, tok, seed=_SEED.value):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stderr.write(f"done in {time.perf_counter() - t0:.1f} s (including compilation)\n")
     return 0
 
 

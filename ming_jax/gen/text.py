@@ -7,7 +7,13 @@ per row: the release's decode position is `cache slot + rope_deltas`, which is e
 position + 1 + j for both paddings. Logits of the prefill are taken at each row's last real token.
 
 Sampling: greedy (temperature 0), or temperature with optional top-k and top-p (nucleus) filtering; generation of a
-row stops at any stop token (which is kept in its output) and the rest of its row is `pad_id`.
+row stops at any stop token (which is kept in its output) and the rest of its row is `pad_id`. With `RowSampling`
+each row has its own token budget, temperature, top-k, top-p and random stream (one batch of different requests,
+`ming_jax.gen.batch`).
+
+Streaming (`stream_tokens`, and text pieces in `ming_jax.gen.stream`): the same loop body compiled as a chunk
+program run until a given step (data), called again by the host with the returned carry. Progress callbacks enter
+the programs as an id (data), so a new callback does not recompile. `TRACES` counts the traces of each program.
 """
 
 from __future__ import annotations
@@ -201,13 +207,12 @@ def _decode_begin(first_logits, next_pos, cache, key, rows=None, *, sampling, pa
     return _begin(first_logits, next_pos, cache, key, rows, sampling, pad_id, return_logits)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "pad_id", "return_logits", "chunk"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "pad_id", "return_logits"),
                    donate_argnames=("s",))
-def _decode_chunk(graphdef, state, s: DecodeState, *, sampling, pad_id, return_logits, chunk: int):
-    """Up to `chunk` more decode steps of the same loop body as `_decode` (one program whatever the step)."""
+def _decode_chunk(graphdef, state, s: DecodeState, until, *, sampling, pad_id, return_logits):
+    """Decode steps of the same loop body as `_decode` until `until` tokens (data: one program for any chunk)."""
     TRACES["decode_chunk"] += 1
-    until = jnp.minimum(s.step + chunk, sampling.max_new_tokens)
-    return _loop(graphdef, state, s, until, sampling, pad_id, return_logits)
+    return _loop(graphdef, state, s, jnp.minimum(until, sampling.max_new_tokens), sampling, pad_id, return_logits)
 
 
 def _prefilled(model: BailingMoeV2, prep: Prepared, sampling: SamplingConfig, pad_id, bucket: int, rows):
@@ -274,7 +279,8 @@ def stream_tokens(model: BailingMoeV2, prep: Prepared, sampling: SamplingConfig,
     """`generate`, yielding the new tokens after every `chunk` decode steps (the first yield: the prefill's token).
 
     The steps are the same loop body as `generate`'s, compiled once as a chunk program that the host calls again
-    with the returned carry (no recompilation per chunk; the KV cache is donated from chunk to chunk), so the
+    with the returned carry and the step to stop at (data: no recompilation per chunk or chunk size; the KV cache
+    is donated from chunk to chunk), so the
     tokens equal `generate`'s, sampled ones included. Stops early once every row is done."""
     if chunk < 1:
         raise ValueError(f"chunk={chunk} must be >= 1")
@@ -285,11 +291,13 @@ def stream_tokens(model: BailingMoeV2, prep: Prepared, sampling: SamplingConfig,
     while True:
         tokens, lengths, done, step = jax.device_get((s.tokens, s.lengths, s.done, s.step))
         ends = np.where(done, lengths, int(step))
+        done = done | (int(step) >= sampling.max_new_tokens)  # the budget is spent
         yield TokenChunk([tokens[r, sent[r]:ends[r]] for r in range(len(ends))], done, ends.astype(np.int32))
         sent = ends
-        if done.all() or int(step) >= sampling.max_new_tokens:
+        if done.all():
             return
-        s = _decode_chunk(graphdef, state, s, sampling=sampling, pad_id=pad_id, return_logits=False, chunk=chunk)
+        s = _decode_chunk(graphdef, state, s, np.int32(int(step) + chunk), sampling=sampling, pad_id=pad_id,
+                          return_logits=False)
 
 
 def forward(model: BailingMoeV2, prep: Prepared, *, collect: bool = False):
