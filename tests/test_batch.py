@@ -282,6 +282,27 @@ def test_incremental_detokenizer_never_emits_half_characters():
     assert detok.flush() == "\ufffd"
 
 
+def test_per_row_sampling_follows_each_rows_parameters():
+    import jax
+
+    from ming_jax.gen.sampling import sample_rows
+
+    logits = np.random.default_rng(1).normal(size=(4, 50)).astype(np.float32)
+    greedy = logits.argmax(-1)
+    top5 = np.argsort(-logits, -1)[:, :5]
+    temperature, top_k, top_p = (np.asarray(v, dt) for v, dt in (([0, 1, 2, 1.5], np.float32), ([0, 1, 0, 5], np.int32),
+                                                                   ([1, 1, 1e-6, 1], np.float32)))
+    draw = jax.jit(sample_rows)
+    seen = set()
+    for seed in range(20):
+        keys = jax.vmap(jax.random.key)(np.arange(4) + 10 * seed)
+        tok = np.asarray(draw(logits, keys, temperature, top_k, top_p))
+        np.testing.assert_array_equal(tok[:3], greedy[:3])  # greedy, top-k 1, a tiny top-p
+        assert tok[3] in top5[3]
+        seen.add(int(tok[3]))
+    assert len(seen) > 1  # row 3 does sample
+
+
 def test_length_buckets():
     assert [B.length_bucket(n, 64) for n in (1, 64, 65, 129, 193, 257, 385, 513, 769)] == [
         64, 64, 128, 192, 256, 384, 512, 768, 1024]
