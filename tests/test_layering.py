@@ -45,7 +45,8 @@ class Layer:
 # The declared import order, bottom first: a layer may import itself and any layer above it in this list.
 LAYERS: list[Layer] = [
     # The root's __init__ (version only) sits under everything; the top-level shims may reach the CLIs.
-    Layer("", extra=(("generate", "cli"), ("convert", "cli"), ("imagine", "cli"), ("tts", "cli"))),
+    Layer("", extra=(("generate", "cli"), ("convert", "cli"), ("imagine", "cli"), ("tts", "cli"),
+                     ("batch", "cli"))),
     Layer("config"),
     Layer("sharding"),
     Layer("pallas"),

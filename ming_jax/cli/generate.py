@@ -87,6 +87,8 @@ _SPEAK_VOICE = flags.DEFINE_string("speak_voice", tts.DEFAULT_VOICE, "Voice of t
                                    "talker folder's voice_name.json when it has it ('' or a missing name: no voice).")
 _ANSWER_PREFIX = flags.DEFINE_string("answer_prefix", "", "Text the answer starts with (e.g. 'English\\t' for ASR in "
                                      "a known language).")
+_STREAM = flags.DEFINE_bool("stream", False, "Print the answer as it is generated (one prompt; "
+                            "ming_jax.gen.stream).")
 
 
 class _Progress:
@@ -178,6 +180,8 @@ def _omni_main() -> int:
           f"{model_lib.param_count(model) / 1e6:.1f}M parameters", file=sys.stderr)
     sampling = generation.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                                          top_k=_TOP_K.value, top_p=_TOP_P.value, stop_tokens=cfg.llm.eos_ids)
+    if _STREAM.value:
+        return _stream(model, inputs, sampling, tok)
     t0 = time.perf_counter()
     with _mesh_context():
         out = generation.as_numpy(omni.generate(model, inputs, sampling, seed=_SEED.value,
@@ -378,6 +382,8 @@ def main(argv):
     prep = multimodal.prepare(cfg, ids, mask)
     sampling = generation.SamplingConfig(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                                          top_k=_TOP_K.value, top_p=_TOP_P.value, stop_tokens=cfg.eos_ids)
+    if _STREAM.value:
+        return _stream(model, prep, sampling, tok)
     t0 = time.perf_counter()
     with _mesh_context():
         out = generation.generate(model, prep, sampling, seed=_SEED.value, progress=_Progress(_MAX_NEW.value))
@@ -389,6 +395,23 @@ def main(argv):
         print(f"    ids: {toks[:n].tolist()}")
     if _SPEAK.value:
         return _speak([tok.decode(toks[:n]) for toks, n in zip(out.tokens[:len(prompts)], out.lengths)])
+    return 0
+
+
+def _stream(model, inputs, sampling, tok) -> int:
+    """--stream: the answer printed piece by piece as the chunked decode produces it (`ming_jax.gen.stream`)."""
+    from ming_jax.gen import stream
+
+    if inputs.input_ids.shape[0] != 1:
+        raise app.UsageError(f"--stream prints one answer: give one prompt (and a --mesh that does not split the "
+                             f"batch); got {inputs.input_ids.shape[0]} rows")
+    t0 = time.perf_counter()
+    with _mesh_context():
+        for piece in stream.stream_generate(model, inputs, sampling, tok, seed=_SEED.value):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stderr.write(f"done in {time.perf_counter() - t0:.1f} s (including compilation)\n")
     return 0
 
 

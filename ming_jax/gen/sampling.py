@@ -43,3 +43,32 @@ def sample(logits, key, cfg: SamplingConfig):
         threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
         logits = jnp.where(logits < threshold, neg, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def sample_rows(logits, keys, temperature, top_k, top_p):
+    """Per-row sampling parameters in one batch: logits [B, V], keys [B] (one per row), temperature [B] (0: greedy),
+    top_k [B] int (0: off), top_p [B] (1: off) -> tokens [B] int32. A row samples exactly as `sample` does with
+    its own parameters (temperature first, then top-k, then top-p of what is left), from its own key. The sort
+    over the vocabulary is skipped when every row is greedy."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled(_):
+        v = logits.shape[-1]
+        neg = jnp.finfo(jnp.float32).min
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        ordered = jnp.sort(scaled, axis=-1)[..., ::-1]
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+        kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
+        scaled = jnp.where(scaled < kth, neg, scaled)
+        ordered = jnp.where(ordered < kth, neg, ordered)  # still sorted: the top-k survivors, then the filtered
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly better tokens
+        n_keep = jnp.maximum(jnp.sum(before < top_p[:, None], axis=-1, keepdims=True), 1)
+        threshold = jnp.take_along_axis(ordered, n_keep - 1, axis=-1)
+        threshold = jnp.where(top_p[:, None] < 1.0, threshold, neg)
+        scaled = jnp.where(scaled < threshold, neg, scaled)
+        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: greedy, None)
