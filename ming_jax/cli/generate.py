@@ -406,13 +406,15 @@ def _stream(model, inputs, sampling, tok) -> int:
         raise app.UsageError(f"--stream prints one answer: give one prompt (and a --mesh that does not split the "
                              f"batch); got {inputs.input_ids.shape[0]} rows")
     t0 = time.perf_counter()
+    pieces = []
     with _mesh_context():
         for piece in stream.stream_generate(model, inputs, sampling, tok, seed=_SEED.value):
             sys.stdout.write(piece)
             sys.stdout.flush()
+            pieces.append(piece)
     sys.stdout.write("\n")
     sys.stderr.write(f"done in {time.perf_counter() - t0:.1f} s (including compilation)\n")
-    return 0
+    return _speak(["".join(pieces)]) if _SPEAK.value else 0
 
 
 def run():
