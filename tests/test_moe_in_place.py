@@ -194,3 +194,24 @@ def test_weight_hooks_see_each_layers_weights():
         model(model.embed_tokens(ids), pos)
     assert (CFG.num_experts, CFG.hidden_size, CFG.moe_intermediate_size) in seen
     assert not any(len(s) == 4 and s[0] == CFG.num_moe_layers and s[1] == CFG.num_experts for s in seen)
+
+
+# ------------------------------------------------------------------------------------------ the router
+
+
+def test_text_only_routing_computes_one_gate():
+    """modality None (text prompts, decode steps): only the text gate's logits are computed, not all three gates'
+    of the MultiRouter (the release computes all three on every token and keeps one). Same routing either way."""
+    from ming_jax.moe.router import Router
+
+    t, d, e = 64, 32, 16
+    router = Router(d, e, 3, top_k=4, n_group=4, topk_group=2, scaling=2.5, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(router)
+    x = jax.random.normal(jax.random.key(1), (t, d))
+    text = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    tagged = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, jnp.zeros((t,), jnp.int32)))  # every token text
+    a, b = text(state, x), tagged(state, x)
+    np.testing.assert_array_equal(np.asarray(a.experts), np.asarray(b.experts))
+    numerics.assert_close("weights", np.asarray(a.weights), np.asarray(b.weights))
+    flops = text.lower(state, x).compile().cost_analysis()["flops"]
+    assert flops < 1.5 * 2 * t * d * e, flops  # one [T, D] x [D, E] matmul (plus the top-k), not three
