@@ -1,11 +1,14 @@
-"""The routed experts read in place inside the layer scan (`stacked=` of `ming_jax.pallas.gmm.api.grouped_glu`).
+"""Work the MoE layer used to do off TPU for nothing, and its removal (issue 13's densification audit).
 
-Inside a scan over layers each layer's expert weights are a dynamic slice of the [L, E, ...] stacks, and XLA copies
-that slice whole before a loop can use it: every expert of every layer written and read again per forward, which at
-batch 1 decode is several times the work of the experts the tokens use. With the stacks passed in, the forward reads
-each step's expert out of the stacks; under differentiation the per-layer slices are used (their cotangents are what
-the scan stacks). Checked here: same values and gradients as the per-layer path, and the compiled decode step and
-prefill hold no copy of a layer's experts.
+1. The routed experts read in place inside the layer scan (`stacked=` of `ming_jax.pallas.gmm.api.grouped_glu`).
+   Inside a scan over layers each layer's expert weights are a dynamic slice of the [L, E, ...] stacks, and XLA
+   copies that slice whole before a loop can use it: every expert of every layer written and read again per
+   forward, which at batch 1 decode is several times the work of the experts the tokens use. With the stacks passed
+   in, the forward reads each step's expert out of the stacks; under differentiation the per-layer slices are used
+   (their cotangents are what the scan stacks). Checked: same values and gradients as the per-layer path, and the
+   compiled decode step, prefill and forward hold no copy of a layer's experts.
+2. The router computes only the text gate when no token has another modality (not all three gates).
+3. The combine gathers each token's rows off TPU (no [T*K, D] scatter and no [T, K] x [T, K, D] einsum).
 """
 
 from __future__ import annotations
@@ -215,3 +218,50 @@ def test_text_only_routing_computes_one_gate():
     numerics.assert_close("weights", np.asarray(a.weights), np.asarray(b.weights))
     flops = text.lower(state, x).compile().cost_analysis()["flops"]
     assert flops < 1.5 * 2 * t * d * e, flops  # one [T, D] x [D, E] matmul (plus the top-k), not three
+
+
+# ------------------------------------------------------------------------------------------ the combine
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_combine_by_gather_equals_the_scatter_form(dtype):
+    """Off TPU `dispatch.combine` gathers each token's K rows (no [T*K, D] scatter); same values and gradients."""
+    from ming_jax.moe import dispatch
+
+    t, k, d, e = 40, 4, 24, 8
+    rng = np.random.default_rng(2)
+    experts = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32))
+    experts = experts.at[:5].set(jnp.arange(k, dtype=jnp.int32))  # some experts shared by many tokens
+    plan = dispatch.sort_by_expert(experts, e)
+    ys = jnp.asarray(rng.standard_normal((t * k, d)), dtype)
+    w = jnp.asarray(rng.random((t, k)), jnp.float32)
+
+    def loss(fn):
+        return jax.value_and_grad(lambda ys, w: jnp.sum(jnp.sin(fn(ys, plan.order, w).astype(jnp.float32))),
+                                  argnums=(0, 1))(ys, w)
+
+    (v, (d_ys, d_w)), (v_ref, (d_ys_ref, d_w_ref)) = (jax.jit(lambda: loss(f))() for f in (
+        dispatch.combine_by_gather, dispatch._combine_by_scatter))
+    y, y_ref = dispatch.combine(ys, plan, w), dispatch._combine_by_scatter(ys, plan.order, w)
+    assert y.dtype == ys.dtype and d_ys.dtype == ys.dtype and d_w.dtype == w.dtype
+    for name, a, b in (("y", y, y_ref), ("loss", v, v_ref), ("d_ys", d_ys, d_ys_ref), ("d_w", d_w, d_w_ref)):
+        numerics.assert_close(name, np.asarray(a, np.float32), np.asarray(b, np.float32), dtype=dtype)
+
+
+def test_combine_on_cpu_keeps_no_rows_sized_temporary():
+    """The CPU combine reads each token's rows once: its compiled temporaries are far below one [T*K, D] copy (the
+    scatter form holds that copy: 64 MiB at 2048 tokens x top-8, D 1024; 12 vs 100 ms on the 2-core CPU)."""
+    from ming_jax.moe import dispatch
+
+    t, k, d = 512, 8, 256
+    args = (jax.ShapeDtypeStruct((t * k, d), jnp.float32), jax.ShapeDtypeStruct((t * k,), jnp.int32),
+            jax.ShapeDtypeStruct((t, k), jnp.float32))
+    rows_bytes = t * k * d * 4
+
+    def temp(fn):
+        return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    got = temp(lambda ys, order, w: dispatch.combine(ys, dispatch.DispatchPlan(order, jnp.zeros((1,), jnp.int32),
+                                                                                k), w))
+    assert got < rows_bytes / 8, got
+    assert temp(dispatch._combine_by_scatter) >= rows_bytes  # the guard discriminates
