@@ -67,6 +67,11 @@ def weight_hook(fn: WeightHook) -> Iterator[WeightHook]:
         _HOOKS.remove(fn)
 
 
+def has_weight_hooks() -> bool:
+    """Whether a `weight_hook` is installed (at trace time): then every weight must go through `read` one by one."""
+    return bool(_HOOKS)
+
+
 def ones(key, shape, dtype):
     return jnp.ones(shape, dtype)
 

@@ -25,7 +25,7 @@ from ming_jax.layers import rotary
 from ming_jax.layers.kv_cache import CacheSlot, KVCache
 from ming_jax.layers.mlp import GatedMLP
 from ming_jax.layers.norms import RMSNorm
-from ming_jax.layers.params import fan_in_normal, normal, param, read, zeros
+from ming_jax.layers.params import fan_in_normal, has_weight_hooks, normal, param, read, zeros
 from ming_jax.moe.block import MoEBlock
 from ming_jax.moe.router import Routing
 from ming_jax.pallas.attention.api import AttentionMask, attention
@@ -108,7 +108,8 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, param_dtype=pdt, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, modality=None, kv_cache=None, start=None, collect=False):
+    def __call__(self, x, cos, sin, mask, modality=None, kv_cache=None, start=None, collect=False, experts=None):
+        """`experts`: (layer index, expert weight stacks) for the MoE block to read in place, see `MoEBlock`."""
         with jax.named_scope("attention"):
             a, kv_cache = self.attn(self.input_norm(x), cos, sin, mask, kv_cache, start)
         x = x + a
@@ -116,7 +117,7 @@ class DecoderLayer(nnx.Module):
         routing = None
         if hasattr(self, "moe"):
             with jax.named_scope("moe"):
-                m, r, gates = self.moe(h, modality, per_gate=collect)
+                m, r, gates = self.moe(h, modality, per_gate=collect, stacked=experts)
             routing = (r, gates) if collect else None
         else:
             with jax.named_scope("mlp"):
@@ -237,20 +238,21 @@ class BailingMoeV2(nnx.Module):
         k_moe = v_moe = None
         if cfg.num_moe_layers:
 
-            def body(layer, carry, cos, sin, mask, modality, start, index):
+            def body(layer, carry, cos, sin, mask, modality, start, index, stacks):
                 x, kv = carry  # kv: the whole (k, v) MoE stacks, carried so that each layer updates them in place
                 x, kv, r = layer(x, cos, sin, mask, modality, None if kv is None else slot(*kv, index), start,
-                                 collect)
+                                 collect, None if stacks is None else (index, *stacks))
                 return (x, None if kv is None else (kv.k, kv.v)), r, (x if collect else None)
 
             if self.runtime.remat:  # recompute each layer's activations in the backward pass instead of storing them
                 body = nnx.remat(body)
-            run_moe = (nnx.scan(body, in_axes=(0, nnx.Carry, None, None, None, None, None, 0),
+            run_moe = (nnx.scan(body, in_axes=(0, nnx.Carry, None, None, None, None, None, 0, None),
                                 out_axes=(nnx.Carry, 0, 0)) if self.runtime.scan_layers else
                        functools.partial(self._unrolled, body))
             kv_in = None if cache is None else (cache.k_moe, cache.v_moe)
             (x, kv_out), routing, ys = run_moe(self.moe_layers, (x, kv_in), cos, sin, mask, modality, start,
-                                               jnp.arange(cfg.num_moe_layers, dtype=jnp.int32))
+                                               jnp.arange(cfg.num_moe_layers, dtype=jnp.int32),
+                                               self._expert_stacks())
             if cache is not None:
                 k_moe, v_moe = kv_out
             if collect:
@@ -269,7 +271,24 @@ class BailingMoeV2(nnx.Module):
             return ModelOutput(logits, h, new_cache, jnp.stack(layer_outputs), routing[0], routing[1])
         return ModelOutput(logits, h, new_cache, jnp.stack(layer_outputs) if collect else None)
 
-    def _unrolled(self, body, layers, carry, cos, sin, mask, modality, start, index):
+    def _expert_stacks(self):
+        """The MoE layers' routed-expert weights as stored, [L, E, D, F] / [L, E, F, D], for the scanned layers to
+        read in place (`MoEBlock`, `ming_jax.pallas.gmm.portable.grouped_glu`): the scan's per-layer slice of them is
+        otherwise copied whole every layer, every step. None (each layer uses its slice) when the layers are not
+        scanned, when reading them would change them (a cast to the compute dtype, a weight hook, a wrapped weight
+        such as a quantized one), and without MoE layers."""
+        if not (self.runtime.scan_layers and self.cfg.num_moe_layers) or has_weight_hooks():
+            return None
+        moe = self.moe_layers.moe
+        weights = (moe.w_gate, moe.w_up, moe.w_down)
+        if not all(isinstance(w, nnx.Variable) for w in weights):
+            return None
+        values = tuple(read(w) for w in weights)
+        if any(v.dtype != jnp.dtype(self.runtime.dtype) for v in values):
+            return None
+        return values
+
+    def _unrolled(self, body, layers, carry, cos, sin, mask, modality, start, index, stacks=None):
         """`scan_layers=False`: the scan of `body` over the stacked MoE layers as a Python loop over per-layer
         slices of the same stacked parameters. The parameter layout stays [L, ...] ("layers" axis, same paths).
 
@@ -284,7 +303,7 @@ class BailingMoeV2(nnx.Module):
         for i in range(int(index.shape[0])):
             layer_params = nnx.spmd.remove_axis(jax.tree.map(lambda a, i=i: a[i], params), 0, _LAYERS_AXIS)
             layer = nnx.merge(graphdef, layer_params, rest)
-            carry, r, y = body(layer, carry, cos, sin, mask, modality, start, index[i])
+            carry, r, y = body(layer, carry, cos, sin, mask, modality, start, index[i], None)
             ran.append(layer)
             routes.append(r)
             ys.append(y)

@@ -34,10 +34,12 @@ class MoEBlock(nnx.Module):
         self.shared = (GatedMLP(d, f * cfg.num_shared_experts, param_dtype=pdt, rngs=rngs)
                        if cfg.num_shared_experts else None)
 
-    def __call__(self, x, modality=None, *, per_gate: bool = False):
+    def __call__(self, x, modality=None, *, per_gate: bool = False, stacked=None):
         """x [B, S, D], modality [B, S] int or None -> (y [B, S, D], routing of the B*S tokens, per-gate routing).
 
         The per-gate routing (every gate on every token, [R, B*S, ...]) is a diagnostic, computed only on request.
+        stacked: inside the layer scan, (layer index, w_gate, w_up, w_down stacks of all MoE layers) for the routed
+        experts to read in place (`ming_jax.pallas.gmm.api.grouped_glu`); None: this block's own weights.
         """
         b, s, d = x.shape
         tokens = x.reshape(b * s, d)
@@ -57,7 +59,8 @@ class MoEBlock(nnx.Module):
                 # The permute is fused into the gate/up kernel's loads (impl "pallas"): no [B*S*K, D] copy.
                 ys = gmm.grouped_glu(tokens, plan.group_sizes, read(self.w_gate, dt),
                                      read(self.w_up, dt), read(self.w_down, dt),
-                                     rows=plan.order // plan.top_k, implementation=self.impl)  # [B*S*K, D]
+                                     rows=plan.order // plan.top_k, implementation=self.impl,
+                                     stacked=stacked)  # [B*S*K, D]
                 y = dispatch.combine(ys, plan, routing.weights)
         if self.shared is not None:
             with jax.named_scope("shared_expert"):

@@ -69,11 +69,12 @@ class Router(nnx.Module):
 
     def __call__(self, x, modality=None) -> Routing:
         """x [T, D], modality [T] int (TEXT / VISION / AUDIO) or None (all text)."""
-        logits = self.all_logits(x)  # [R, T, E]
         bias = jax.lax.stop_gradient(read(self.expert_bias))
-        if modality is None or logits.shape[0] == 1:
-            sel_logits, sel_bias = logits[0], bias[0]
+        if modality is None or bias.shape[0] == 1:  # the text gate alone: the other gates' logits would go unused
+            sel_logits = jnp.einsum("td,de->te", x.astype(jnp.float32), read(self.kernel, jnp.float32)[0])
+            sel_bias = bias[0]
         else:
+            logits = self.all_logits(x)  # [R, T, E]
             sel_logits = jnp.take_along_axis(logits, modality[None, :, None], axis=0)[0]
             sel_bias = bias[modality]  # [T, E]
         return route(sel_logits, sel_bias, top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,

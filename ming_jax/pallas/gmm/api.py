@@ -152,13 +152,34 @@ def gmm_glu(
         )
 
 
-def grouped_glu(xs, group_sizes, w_gate, w_up, w_down, *, rows=None, implementation: str = "auto", interpret=None):
+def grouped_glu(xs, group_sizes, w_gate, w_up, w_down, *, rows=None, implementation: str = "auto", interpret=None,
+                stacked=None):
     """The routed experts' SwiGLU FFN: down_g(silu(gate_g(x)) * up_g(x)) for each row of expert g.
 
     xs [M, D] sorted by expert (or, with `rows` [M] int32, the unsorted [T, D] tokens with sorted row r = xs[rows[r]],
     the permute fused into the gate/up kernel's loads), group_sizes [E], w_gate / w_up [E, D, F], w_down [E, F, D]
     -> [M, D] in sorted order, xs.dtype (float32 accumulation).
+
+    stacked: optional (layer, w_gate_all, w_up_all, w_down_all) with the weights' stacks over all MoE layers ([L, E,
+    ...], w_gate == w_gate_all[layer], ...), given inside a scan over layers so that the portable path reads its
+    experts in place instead of through the scan's per-layer copy of every expert (`portable.grouped_glu`). The
+    result and the gradients are the same; "pallas" and "xla" (and "auto" lowered for TPU) use the per-layer weights.
     """
+    if stacked is not None and (implementation == "portable" or (implementation == "auto" and interpret in (None, False))):
+        _check(xs if rows is None else jax.ShapeDtypeStruct((rows.shape[0], xs.shape[1]), xs.dtype),
+               {"w_gate": w_gate, "w_up": w_up}, group_sizes, implementation)
+        if rows is not None:
+            _check_rows(xs, rows)
+        in_place = lambda a, gs, wg, wu, wd: portable.grouped_glu(a, gs, wg, wu, wd, rows, stacked)  # noqa: E731
+        if implementation == "portable":
+            with jax.named_scope("grouped_glu"):
+                return in_place(xs, group_sizes, w_gate, w_up, w_down)
+
+        def tpu(a, gs, wg, wu, wd):
+            return grouped_glu(a, gs, wg, wu, wd, rows=rows, implementation="pallas", interpret=False)
+
+        with jax.named_scope("grouped_glu"):
+            return lax.platform_dependent(xs, group_sizes, w_gate, w_up, w_down, tpu=tpu, default=in_place)
     h = gmm_glu(xs, w_gate, w_up, group_sizes, rows=rows, implementation=implementation, interpret=interpret)
     return gmm(h.astype(xs.dtype), w_down, group_sizes, preferred_element_type=xs.dtype,
                implementation=implementation, interpret=interpret)

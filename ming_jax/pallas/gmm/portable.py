@@ -113,8 +113,14 @@ def _load(x, rows, start, tm, dtype):
     return _float(jnp.take(x, lax.dynamic_slice_in_dim(rows, start, tm, 0), axis=0), dtype)
 
 
-def _weight(w_bits, g, dtype):
-    return _float(lax.dynamic_index_in_dim(w_bits, g, 0, keepdims=False), dtype)
+def _weight(w_bits, g, dtype, layer=None):
+    """Group g's [K, N] weights of w_bits [G, K, N], or of layer `layer` of a stack [L, G, K, N] (read in place)."""
+    if layer is None:
+        return _float(lax.dynamic_index_in_dim(w_bits, g, 0, keepdims=False), dtype)
+    k, n = w_bits.shape[2:]
+    z = jnp.zeros((), jnp.int32)
+    at = (jnp.asarray(layer, jnp.int32), jnp.asarray(g, jnp.int32), z, z)
+    return _float(lax.dynamic_slice(w_bits, at, (1, 1, k, n)).reshape(k, n), dtype)
 
 
 def _dot(a, b, dims):
@@ -156,17 +162,18 @@ def gmm(lhs, rhs, group_sizes, out_dtype, tm=None):
     return _gmm_fwd_loop(lhs, rhs, group_sizes, jnp.dtype(out_dtype), _tm(lhs.shape[0], tm, rhs.shape[0]))
 
 
-def _gmm_fwd_loop(lhs, rhs, group_sizes, out_dtype, tm):
+def _gmm_fwd_loop(lhs, rhs, group_sizes, out_dtype, tm, layer=None):
+    """rhs [G, K, N], or with `layer` a stack [L, G, K, N] read in place at that layer."""
     m = lhs.shape[0]
     steps = _Steps(group_sizes, m, tm)
     lhs_b, rhs_b = _bits(lhs), _bits(rhs)
 
     def body(s, out):
         g, start, mask = steps.at(s)
-        y = _dot(_load(lhs_b, None, start, tm, lhs.dtype), _weight(rhs_b, g, rhs.dtype), _NN)
+        y = _dot(_load(lhs_b, None, start, tm, lhs.dtype), _weight(rhs_b, g, rhs.dtype, layer), _NN)
         return _masked_write(out, start, mask, y, out_dtype)
 
-    out = lax.fori_loop(0, steps.count, body, _zeros((m, rhs.shape[2]), out_dtype))
+    out = lax.fori_loop(0, steps.count, body, _zeros((m, rhs.shape[-1]), out_dtype))
     return _float(out, out_dtype)
 
 
@@ -207,7 +214,12 @@ def gmm_glu(x, w_gate, w_up, group_sizes, rows=None, tm=None):
     """h = silu(x @ w_gate[g]) * (x @ w_up[g]) -> [M, F] in x.dtype; with rows [M] int32, sorted row r is x[rows[r]]."""
     rows = _clip_rows(x, rows)
     m = x.shape[0] if rows is None else rows.shape[0]
-    tm = _tm(m, tm, w_gate.shape[0])
+    return _glu_fwd_loop(x, w_gate, w_up, group_sizes, rows, _tm(m, tm, w_gate.shape[0]))
+
+
+def _glu_fwd_loop(x, w_gate, w_up, group_sizes, rows, tm, layer=None):
+    """rows already clipped; w_gate / w_up [G, D, F], or with `layer` stacks [L, G, D, F] read in place."""
+    m = x.shape[0] if rows is None else rows.shape[0]
     steps = _Steps(group_sizes, m, tm)
     dt = x.dtype
     x_b, wg_b, wu_b = _bits(x), _bits(w_gate), _bits(w_up)
@@ -215,10 +227,11 @@ def gmm_glu(x, w_gate, w_up, group_sizes, rows=None, tm=None):
     def body(s, h):
         g, start, mask = steps.at(s)
         a = _load(x_b, rows, start, tm, dt)
-        gate, up = _dot(a, _weight(wg_b, g, w_gate.dtype), _NN), _dot(a, _weight(wu_b, g, w_up.dtype), _NN)
+        gate = _dot(a, _weight(wg_b, g, w_gate.dtype, layer), _NN)
+        up = _dot(a, _weight(wu_b, g, w_up.dtype, layer), _NN)
         return _masked_write(h, start, mask, jax.nn.silu(gate) * up, dt)
 
-    h = lax.fori_loop(0, steps.count, body, _zeros((m, w_gate.shape[2]), dt))
+    h = lax.fori_loop(0, steps.count, body, _zeros((m, w_gate.shape[-1]), dt))
     return _float(h, dt)
 
 
@@ -265,3 +278,55 @@ def _glu_bwd(tm, residuals, d_h):
 
 
 gmm_glu.defvjp(_glu_fwd, _glu_bwd)
+
+
+# --------------------------------------------------------------------------------------------------- grouped_glu
+
+
+def grouped_glu(x, group_sizes, w_gate, w_up, w_down, rows=None, stacked=None, tm=None):
+    """The expert FFN down_g(silu(gate_g(x)) * up_g(x)) -> [M, D] in x.dtype, sorted order (rows: fused permute).
+
+    stacked: None, or (layer, w_gate_all, w_up_all, w_down_all), the stacks [L, E, ...] of every MoE layer that
+    w_gate / w_up / w_down are layer `layer` of. Inside a scan over layers, the per-layer weights are a dynamic slice
+    of the stacks, which XLA materializes as a copy of the whole layer's experts before the loops here can use it:
+    at batch 1 decode that copy (every expert, written and read again) costs several times the work of the 8 experts a
+    token uses. With `stacked`, the undifferentiated forward reads each step's expert out of the stacks in place and
+    the per-layer slices go unused (XLA removes them). Under differentiation the same function runs on the per-layer
+    weights (`gmm_glu` then `gmm` and their VJPs), so gradients reach the slices, whose cotangents the layer scan
+    stacks, and the stacks get none (they enter through `stop_gradient`).
+    """
+    if stacked is None:
+        h = gmm_glu(x, w_gate, w_up, group_sizes, rows, tm)
+        return gmm(h, w_down, group_sizes, x.dtype, tm)
+    layer, *stacks = stacked
+    for w, s in zip((w_gate, w_up, w_down), stacks):
+        if s.ndim != 4 or s.shape[1:] != w.shape or s.dtype != w.dtype:
+            raise ValueError(f"stacked weights must be [L, {', '.join(map(str, w.shape))}] {w.dtype} stacks of the "
+                             f"per-layer weights, got {s.dtype} {s.shape}")
+    stacks = [lax.stop_gradient(s) for s in stacks]
+    return _ffn_in_place(x, group_sizes, rows, w_gate, w_up, w_down, jnp.asarray(layer, jnp.int32), *stacks, tm)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
+def _ffn_in_place(x, group_sizes, rows, w_gate, w_up, w_down, layer, s_gate, s_up, s_down, tm):
+    del w_gate, w_up, w_down  # the forward reads the stacks (see `grouped_glu`)
+    rows = _clip_rows(x, rows)
+    m = x.shape[0] if rows is None else rows.shape[0]
+    tm = _tm(m, tm, s_gate.shape[1])
+    h = _glu_fwd_loop(x, s_gate, s_up, group_sizes, rows, tm, layer)
+    return _gmm_fwd_loop(h, s_down, group_sizes, x.dtype, tm, layer)
+
+
+def _ffn_in_place_fwd(x, group_sizes, rows, w_gate, w_up, w_down, layer, s_gate, s_up, s_down, tm):
+    def sliced(x, w_gate, w_up, w_down):
+        return grouped_glu(x, group_sizes, w_gate, w_up, w_down, rows, None, tm)
+
+    return jax.vjp(sliced, x, w_gate, w_up, w_down)  # (output, pullback as the residual)
+
+
+def _ffn_in_place_bwd(tm, pullback, d_y):
+    d_x, d_wg, d_wu, d_wd = pullback(d_y)
+    return d_x, None, None, d_wg, d_wu, d_wd, None, None, None, None
+
+
+_ffn_in_place.defvjp(_ffn_in_place_fwd, _ffn_in_place_bwd)
