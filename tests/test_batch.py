@@ -23,7 +23,7 @@ from ming_jax.gen import text as generation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = OmniConfig.tiny(llm=dict(max_position_embeddings=256))  # a short context: over-long prompts are cheap
-OPTIONS = B.BatchOptions(batch_size=2, bucket=128)
+OPTIONS = B.BatchOptions(batch_size=2, bucket=128, scheduler="static")  # the static engine (continuous: test_serving)
 TEXT = {f"t{i}": ("hello " * i + f"question {i}?", 3 + i) for i in range(5)}  # custom_id: (text, max_tokens)
 
 

@@ -3,6 +3,7 @@
     python -m ming_jax.batch --input requests.jsonl --output results.jsonl --checkpoint DIR
     python -m ming_jax.batch --input requests.jsonl --output results.jsonl --checkpoint CKPT --mesh expert=8
     python -m ming_jax.batch --input requests.jsonl --output results.jsonl     # tiny preset, RANDOM weights
+    python -m ming_jax.batch --input requests.jsonl --output results.jsonl --scheduler static
 
 A rerun with the same --output skips the requests already answered there (resume after a crash). Request and
 result formats, bucketing and what is not supported: docs/batch_inference.md. All logic lives in
@@ -40,6 +41,12 @@ _MEDIA_ROOT = flags.DEFINE_string("media_root", None, "Relative media paths are 
                                   "the input file's folder).")
 _RETRY = flags.DEFINE_bool("retry_errors", False, "Drop the error lines of --output and run those requests again.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
+_SCHEDULER = flags.DEFINE_enum("scheduler", "continuous", ["continuous", "static"], "continuous: --batch_size "
+                               "decode slots refilled as requests finish; static: bucketed batches, each run until "
+                               "its longest row finishes.")
+_CHUNK = flags.DEFINE_integer("chunk", 32, "Continuous: the most decode steps per host round trip.")
+_MAX_LEN = flags.DEFINE_integer("max_len", None, "Continuous: KV cache positions per slot (default: what the "
+                                "longest request needs).")
 
 
 def main(argv):
@@ -57,7 +64,8 @@ def main(argv):
     try:
         options = batch.BatchOptions(batch_size=_BATCH.value, bucket=_BUCKET.value, max_tokens=_MAX_TOKENS.value,
                                      temperature=_TEMPERATURE.value, seed=_SEED.value, window=_WINDOW.value,
-                                     media_root=_MEDIA_ROOT.value, retry_errors=_RETRY.value)
+                                     media_root=_MEDIA_ROOT.value, retry_errors=_RETRY.value,
+                                     scheduler=_SCHEDULER.value, chunk=_CHUNK.value, max_len=_MAX_LEN.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     mesh, rules = cli.mesh_and_rules(_MESH.value, _RULES.value)

@@ -9,14 +9,21 @@ local paths or file:// URLs. One result line per request, a `chat.completion` bo
 (`docs/batch_inference.md`).
 
 How the work is laid out: every request is checked and its prompt built on the host (the release's chat template
-and media processors, `ming_jax.processors.prompt`); requests are grouped by kind (text only, or with media:
-the two prefill programs) and by prompt-length bucket (`length_bucket`), sorted by token budget within a group,
-and run `batch_size` rows at a time through the jitted prefill + decode of `ming_jax.gen.text`: each row with its
-own budget, temperature, top-k, top-p and seed (`RowSampling`), a partial batch filled with one-token dummy rows,
-the token budget rounded up to a power of two and the media feature rows to a power of two, so that one compiled
-program serves every batch of a bucket. Results are appended as each batch finishes, one `write` per line; a
-rerun reads the output file, drops a partial last line left by a crash, and skips every request already answered.
-Bad requests get an error line and never stop the job.
+and media processors, `ming_jax.processors.prompt`). Two schedulers (`BatchOptions.scheduler`):
+
+* "continuous" (the default): the requests go first in, first out through one `serving.ContinuousEngine` of
+  `batch_size` decode slots, each slot refilled as its request finishes (one compiled decode program, one
+  admission prefill per prompt-length bucket); each result line is written when its request finishes;
+* "static": requests are grouped by kind (text only, or with media: the two prefill programs) and by prompt-length
+  bucket (`length_bucket`), sorted by token budget within a group, and run `batch_size` rows at a time through the
+  jitted prefill + decode of `ming_jax.gen.text`, each batch until its longest row finishes: each row with its own
+  budget, temperature, top-k, top-p and seed (`RowSampling`), a partial batch filled with one-token dummy rows,
+  the token budget rounded up to a power of two and the media feature rows to a power of two, so that one compiled
+  program serves every batch of a bucket.
+
+Both give a request the same answer (the same sampling code and random stream from its seed). Results are appended
+one `write` per line; a rerun reads the output file, drops a partial last line left by a crash, and skips every
+request already answered. Bad requests get an error line and never stop the job.
 """
 
 from __future__ import annotations
@@ -42,13 +49,15 @@ from ming_jax.checkpoint.manifest import Manifest
 from ming_jax.config.modality import TEXT
 from ming_jax.config.omni import OmniConfig
 from ming_jax.config.runtime import Runtime
-from ming_jax.gen import omni
+from ming_jax.gen import omni, serving
 from ming_jax.gen import text as generation
 from ming_jax.models import inputs as multimodal
 from ming_jax.models import registry
 from ming_jax.processors import prompt as prompt_lib
 from ming_jax.processors import tokenizer as tok_lib
 from ming_jax.processors.image import ProcessorConfig
+
+length_bucket, pow2_bucket = serving.length_bucket, serving.pow2_bucket  # (they live with the engine)
 
 CHAT_URL = "/v1/chat/completions"
 TOP_KEYS = frozenset({"custom_id", "method", "url", "body"})
@@ -66,6 +75,9 @@ LINE_ERRORS = frozenset({"invalid_json", "missing_custom_id", "duplicate_custom_
 MEDIA_PARTS = {"image_url": "image", "image": "image", "audio_url": "audio", "audio": "audio",
                "video_url": "video", "video": "video"}
 ROLES = {"user": "HUMAN", "assistant": "ASSISTANT"}
+
+
+SCHEDULERS = ("continuous", "static")
 
 
 class RequestError(Exception):
@@ -89,10 +101,17 @@ class BatchOptions:
     window: int = 64  # media requests are preprocessed (decoded, resized) this many at a time
     media_root: str | None = None  # relative media paths are relative to this (default: the input file's folder)
     retry_errors: bool = False  # rerun requests whose result line is an error (their lines are dropped first)
+    scheduler: str = "continuous"  # or "static" (bucketed batches, each run until its longest row finishes)
+    chunk: int = 32  # continuous: the most decode steps per host round trip
+    max_len: int | None = None  # continuous: cache positions per slot (None: what the longest request needs)
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.bucket < 1 or self.max_tokens < 1 or self.window < 1:
-            raise ValueError(f"batch_size, bucket, max_tokens and window must be >= 1: {self}")
+        if self.batch_size < 1 or self.bucket < 1 or self.max_tokens < 1 or self.window < 1 or self.chunk < 1:
+            raise ValueError(f"batch_size, bucket, max_tokens, window and chunk must be >= 1: {self}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler={self.scheduler!r}: one of {SCHEDULERS}")
+        if self.max_len is not None and self.max_len < 2:
+            raise ValueError(f"max_len={self.max_len} must be >= 2")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0")
 
@@ -182,25 +201,6 @@ class Engine:
         if self.mesh is None:
             return contextlib.nullcontext()
         return sharding.use_mesh(self.mesh, self.rules)
-
-
-# --- buckets ------------------------------------------------------------------------------------------------------
-
-
-def length_bucket(n: int, base: int = 64) -> int:
-    """The padded prompt length of an `n`-token prompt: `base` times 1, 2, 3, 4, 6, 8, 12, 16, ... (at most half
-    the slots are padding, and the number of programs grows with the log of the longest prompt)."""
-    units = max(1, -(-n // base))
-    k = 1
-    while True:
-        for m in (k, k + k // 2) if k >= 2 else (k,):
-            if m >= units:
-                return m * base
-        k *= 2
-
-
-def pow2_bucket(n: int, least: int) -> int:
-    return max(least, 1 << max(0, int(n) - 1).bit_length())
 
 
 # --- requests -----------------------------------------------------------------------------------------------------
@@ -542,14 +542,20 @@ class Summary:
     batches: int = 0
     programs: set = dataclasses.field(default_factory=set)  # (kind, rows, prompt slots, budget, feature rows)
     seconds: float = 0.0
+    scheduler: str = "static"
+    decode_steps: int = 0  # continuous: decode steps of all slots, and how many slot-steps were busy
+    slot_steps: int = 0
+    active_slot_steps: int = 0
 
     def text(self) -> str:
         rate = lambda n: n / max(self.seconds, 1e-9)  # noqa: E731
+        what = (f"{self.batches} batch(es) over {len(self.programs)} program shape(s)" if self.scheduler == "static"
+                else f"continuous batching: {self.decode_steps} decode steps in {self.batches} round trip(s), slots "
+                f"{100 * self.active_slot_steps / max(self.slot_steps, 1):.0f}% busy")
         lines = [f"{self.requests} request(s): {self.succeeded} answered, {self.failed} failed, {self.skipped} "
                  f"already answered (skipped)",
-                 f"{self.batches} batch(es) over {len(self.programs)} program shape(s) in {self.seconds:.1f} s: "
-                 f"{rate(self.succeeded + self.failed):.2f} requests/s, {rate(self.completion_tokens):.1f} "
-                 f"generated tokens/s",
+                 f"{what} in {self.seconds:.1f} s: {rate(self.succeeded + self.failed):.2f} requests/s, "
+                 f"{rate(self.completion_tokens):.1f} generated tokens/s",
                  f"tokens: {self.prompt_tokens} prompt, {self.completion_tokens} generated"]
         if self.finish:
             lines.append("finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(self.finish.items())))
@@ -607,6 +613,8 @@ class _Job:
         return items
 
     def run(self, items: list[Item]) -> None:
+        if self.options.scheduler == "continuous":
+            return self.continuous(items)
         groups: dict[tuple, list[Item]] = collections.defaultdict(list)
         for it in items:
             kind = "media" if it.request.media else "text"
@@ -651,20 +659,83 @@ class _Job:
             return
         tokens = 0
         for r, it in enumerate(ok):
-            n = int(out.lengths[r])
-            ids = out.tokens[r, :n]
-            stopped = n > 0 and int(ids[-1]) in self.stops
-            content = self.engine.tokenizer.decode((ids[:-1] if stopped else ids).tolist())
-            finish = "stop" if stopped else "length"
-            self.writer.write(success_line(it.request.custom_id, self.engine.name, content, finish, it.n_prompt, n))
-            self.summary.succeeded += 1
-            self.summary.finish[finish] += 1
-            self.summary.prompt_tokens += it.n_prompt
-            self.summary.completion_tokens += n
-            tokens += n
+            tokens += self.answer(it, out.tokens[r, :int(out.lengths[r])])
         self.writer.sync()
         self.summary.batches += 1
         self.bar.update(len(ok), tokens)
+
+    def answer(self, it: Item, ids: np.ndarray) -> int:
+        """Write the result line of a generated request (`ids`: its tokens, a stop token last) -> its length."""
+        n = len(ids)
+        stopped = n > 0 and int(ids[-1]) in self.stops
+        content = self.engine.tokenizer.decode((ids[:-1] if stopped else ids).tolist())
+        finish = "stop" if stopped else "length"
+        self.writer.write(success_line(it.request.custom_id, self.engine.name, content, finish, it.n_prompt, n))
+        self.summary.succeeded += 1
+        self.summary.finish[finish] += 1
+        self.summary.prompt_tokens += it.n_prompt
+        self.summary.completion_tokens += n
+        return n
+
+    def continuous(self, items: list[Item]) -> None:
+        """Every request through one `serving.ContinuousEngine` of `batch_size` decode slots, refilled as
+        requests finish (first in, first out); each result line is written as its request finishes."""
+        model, options = self.engine.model, self.options
+        ready = []
+        for it in items:
+            try:
+                ready.append((it, omni.prepare(model, it.inputs, omni.encode_media(model, it.inputs))))
+            except Exception as e:  # noqa: BLE001 - a tower refusing a medium fails that request only
+                self.fail(it.request.custom_id, RequestError("unreadable_media", f"{type(e).__name__}: {e}",
+                                                             "body.messages"), it.request.line)
+        if not ready:
+            return
+        max_len = options.max_len or -(-max(length_bucket(p.input_ids.shape[1], options.bucket) + it.max_tokens
+                                           for it, p in ready) // 128) * 128
+        engine = serving.ContinuousEngine(model.llm, slots=self.rows, max_len=max_len, chunk=options.chunk,
+                                          bucket=options.bucket, stop_tokens=self.stops, pad_id=self.pad_id)
+        requests = []
+        for it, prep in ready:
+            r = it.request
+            req = serving.Request(it, prep, it.max_tokens, r.temperature, r.top_k, r.top_p, r.seed)
+            try:
+                engine.plan(req)
+            except ValueError as e:  # longer than a slot (--max_len)
+                self.fail(r.custom_id, RequestError("context_length_exceeded", str(e), "body.max_tokens"), r.line)
+                continue
+            requests.append(req)
+        self.summary.programs.add(("continuous", self.rows, max_len, options.chunk))
+        last_sync = [time.perf_counter()]
+        fresh = [0, 0]  # requests, tokens answered since the last round trip
+
+        def on_result(res: serving.Result) -> None:
+            fresh[0] += 1
+            fresh[1] += self.answer(res.id, res.tokens)
+
+        def on_error(req: serving.Request, e: Exception) -> None:
+            self.fail(req.id.request.custom_id, RequestError("generation_failed", f"{type(e).__name__}: {e}"),
+                      req.id.request.line)
+
+        def on_round(stats: serving.Stats) -> None:
+            if not fresh[0]:
+                return
+            if time.perf_counter() - last_sync[0] > 1.0:  # at most one fsync a second (lines are whole anyway)
+                self.writer.sync()
+                last_sync[0] = time.perf_counter()
+            self.bar.update(fresh[0], fresh[1])
+            fresh[0] = fresh[1] = 0
+            if self.on_batch is not None:
+                self.on_batch(self.summary)
+
+        try:
+            engine.run(requests, on_result=on_result, on_error=on_error, on_round=on_round)
+        finally:
+            st = engine.stats
+            self.summary.batches += st.round_trips
+            self.summary.decode_steps += st.steps
+            self.summary.slot_steps += st.slot_steps
+            self.summary.active_slot_steps += st.active_slot_steps
+            self.writer.sync()
 
 
 def stack_prepared(preps: Sequence[multimodal.Prepared], length: int, rows: int, pad_id: int) -> multimodal.Prepared:
@@ -748,7 +819,7 @@ def run_batch(engine: Engine, input_path: str, output_path: str, options: BatchO
     if done.dropped_errors:
         log(f"{output_path}: {done.dropped_errors} error line(s) dropped to run those requests again")
     root = options.media_root or os.path.dirname(os.path.abspath(input_path))
-    summary = Summary()
+    summary = Summary(scheduler=options.scheduler)
     lines = _lines(input_path)
     summary.requests = len(lines)
     todo = [ln for ln in lines if not (ln.n in done.lines if ln.error is not None else ln.custom_id in done.ids)]

@@ -20,6 +20,8 @@ class KVCache:
 
     Slots are written left to right at `length`; a batch row's padding slots stay invalid forever, so left and right
     padded prompts share one layout. Dense and MoE layers keep separate stacks to match the parameter layout.
+    `length` is one write position for the whole batch ([], the static batch of `ming_jax.gen.text`), or one per
+    row ([B]: every row at its own slot, the decode slots of `ming_jax.gen.serving`).
     """
 
     k_dense: jax.Array  # [Ld, B, K, S_max, hd]
@@ -27,7 +29,7 @@ class KVCache:
     k_moe: jax.Array  # [Lm, B, K, S_max, hd]
     v_moe: jax.Array
     valid: jax.Array  # [B, S_max] bool
-    length: jax.Array  # [] int32: next slot to write
+    length: jax.Array  # [] or [B] int32: next slot to write (per row when [B])
 
     @classmethod
     def create(cls, cfg: LLMConfig, batch: int, max_len: int, dtype="float32") -> "KVCache":
@@ -65,7 +67,15 @@ class CacheSlot:
     attend_cache: bool = dataclasses.field(default=True, metadata=dict(static=True))
 
     def write(self, k_new, v_new, start) -> "CacheSlot":
-        """k_new / v_new [B, T, K, hd] -> slots start .. start+T-1 of this layer."""
+        """k_new / v_new [B, T, K, hd] -> slots start .. start+T-1 of this layer; `start` [] (every row) or [B] (row
+        b at start[b]: one scatter; slots past the end are dropped)."""
+        if jnp.ndim(start) == 1:
+            b, t = k_new.shape[:2]
+            rows = jnp.arange(b)[:, None]
+            cols = start[:, None] + jnp.arange(t)[None, :]  # [B, T]
+            put = lambda stack, new: stack.at[self.layer, rows, :, cols, :].set(  # noqa: E731
+                new.astype(stack.dtype), mode="drop")  # indexed dims first: new is [B, T, K, hd] as it comes
+            return dataclasses.replace(self, k=put(self.k, k_new), v=put(self.v, v_new))
         at = (self.layer, jnp.int32(0), jnp.int32(0), start, jnp.int32(0))
         put = lambda stack, new: jax.lax.dynamic_update_slice(  # noqa: E731
             stack, new.swapaxes(1, 2).astype(stack.dtype)[None], at)

@@ -194,10 +194,11 @@ class BailingMoeV2(nnx.Module):
         attention_mask [B, T] bool marks real tokens (None: all real); without a cache it may also be int segment ids
         (0 = padding, 1, 2, ... = documents packed in a row, attending only within themselves). modality [B, T] int
         picks each token's router (None: text gate for all, as in decode steps). With `cache`, the T tokens go to
-        slots cache.length ... and attend to every valid earlier slot; with `prefill=True` the cache starts over
-        instead (the T tokens go to slots 0 .. T-1, whatever it held) and attention runs on the T tokens alone with
-        the causal + segment mask, so the attention kernels (splash, cuDNN) serve the prompt. logits_at [B] int:
-        compute logits only at these positions (-> [B, V]).
+        slots cache.length ... (row b from cache.length[b] when the length is per row, [B]) and attend to every
+        valid earlier slot; with `prefill=True` the cache starts over instead (the T tokens go to slots 0 .. T-1,
+        whatever it held) and attention runs on the T tokens alone with the causal + segment mask, so the attention
+        kernels (splash, cuDNN) serve the prompt. logits_at [B] int: compute logits only at these positions
+        (-> [B, V]).
         """
         cfg = self.cfg
         b, t, _ = embeds.shape
@@ -213,6 +214,13 @@ class BailingMoeV2(nnx.Module):
         elif prefill:  # the cache starts over: slots 0 .. T-1, nothing earlier is valid
             start = jnp.zeros((), jnp.int32)
             valid = jnp.zeros_like(cache.valid).at[:, :t].set(attention_mask)
+        elif jnp.ndim(cache.length) == 1:  # every row at its own slot (decode slots, `ming_jax.gen.serving`)
+            start = cache.length
+            q_slots = start[:, None] + jnp.arange(t)[None, :]  # [B, T]
+            valid = cache.valid.at[jnp.arange(b)[:, None], q_slots].set(attention_mask, mode="drop")
+            k_slots = jnp.arange(cache.max_len)
+            mask = AttentionMask(dense=(k_slots[None, None, :] <= q_slots[:, :, None])[:, None] &
+                                 valid[:, None, None, :])
         else:
             start = cache.length
             q_slots = start + jnp.arange(t)
