@@ -7,7 +7,8 @@ The marker is an HTML comment on the line before a ```bash fence (invisible on G
                                  MING_NO_LIBTPU=1, where it is skipped saying so (as tests/tpu_compile.py does)
 
 Only cheap commands are marked (the tiny presets, the golden cases); commands that need a real checkpoint, a TPU or
-minutes are shown unmarked. The clone is `git clone --local` of this checkout's HEAD plus its uncommitted changes
+minutes are shown unmarked. Not marked although tiny: `python -m ming_jax.imagine` without a checkpoint, which
+compiles the thinker, the DiT sampler and the VAE (about 40 s of CPU; tests/test_imagine_cli.py runs it). The clone is `git clone --local` of this checkout's HEAD plus its uncommitted changes
 to tracked files (untracked files are not in it, as they would not be in a fresh clone); `python` is this
 interpreter (the blocks do not set up a virtualenv), JAX_PLATFORMS=cpu, and ../shared beside the clone points to
 the shared data of this checkout (the golden cases: MING_GOLDEN_DIR, or ../shared/golden), so the documents' relative
@@ -20,7 +21,7 @@ import importlib.util
 import os
 import pathlib
 import re
-import shutil
+import shlex
 import subprocess
 import sys
 import time
@@ -87,7 +88,7 @@ def test_readme_opens_with_the_quick_start_and_marks_a_job_per_screen():
     assert 'exec python -m ming_jax.generate "$@"' in (REPO / "run.sh").read_text()  # ./run.sh ARGS = generate ARGS
     marked = "\n".join(script for doc, _, script, _ in BLOCKS if doc == "README.md")
     for job in ("ming_jax.convert", "ming_jax.generate", "--image", "ming_jax.batch", "ming_jax.tts",
-                "ming_jax.imagine", "ming_jax.train", "ming_jax.parity", "ming_jax.aot", "benchmarks."):
+                "ming_jax.train", "ming_jax.parity", "ming_jax.aot", "benchmarks."):  # imagine: see the docstring
         assert job in marked, f"README: no runnable command with {job}"
 
 
@@ -108,9 +109,11 @@ def clone(tmp_path_factory):
         os.symlink(GOLDEN_DIR, root / "shared" / "golden")
     if (GOLDEN_DIR.parent / "reference").is_dir():
         os.symlink(GOLDEN_DIR.parent / "reference", root / "shared" / "reference")
-    bin_dir = root / "bin"  # `python` in the blocks: this interpreter
+    bin_dir = root / "bin"  # `python` in the blocks: this interpreter (a wrapper: a symlink would lose its venv)
     bin_dir.mkdir()
-    os.symlink(sys.executable, bin_dir / "python")
+    wrapper = bin_dir / "python"
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    wrapper.chmod(0o755)
     return dst, bin_dir
 
 
