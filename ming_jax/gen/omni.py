@@ -40,8 +40,10 @@ def forward(model: OmniModel, inputs: OmniInputs, *, collect: bool = False) -> O
 
 
 def generate(model: OmniModel, inputs: OmniInputs, sampling: generation.SamplingConfig, *, seed: int = 0,
-             return_logits: bool = False, progress=None) -> generation.Generated:
-    """The official `generate` for understanding: media encoded once, then prefill + jitted decode loop."""
+             return_logits: bool = False, progress=None, bucket: int = 64) -> generation.Generated:
+    """The official `generate` for understanding: media encoded once, then prefill + jitted decode loop (prompts
+    left-padded to a multiple of `bucket` slots: prompts of one bucket share the compiled decode loop)."""
     media = encode_media(model, inputs)
     prep = prepare(model, inputs, media)
-    return generation.generate(model.llm, prep, sampling, seed=seed, return_logits=return_logits, progress=progress)
+    return generation.generate(model.llm, prep, sampling, seed=seed, return_logits=return_logits, progress=progress,
+                               bucket=bucket)

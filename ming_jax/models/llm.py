@@ -28,7 +28,8 @@ from ming_jax.layers.norms import RMSNorm
 from ming_jax.layers.params import fan_in_normal, has_weight_hooks, normal, param, read, zeros
 from ming_jax.moe.block import MoEBlock
 from ming_jax.moe.router import Routing
-from ming_jax.pallas.attention.api import AttentionMask, attention
+from ming_jax.pallas.attention import reference as attention_reference
+from ming_jax.pallas.attention.api import AttentionMask, as_mask, attention
 
 _LAYERS_AXIS = {nnx.PARTITION_NAME: "layers"}  # the leading axis of the stacked MoE layers' parameters
 
@@ -73,12 +74,7 @@ class Attention(nnx.Module):
         T new keys. Returns (out [B, T, D], the updated CacheSlot or None).
         """
         dt = x.dtype
-        qkv = jnp.einsum("btd,dkgh->btkgh", x, read(self.qkv, dt))
-        if self.qkv_bias is not None:
-            qkv = qkv + read(self.qkv_bias, dt)
-        q, k, v = split_qkv(qkv, self.g)
-        q = rotary.apply_rotary(self.q_norm(q), cos, sin)
-        k = rotary.apply_rotary(self.k_norm(k), cos, sin)
+        q, k, v = self.project(x, cos, sin)
         if kv_cache is not None:
             kv_cache = kv_cache.write(k, v, start)
             if kv_cache.attend_cache:
@@ -88,6 +84,21 @@ class Attention(nnx.Module):
         if self.out_bias is not None:
             y = y + read(self.out_bias, dt)
         return y, kv_cache
+
+    def project(self, x, cos, sin):
+        """x [B, T, D] -> q [B, T, H, hd], k, v [B, T, K, hd]: fused projection, q / k norms, rotary."""
+        dt = x.dtype
+        qkv = jnp.einsum("btd,dkgh->btkgh", x, read(self.qkv, dt))
+        if self.qkv_bias is not None:
+            qkv = qkv + read(self.qkv_bias, dt)
+        q, k, v = split_qkv(qkv, self.g)
+        return rotary.apply_rotary(self.q_norm(q), cos, sin), rotary.apply_rotary(self.k_norm(k), cos, sin), v
+
+    def probabilities(self, x, cos, sin, mask):
+        """Diagnostics: the softmax weights [B, H, T, S] float32 of the queries of x on its keys (no cache), as
+        the reference attention computes them; `mask` as for `__call__`."""
+        q, k, _ = self.project(x, cos, sin)
+        return attention_reference.probabilities(q, k, as_mask(mask).to_dense(q.shape[1], k.shape[1]))
 
 
 # --- decoder layers -----------------------------------------------------------------------------------------------
@@ -295,6 +306,33 @@ class BailingMoeV2(nnx.Module):
         if any(v.dtype != jnp.dtype(self.runtime.dtype) for v in values):
             return None
         return values
+
+    # -- diagnostics --
+    def layer(self, i: int) -> DecoderLayer:
+        """Decoder layer `i` (0 .. num_layers - 1) as a module of its own; an MoE layer is the i-th slice of the
+        stacked parameters (a view for inspection: changing it does not change the model)."""
+        n_dense = len(self.dense_layers)
+        if not 0 <= i < self.cfg.num_layers:
+            raise IndexError(f"layer {i}: the model has layers 0 .. {self.cfg.num_layers - 1}")
+        if i < n_dense:
+            return self.dense_layers[i]
+        graphdef, params, rest = nnx.split(self.moe_layers, nnx.Param, ...)
+        params = nnx.spmd.remove_axis(jax.tree.map(lambda a: a[i - n_dense], params), 0, _LAYERS_AXIS)
+        return nnx.merge(graphdef, params, rest)
+
+    def attention_weights(self, layer: int, layer_input, positions, *, attention_mask=None):
+        """Diagnostics (attention maps): the softmax weights [B, H, T, T] float32 that the queries of decoder layer
+        `layer` put on the keys of the same T tokens (causal, no cache), recomputed from the layer's input: the
+        embeddings for layer 0, else `ModelOutput.layer_outputs[layer - 1]` of a `collect=True` forward.
+        positions [3, B, T]; attention_mask [B, T] bool or segment ids, as for `__call__`."""
+        b, t, _ = layer_input.shape
+        segments = jnp.ones((b, t), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask).astype(
+            jnp.int32)
+        cos, sin = self.rotary(positions)
+        block = self.layer(layer)
+        x = jnp.asarray(layer_input).astype(self.runtime.dtype)
+        return block.attn.probabilities(block.input_norm(x), cos, sin,
+                                        AttentionMask.self_attention(segments, causal=True))
 
     def _unrolled(self, body, layers, carry, cos, sin, mask, modality, start, index, stacks=None):
         """`scan_layers=False`: the scan of `body` over the stacked MoE layers as a Python loop over per-layer

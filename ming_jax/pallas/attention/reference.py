@@ -34,6 +34,22 @@ def attend(q, k, v, mask=None, *, scale: float | None = None):
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
+    probs = _grouped_probabilities(q, k, mask, scale).astype(v.dtype)  # [B, K, G, T, S]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def probabilities(q, k, mask=None, *, scale: float | None = None):
+    """The softmax weights `attend` puts on each key: q [B, T, H, hd], k [B, S, K, hd] -> [B, H, T, S] float32
+    (query head h reads KV head h // (H // K)). For inspection (attention maps); the kernels never form them."""
+    b, t, h, _ = q.shape
+    return _grouped_probabilities(q, k, mask, scale).reshape(b, h, t, k.shape[1])
+
+
+def _grouped_probabilities(q, k, mask, scale):
+    """[B, K, G, T, S] float32 softmax over keys, masked keys at 0 (an all-masked row: uniform)."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
     if h % kv:
         raise ValueError(f"{h} query heads are not a multiple of {kv} kv heads")
     g = h // kv
@@ -44,9 +60,7 @@ def attend(q, k, v, mask=None, *, scale: float | None = None):
     if mask is not None:
         mask = jnp.broadcast_to(mask, (b, h, t, k.shape[1])).reshape(b, kv, g, t, k.shape[1])
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    return jax.nn.softmax(logits, axis=-1)
 
 
 def segment_mask(q_segments, kv_segments):
