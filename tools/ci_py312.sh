@@ -45,7 +45,10 @@ _pip() {  # pip, less this machine's "Location ... is ignored" index warnings; i
 _pip install -q --upgrade pip
 # --upgrade-strategy eager: a kept .venv312 moves to the newest allowed versions too. No torch: the [test] extra brings
 # transformers (its numpy image / audio processors serve as references without torch), not torch.
+# The editable install writes ming_jax.egg-info into the checkout: serialised with the other leg (.ci/run runs both).
+if command -v flock >/dev/null 2>&1; then exec 9>.install.lock; flock 9; fi  # held only around the install
 _pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+if command -v flock >/dev/null 2>&1; then exec 9>&-; fi
 if [ "${MING_NO_LIBTPU:-0}" != "1" ]; then
   _jax="$("$_vpy" -c 'import jax; print(jax.__version__)')"
   _pip install -q "jax[tpu]==${_jax}"

@@ -11,9 +11,11 @@ fi
 # shellcheck disable=SC1091
 source "$_repo/.venv/bin/activate"
 python -m pip install -q --upgrade pip
+# The editable install writes ming_jax.egg-info into the checkout: serialised with CI's other leg where flock exists.
+_locked() { if command -v flock >/dev/null 2>&1; then flock "$_repo/.install.lock" "$@"; else "$@"; fi; }
 if [ "${1:-}" = "test" ]; then
   python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e "$_repo[test]"
+  _locked python -m pip install -q -e "$_repo[test]"
   # libtpu lets the CPU machine compile our Pallas kernels and sharded programs for real TPU slices (no TPU needed).
   # Its tests fail without it; MING_NO_LIBTPU=1 skips installing it (and those tests then skip, saying so).
   if [ "${MING_NO_LIBTPU:-0}" != "1" ]; then
@@ -22,9 +24,9 @@ if [ "${1:-}" = "test" ]; then
   fi
 elif [ "${1:-}" = "tpu" ]; then
   # A Cloud TPU VM: the package and libtpu for the installed jax (docs/training.md's launch recipe).
-  python -m pip install -q -e "$_repo"
+  _locked python -m pip install -q -e "$_repo"
   _jax="$(python -c 'import jax; print(jax.__version__)')"
   python -m pip install -q "jax[tpu]==${_jax}"
 else
-  python -m pip install -q -e "$_repo"
+  _locked python -m pip install -q -e "$_repo"
 fi
