@@ -1,7 +1,7 @@
 """Continuous vs static batching in the batch job, on this CPU: generated tokens/s on mixed prompt and output lengths.
 
     python -m benchmarks.continuous_batching [--requests 64] [--slots 8] [--chunks 1,4,16,64]
-        [--workloads stop,budget] [--json PATH (default $TMPDIR/ming_jax_continuous_batching.json)]
+        [--workloads stop,budget] [--reps 2] [--json PATH (default $TMPDIR/ming_jax_continuous_batching.json)]
 
 Both schedulers are the real batch job (`ming_jax.gen.batch.run_batch`, `--scheduler static|continuous`) on the
 same JSONL file: prompts built with the chat template, results detokenized and written, every request sampled
@@ -16,9 +16,10 @@ Workloads (the same requests for both schedulers, in random order):
   budget: greedy, max_tokens log-uniform in 4..256: answers mostly end at their budget, which the static
           scheduler knows and sorts by (its best case).
 
-Every (workload, scheduler) is run twice on the same requests and the second run is timed (the first compiles the
-programs of every bucket / budget / chunk). `--chunks` also times the continuous scheduler at other decode chunk
-sizes (the most decode steps per host round trip) on the first workload. Check `uptime` first: the numbers are
+Every (workload, scheduler) is run once to compile the programs of every bucket / budget / chunk, then `--reps`
+timed rounds with the order of the runs alternating from round to round; the fastest round of each counts.
+`--chunks` also times the continuous scheduler at other decode chunk sizes (the most decode steps per host round
+trip) on the first workload, in the same rounds. Check `uptime` first: the numbers are
 only comparable on an idle machine; the load average at start and end is recorded.
 """
 
@@ -68,26 +69,39 @@ def run_once(engine, path: str, options: B.BatchOptions, tmp: str, tag: str) -> 
         os.remove(out)
     summary = B.run_batch(engine, path, out, options, progress=False, log=lambda msg: None)
     with open(out) as f:
-        answers = {r["custom_id"]: r["response"]["body"]["choices"][0]["message"]["content"]
+        answers = {r["custom_id"]: (r["response"]["body"]["choices"][0]["message"]["content"],
+                                    r["response"]["body"]["usage"]["completion_tokens"])
                    for r in map(json.loads, f) if r["error"] is None}
     return summary, answers
 
 
-def timed(engine, path, options, tmp, tag):
-    run_once(engine, path, options, tmp, tag + "-warm")  # compiles
-    t0 = time.perf_counter()
-    summary, answers = run_once(engine, path, options, tmp, tag)
-    wall = time.perf_counter() - t0
-    row = {"scheduler": options.scheduler, "chunk": options.chunk if options.scheduler == "continuous" else None,
-           "seconds": wall, "requests": summary.succeeded, "failed": summary.failed,
-           "completion_tokens": summary.completion_tokens, "prompt_tokens": summary.prompt_tokens,
-           "tokens_per_s": summary.completion_tokens / wall, "requests_per_s": summary.succeeded / wall,
-           "round_trips_or_batches": summary.batches, "decode_steps": summary.decode_steps or None,
-           "slot_occupancy": (summary.active_slot_steps / summary.slot_steps) if summary.slot_steps else None,
-           "finish": dict(summary.finish), "load_after": load_average()}
-    print(f"  {tag}: {row['tokens_per_s']:.1f} tok/s ({summary.completion_tokens} tokens in {wall:.1f} s, load "
-          f"{row['load_after'][0]})", flush=True)
-    return row, answers
+def measure(engine, path, runs: dict, tmp: str, reps: int) -> dict:
+    """Each of `runs` (tag -> BatchOptions) once to compile, then `reps` timed rounds, the runs' order alternating
+    from round to round (so a change of machine load hits all of them); the fastest round of each counts."""
+    for tag, options in runs.items():
+        run_once(engine, path, options, tmp, tag + "-warm")
+    times, out = {tag: [] for tag in runs}, {}
+    for rep in range(reps):
+        for tag in (list(runs) if rep % 2 == 0 else list(runs)[::-1]):
+            t0 = time.perf_counter()
+            summary, answers = run_once(engine, path, runs[tag], tmp, tag)
+            times[tag].append(time.perf_counter() - t0)
+            out[tag] = (summary, answers)
+    rows = {}
+    for tag, options in runs.items():
+        summary, answers = out[tag]
+        wall = min(times[tag])
+        rows[tag] = {
+            "scheduler": options.scheduler, "chunk": options.chunk if options.scheduler == "continuous" else None,
+            "seconds": wall, "seconds_all": times[tag], "requests": summary.succeeded, "failed": summary.failed,
+            "completion_tokens": summary.completion_tokens, "prompt_tokens": summary.prompt_tokens,
+            "tokens_per_s": summary.completion_tokens / wall, "requests_per_s": summary.succeeded / wall,
+            "round_trips_or_batches": summary.batches, "decode_steps": summary.decode_steps or None,
+            "slot_occupancy": (summary.active_slot_steps / summary.slot_steps) if summary.slot_steps else None,
+            "finish": dict(summary.finish), "answers": answers}
+        print(f"  {tag}: {rows[tag]['tokens_per_s']:.1f} tok/s ({summary.completion_tokens} tokens in "
+              f"{', '.join(f'{t:.1f}' for t in times[tag])} s; load {load_average()[0]})", flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -99,6 +113,7 @@ def main(argv=None):
     p.add_argument("--workloads", default="stop,budget")
     p.add_argument("--stops", type=int, default=24, help="end tokens (the preset's one + this many - 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reps", type=int, default=2, help="timed rounds per run (the fastest counts)")
     p.add_argument("--json", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                                   "ming_jax_continuous_batching.json"))
     a = p.parse_args(argv)
@@ -114,32 +129,29 @@ def main(argv=None):
             with open(path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in workload(kind, a.requests, a.seed))
             print(f"workload {kind}: {a.requests} requests", flush=True)
-            static, s_ans = timed(engine, path, B.BatchOptions(batch_size=a.slots, scheduler="static"), tmp,
-                                  f"{kind}-static")
-            cont, c_ans = timed(engine, path, B.BatchOptions(batch_size=a.slots, scheduler="continuous",
-                                                             chunk=a.chunk), tmp, f"{kind}-continuous")
-            same = sum(s_ans.get(k) == v for k, v in c_ans.items())
+            runs = {"static": B.BatchOptions(batch_size=a.slots, scheduler="static"),
+                    "continuous": B.BatchOptions(batch_size=a.slots, scheduler="continuous", chunk=a.chunk)}
+            if w == 0:
+                for c in ([int(c) for c in a.chunks.split(",") if c] if a.chunks else []):
+                    if c != a.chunk:
+                        runs[f"continuous-chunk{c}"] = B.BatchOptions(batch_size=a.slots, scheduler="continuous",
+                                                                      chunk=c)
+            got = measure(engine, path, runs, tmp, a.reps)
+            answers = {tag: r.pop("answers") for tag, r in got.items()}
+            static, cont = got["static"], got["continuous"]
+            same = sum(answers["static"].get(k) == v for k, v in answers["continuous"].items())
             ratio = cont["tokens_per_s"] / static["tokens_per_s"]
-            print(f"  ratio continuous / static: {ratio:.2f}x; identical answers {same}/{len(c_ans)}", flush=True)
-            for r in (static, cont):
-                rows.append({"workload": kind, **r})
-            rows[-1]["ratio_vs_static"] = ratio
-            rows[-1]["identical_answers"] = same
-            with open(os.path.join(tmp, f"{kind}-continuous.jsonl")) as f:
-                n = [r["response"]["body"]["usage"]["completion_tokens"] for r in map(json.loads, f)
-                     if r["error"] is None]
+            print(f"  ratio continuous / static: {ratio:.2f}x; identical answers {same}/{len(answers['continuous'])}",
+                  flush=True)
+            cont["ratio_vs_static"], cont["identical_answers"] = ratio, same
+            rows += [{"workload": kind, **static}, {"workload": kind, **cont}]
+            n = [tokens for _, tokens in answers["continuous"].values()]
             lengths[kind] = {q: int(np.percentile(n, v)) for q, v in
                              (("min", 0), ("p25", 25), ("median", 50), ("p75", 75), ("p90", 90), ("max", 100))}
             lengths[kind]["mean"] = float(np.mean(n))
-            if w == 0:
-                for c in [int(c) for c in a.chunks.split(",") if c] if a.chunks else []:
-                    if c == a.chunk:
-                        continue
-                    r, _ = timed(engine, path, B.BatchOptions(batch_size=a.slots, scheduler="continuous", chunk=c),
-                                 tmp, f"{kind}-continuous-chunk{c}")
-                    chunk_rows.append({"workload": kind, **r})
-                chunk_rows.append({"workload": kind, **cont})
-                chunk_rows.sort(key=lambda r: r["chunk"])
+            if w == 0 and len(got) > 2:
+                chunk_rows = sorted(({"workload": kind, **r} for tag, r in got.items() if tag != "static"),
+                                    key=lambda r: r["chunk"])
     load_end = load_average()
     print(f"\ncontinuous vs static batching, tiny omni preset (random weights), {a.slots} rows / slots, "
           f"{a.requests} requests per workload, load average {load_start} -> {load_end}")

@@ -30,7 +30,8 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter an
                            "checkpoint's; float32 for the random tiny preset).")
 _NAME = flags.DEFINE_string("served_model_name", None, "The `model` of every response, and the name a request's "
                             "`model` must match (default: the checkpoint folder's name).")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per jitted batch (rounded up to the mesh's batch split).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per jitted batch, or decode slots with --scheduler continuous "
+                               "(rounded up to the mesh's batch split).")
 _BUCKET = flags.DEFINE_integer("bucket", 64, "Prompt-length bucket unit: prompts are padded to this times 1, 2, 3, "
                                "4, 6, 8, 12, ...")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Token budget of a request without max_tokens.")

@@ -93,7 +93,7 @@ class RequestError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class BatchOptions:
-    batch_size: int = 8  # rows per batch (rounded up to a multiple of the mesh's batch split)
+    batch_size: int = 8  # rows per batch, or decode slots (continuous); rounded up to the mesh's batch split
     bucket: int = 64  # prompt lengths are padded to bucket * (1, 2, 3, 4, 6, 8, 12, ...)
     max_tokens: int = 256  # token budget of a request that gives none (capped by the room left in the context)
     temperature: float = 0.0  # of a request that gives none (0: greedy)
