@@ -21,7 +21,8 @@ Image generation (`lower_image_step` / `compile_image_step`): one Z-Image DiT fo
 decode. Speech generation (`lower_speech_step` / `compile_speech_step`): one talker step (flow sampler with CFG,
 aggregator, stop head, one LM position against the KV cache), the talker's whole jitted generation program (prefill
 and `lax.while_loop`, `ming_jax.gen.speech`), the AudioVAE decode to 44.1 kHz waveforms; a batch of utterances split
-over the batch axes, weights replicated by default (`SPEECH_RULES`).
+over the batch axes, weights replicated by default (`SPEECH_RULES`). The omni model's multimodal prefill (vision and
+audio towers, their rows into the embeddings, the LLM prefill) is `ming_jax.aot.omni`.
 """
 
 from __future__ import annotations

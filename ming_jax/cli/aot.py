@@ -8,9 +8,12 @@ host (libtpu needed).
     python -m ming_jax.aot --step vae_decode --topology v6e:2x2 --mesh fsdp=4 --rules fsdp   # dit / denoise / vae
     python -m ming_jax.aot --step talker_step --topology v5p:2x2x1 --mesh fsdp=4   # speech generation: talker_step /
     python -m ming_jax.aot --step audio_vae_decode --topology v5p:4x4x4 --mesh fsdp=64  # talker_generate / vae
+    python -m ming_jax.aot --step omni_prefill --topology v5p:4x4x4 --mesh fsdp=16,expert=4 --images 1 \
+        --image_size 1024 --audio_seconds 30       # the multimodal prefill: towers + scatter + LLM prefill
 
 Speech steps default to 64 utterances and to the `replicated` rules (weights on every chip, utterances split over
-data x fsdp x expert) when --rules is not given.
+data x fsdp x expert) when --rules is not given. omni_prefill defaults to one prompt per chip, the LLM under --rules
+and the towers' weights under the same rules (--tower_rules replicated: on every chip).
 
 All logic lives in `ming_jax.aot`; this file parses flags and prints.
 """
@@ -24,7 +27,7 @@ import jax
 from absl import app, flags
 
 from ming_jax import cli, sharding
-from ming_jax.aot import compile as aot
+from ming_jax.aot import compile as aot, omni as aot_omni
 from ming_jax.aot.compile import (IMAGE_RULES, IMAGE_STEPS, SPEECH_RULES, SPEECH_STEPS, STEPS, _libtpu_version,
                                   _param_count, compile_step)
 from ming_jax.aot.memory_plan import MemoryPlan
@@ -43,6 +46,11 @@ def main(argv):
             for plan in MemoryPlan.load(path):
                 print(plan.markdown())
         return 0
+    if f.step in aot_omni.OMNI_STEPS:
+        return _omni_main(f)
+    for name in ("omni_preset", "images", "video_frames", "video_size", "audio_seconds", "tower_rules"):
+        if f[name].present:
+            raise app.UsageError(f"--{name} is for --step omni_prefill only")
     if f.step in SPEECH_STEPS:
         return _speech_main(f)
     if f.rules in SPEECH_RULES:
@@ -138,6 +146,53 @@ def _speech_main(f):
     return _compile_meshes(f, one)
 
 
+def _omni_main(f):
+    """The multimodal prefill: the towers on each prompt's media, their rows into the embeddings, the LLM prefill."""
+    if f.rules in IMAGE_RULES or f.rules in SPEECH_RULES:
+        raise app.UsageError(f"--rules {f.rules} is for the image / speech steps only; omni_prefill takes "
+                             f"{', '.join(sharding.PRESETS)}")
+    for name in ("images", "video_frames", "audio_seconds", "new_tokens", "seq", "batch"):
+        if getattr(f, name) < 0:
+            raise app.UsageError(f"--{name}={getattr(f, name)} must be >= 0")
+    if f.image_size < 1 or f.video_size < 1:
+        raise app.UsageError("--image_size / --video_size must be positive")
+    if f.new_tokens < 1:
+        raise app.UsageError(f"--new_tokens={f.new_tokens} must be >= 1")
+    cfg = aot_omni.OMNI_PRESETS[f.omni_preset]()
+    if f.layers:
+        cfg = cfg.replace(llm={"num_layers": f.layers})
+    runtime = Runtime(dtype=f.dtype, param_dtype=f.dtype, attention=f.attention_impl,
+                      capacity_factor=f.capacity_factor or None)
+    devices = topology_devices(f.topology, f.num_slices)
+    shapes = aot_omni.OmniShapes(batch=f.batch or len(devices), images=f.images, image_size=f.image_size,
+                                 video_frames=f.video_frames, video_size=f.video_size,
+                                 audio_seconds=f.audio_seconds, seq=f.seq, new_tokens=f.new_tokens)
+    try:
+        layout = aot_omni.build_layout(cfg, shapes)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    counts = aot_omni.omni_param_count(cfg)
+    work = aot_omni.omni_prefill_flops(cfg, layout)
+    print(f"omni {f.omni_preset}: LLM {counts['llm'] / 1e9:.1f}B, ViT {counts['vision'] / 1e6:.0f}M + projector "
+          f"{counts['vision_proj'] / 1e6:.0f}M, audio tower {counts['audio'] / 1e6:.0f}M parameters; {f.topology} "
+          f"x{f.num_slices} = {len(devices)} chips; step=omni_prefill prompts={shapes.batch}: "
+          f"{layout.describe(cfg)}; towers' weights: {f.tower_rules}; jax {jax.__version__}, libtpu "
+          f"{_libtpu_version()}", flush=True)
+    chips = len(devices)
+    print("  analytic TFLOP per chip: " + ", ".join(f"{k} {v / chips / 1e12:.2f}" for k, v in work.items())
+          + f", total {sum(work.values()) / chips / 1e12:.2f}", flush=True)
+
+    def one(mesh_spec):
+        plan, compiled, _ = aot_omni.compile_omni_prefill(cfg, f.topology, mesh_spec, f.rules, shapes,
+                                                          tower_rules_name=f.tower_rules, runtime=runtime,
+                                                          num_slices=f.num_slices, devices=devices)
+        print(f"  XLA flops per chip {plan.flops / 1e12:.2f} T (each scan body counted once); Mosaic kernels in the "
+              f"program: {aot.mosaic_kernels(compiled)}", flush=True)
+        return plan, compiled
+
+    return _compile_meshes(f, one)
+
+
 def _compile_meshes(f, compile_one):
     """Compile every --mesh with `compile_one(mesh_spec) -> (plan, compiled)`; print, write --json; exit status."""
     plans, failed = [], []
@@ -174,7 +229,7 @@ def _define_flags():
                       "Sharding rules preset (fsdp_seq: image steps only, ZeRO-3 weights and the DiT's tokens split "
                       "over fsdp x expert, the batch over data; replicated: speech steps only, and their default, "
                       "every weight on every chip, the utterances split over data x fsdp x expert).")
-    flags.DEFINE_enum("step", "train", list(STEPS) + list(IMAGE_STEPS) + list(SPEECH_STEPS),
+    flags.DEFINE_enum("step", "train", list(STEPS) + list(IMAGE_STEPS) + list(SPEECH_STEPS) + list(aot_omni.OMNI_STEPS),
                       "Which program to compile: train (the train step), prefill (a prompt into a fresh cache), "
                       "decode (the generation loop of --new_tokens steps), decode_step (one token against the cache); "
                       "image generation: dit (one DiT forward as the sampler calls it), denoise (the sampler's scan "
@@ -182,7 +237,22 @@ def _define_flags():
                       "talker_step (one autoregressive step: flow sampler with CFG, aggregator, stop head, one LM "
                       "position against a KV cache of --seq slots), talker_generate (the whole jitted prefill of "
                       "--seq prompt positions and while_loop of up to --max_steps steps), audio_vae_decode (--latents "
-                      "latents per utterance to 44.1 kHz waveforms).")
+                      "latents per utterance to 44.1 kHz waveforms); omni_prefill (the multimodal prompt up to the "
+                      "first token: vision tower on --images images of --image_size and --video_frames video "
+                      "frames, audio tower on --audio_seconds of audio, their rows into the prompt's embeddings, the "
+                      "LLM prefill into a fresh cache of --seq + --new_tokens slots).")
+    flags.DEFINE_enum("omni_preset", "ming-flash-omni-2.0", list(aot_omni.OMNI_PRESETS),
+                      "omni_prefill: omni config preset (LLM + towers); --layers overrides the LLM's layers.")
+    flags.DEFINE_integer("images", 1, "omni_prefill: images per prompt (square, --image_size source pixels, resized "
+                         "as the release's image processor does).")
+    flags.DEFINE_integer("video_frames", 0, "omni_prefill: video frames per prompt (padded to the temporal patch, 2; "
+                         "0: no video).")
+    flags.DEFINE_integer("video_size", 448, "omni_prefill: side of the square source video frames (resized with the "
+                         "release's video pixel budget).")
+    flags.DEFINE_float("audio_seconds", 30.0, "omni_prefill: seconds of 16 kHz audio per prompt, one clip (0: none).")
+    flags.DEFINE_enum("tower_rules", "same", ["same", *aot_omni.TOWER_RULES, *sharding.PRESETS],
+                      "omni_prefill: sharding of the towers' weights (same: --rules; replicated: every tower "
+                      "weight on every chip).")
     flags.DEFINE_enum("talker_preset", "ming-flash-omni-2.0", list(aot.TALKER_PRESETS),
                       "talker_step / talker_generate: talker config preset.")
     flags.DEFINE_enum("audio_vae_preset", "ming-flash-omni-2.0", list(aot.AUDIO_VAE_PRESETS),
@@ -198,15 +268,17 @@ def _define_flags():
     flags.DEFINE_bool("cfg", True, "dit / denoise: classifier-free guidance (the DiT runs a batch of 2 x images).")
     flags.DEFINE_enum("dit_preset", "z-image", list(dit_config.PRESETS), "dit / denoise: DiT config preset.")
     flags.DEFINE_enum("vae_preset", "flux", list(vae_config.PRESETS), "vae_decode: VAE config preset.")
-    flags.DEFINE_integer("new_tokens", 256, "prefill / decode: tokens generated after the prompt.")
+    flags.DEFINE_integer("new_tokens", 256, "prefill / decode / omni_prefill: tokens generated after the prompt.")
     flags.DEFINE_bool("keep_going", False, "Compile every --mesh even after one fails (the exit status is still 1).")
     flags.DEFINE_integer("batch", 0, "Global batch (default: 1 sequence per chip for train, 4 for decode; image "
-                         "steps: images, default 1; speech steps: utterances, default 64).")
+                         "steps: images, default 1; speech steps: utterances, default 64; omni_prefill: prompts, "
+                         "default 1 per chip).")
     flags.DEFINE_integer("seq", 0, "Train / prefill sequence length, decode KV-cache length (default 4096 / "
                          "8192); talker_step: KV-cache slots (default 2048, the release's cache); talker_generate: "
-                         "prompt positions (default 128).")
+                         "prompt positions (default 128); omni_prefill: prompt length (default: the media tokens + "
+                         "256 text tokens, rounded up to 128).")
     flags.DEFINE_integer("layers", 0, "Override the number of layers (0: the preset's; image steps: the DiT's main "
-                         "layers; not taken by the speech steps).")
+                         "layers; omni_prefill: the LLM's; not taken by the speech steps).")
     flags.DEFINE_float("capacity_factor", 0.0, "Expert capacity factor (0: dropless).")
     flags.DEFINE_enum("attention_impl", "auto", ["xla", "auto", "splash"],
                       "Attention backend: 'auto' compiles the splash kernel for TPU (in a shard_map under the mesh; "

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ming_jax import sharding
 from ming_jax.config.audio import AudioConfig, WhisperEncoderConfig
 from ming_jax.config.runtime import Runtime
 from ming_jax.pallas.attention.reference import attend
@@ -41,6 +42,12 @@ from ming_jax.layers.linear import Linear
 from ming_jax.layers.norms import l2_normalize
 from ming_jax.layers.params import fan_in_normal, param, read, zeros
 
+
+
+# Logical names of a [clips or batch rows, frames, width] activation: under a mesh the clips are split like a batch
+# (`sharding.constrain_even`: only when they divide the batch axes), so that each chip encodes its own clips instead
+# of every chip running all of them with model-dim-sharded weights and all-reducing every activation.
+_CLIPS = ("batch", None, "act_embed")
 
 
 # --- pure math -------------------------------------------------------------------------------------------------------
@@ -115,7 +122,7 @@ def _run_blocks(x, blocks: WhisperBlock):
 
     @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
     def run(x, block: WhisperBlock):
-        return block(x)
+        return sharding.constrain_even(block(x), _CLIPS)
 
     return run(x, blocks)
 
@@ -160,7 +167,7 @@ class WhisperEncoder(nnx.Module):
             x = jax.nn.gelu(conv1d(x, read(self.conv2_kernel, dt), read(self.conv2_bias), stride=2,
                                    padding=1), approximate=False)  # [S, T', D]
             x = x + read(self.positional_embedding, dt)[:frames]
-        x = _run_blocks(x, self.blocks)
+        x = _run_blocks(sharding.constrain_even(x, _CLIPS), self.blocks)
         return self.ln_post(x)
 
 
@@ -311,9 +318,9 @@ class AudioTower(nnx.Module):
                              f"{feats.shape}")
         with jax.named_scope("audio_tower"):
             clips = unwrap_clips(feats.astype(self.runtime.dtype), layout)  # [S, Tmax, M]
-            enc = self.encoder(clips)  # [S, T', D]
-            proj = self.projector(enc)  # [S, L', H]
-            projected = wrap_clips(proj, layout)  # [B, W, H]
+            enc = self.encoder(sharding.constrain_even(clips, _CLIPS))  # [S, T', D]
+            proj = sharding.constrain_even(self.projector(enc), _CLIPS)  # [S, L', H]
+            projected = sharding.constrain_even(wrap_clips(proj, layout), _CLIPS)  # [B, W, H]
             embeds = l2_normalize(projected) if cfg.norm_query_embeds else projected
         return AudioFeatures(embeds.astype(feats.dtype), jnp.asarray(layout.out_lengths), enc,
                              wrap_clips(enc, layout), projected)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ming_jax import sharding
 from ming_jax.config.runtime import Runtime
 from ming_jax.config.vision import VisionConfig
 from ming_jax.pallas.attention import api as attention_api
@@ -39,6 +40,10 @@ from ming_jax.layers.params import fan_in_normal, normal, param, read, zeros
 from ming_jax.layers.rotary import apply_rotary, inv_frequencies
 
 Grid = tuple[tuple[int, int, int], ...]
+# Logical names of the tower's [N, D] patch rows: the rows are the images' patches, split like a batch under a mesh
+# (`sharding.constrain_even`: only when they divide the batch axes), so that the per-patch layers and the per-image
+# attention stay on the chip that holds the image instead of running replicated with model-dim-sharded weights.
+_ROWS = ("batch", "act_embed")
 
 
 # --- the static layout of a batch --------------------------------------------------------------------------------
@@ -377,8 +382,8 @@ class VisionTransformer(nnx.Module):
         graphdef, state = nnx.split(self.blocks)
         state = jax.tree.map(lambda a: a[start:stop], state)
 
-        def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, cos, sin, layout), None
+        def body(h, layer_state):  # rows split over the batch axes under a mesh: each chip keeps its own patches
+            return sharding.constrain_even(nnx.merge(graphdef, layer_state)(h, cos, sin, layout), _ROWS), None
 
         x, _ = jax.lax.scan(body, x, state)
         return x
@@ -394,6 +399,7 @@ class VisionTransformer(nnx.Module):
         grouped = self.segment_layout == "grouped"
         if grouped:  # blocks run in grouped row order; `restore` brings rows back wherever they leave the blocks
             x, cos, sin = (to_grouped(a, layout) for a in (x, cos, sin))
+        x = sharding.constrain_even(x, _ROWS)
         restore = (lambda a: from_grouped(a, layout)) if grouped else (lambda a: a)
         taps = sorted(cfg.deepstack_visual_indexes) if self.use_deepstack else []
         features, start = [], 0

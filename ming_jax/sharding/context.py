@@ -69,3 +69,20 @@ def constrain(x, names: Sequence[str | None]):
         return x
     mesh, rules, _ = act
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+
+
+def constrain_even(x, names: Sequence[str | None]):
+    """`constrain`, with every dim whose mesh axes do not divide it evenly left unsplit (e.g. a tower's rows when
+    the images do not divide the batch axes); identity without an active mesh."""
+    act = active()
+    if act is None:
+        return x
+    mesh, rules, _ = act
+    even = []
+    for size, name in zip(x.shape, names):
+        axes = () if name is None else rules.mesh_axes(name)
+        n = 1
+        for a in axes:
+            n *= mesh.shape[a]
+        even.append(name if size % n == 0 else None)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(even, rules)))
