@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ming_jax.config.omni import OmniConfig
-from ming_jax.gen import omni, text
-from ming_jax.models import inputs
+from ming_jax.config.llm import LLMConfig
+from ming_jax.gen import text
+from ming_jax.models import inputs, llm
 from ming_jax.pallas.attention import reference
 from ming_jax.pallas.attention.api import AttentionMask
 
@@ -31,8 +31,8 @@ def test_probabilities_are_the_weights_attend_applies():
 
 @pytest.fixture(scope="module")
 def run():
-    model = omni.create(OmniConfig.tiny()).llm  # random weights drawn on the host: no initializer compiles
-    cfg = model.cfg
+    cfg = LLMConfig.tiny()
+    model = llm.create(cfg, host=True)  # random weights drawn on the host: no initializer compiles
     ids, mask = text.pad_prompts([[1, 2, 3, 4, 5, 6], [7, 8, 9]], side="left")
     prep = inputs.prepare(cfg, ids, mask)
     embeds, out = text.forward(model, prep, collect=True)

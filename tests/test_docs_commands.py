@@ -122,10 +122,12 @@ def _libtpu_missing() -> bool:
 
 
 @pytest.fixture(scope="module")
-def ran(clone):
-    """Every block's (exit status, stdout, stderr, seconds), run WORKERS at a time: each is a few processes that
-    mostly compile on one core, so on a 2-core machine two at a time take about half the wall time."""
+def ran(clone, request):
+    """The selected blocks' (exit status, stdout, stderr, seconds), run WORKERS at a time: each is a few processes
+    that mostly compile on one core, so on a 2-core machine two at a time take about half the wall time."""
     dst, bin_dir = clone
+    selected = {(item.callspec.params["doc"], item.callspec.params["line"]) for item in request.session.items
+                if getattr(item, "originalname", None) == "test_runnable_command"}
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(dst), MING_GOLDEN_DIR=str(GOLDEN_DIR),
                ALLOW_MULTIPLE_LIBTPU_LOAD="1", PATH=os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]))
     env.pop("XLA_FLAGS", None)
@@ -136,8 +138,8 @@ def ran(clone):
                            text=True, timeout=600)
         return r.returncode, r.stdout, r.stderr, time.perf_counter() - t0
 
-    todo = {(doc, line): script for doc, line, script, needs in BLOCKS if not ("libtpu" in needs and
-                                                                              _libtpu_missing())}
+    todo = {(doc, line): script for doc, line, script, needs in BLOCKS
+            if (doc, line) in selected and not ("libtpu" in needs and _libtpu_missing())}
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
         futures = {key: pool.submit(one, script) for key, script in todo.items()}
         return {key: f.result() for key, f in futures.items()}

@@ -25,7 +25,7 @@ from ming_jax.layers import rotary
 from ming_jax.layers.kv_cache import CacheSlot, KVCache
 from ming_jax.layers.mlp import GatedMLP
 from ming_jax.layers.norms import RMSNorm
-from ming_jax.layers.params import fan_in_normal, has_weight_hooks, normal, param, read, zeros
+from ming_jax.layers.params import fan_in_normal, has_weight_hooks, host_random, normal, param, read, zeros
 from ming_jax.moe.block import MoEBlock
 from ming_jax.moe.router import Routing
 from ming_jax.pallas.attention import reference as attention_reference
@@ -362,7 +362,12 @@ class BailingMoeV2(nnx.Module):
         return carry, stack(routes), stack(ys)
 
 
-def create(cfg: LLMConfig, runtime: Runtime | None = None, *, seed: int = 0) -> BailingMoeV2:
+def create(cfg: LLMConfig, runtime: Runtime | None = None, *, seed: int = 0, host: bool = False) -> BailingMoeV2:
+    """Random weights from the modules' initializers, or with `host=True` drawn with numpy into the abstract model
+    (`ming_jax.layers.params.host_random`: no initializer compiles, much faster on a CPU; norm scales 1, biases 0,
+    every other tensor N(0, 0.02^2))."""
+    if host:
+        return host_random(create_abstract(cfg, runtime), seed)
     return BailingMoeV2(cfg, runtime, rngs=nnx.Rngs(seed))
 
 

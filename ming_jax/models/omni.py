@@ -34,6 +34,7 @@ from ming_jax.models.registry import omni_table
 from ming_jax.weights.table import load_state_dict
 from ming_jax.models import inputs as multimodal
 from ming_jax.layers.norms import l2_normalize
+from ming_jax.layers.params import host_random
 from ming_jax.models.audio import AudioFeatures, AudioTower, encode_audio, sinusoids
 from ming_jax.config.omni import OmniConfig
 from ming_jax.config.runtime import Runtime
@@ -74,24 +75,8 @@ def create(cfg: OmniConfig, runtime: Runtime | None = None, *, seed: int = 0, de
     `host=False` runs the modules' own initializers."""
     if not host:
         return OmniModel(cfg, runtime, deepstack=deepstack, rngs=nnx.Rngs(seed))
-    model = create_abstract(cfg, runtime, deepstack=deepstack)
-    rng = np.random.default_rng(seed)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    flat = []
-    for path, var in nnx.to_flat_state(params):
-        name = str(path[-1])
-        shape, dtype = var.get_value().shape, var.get_value().dtype
-        if name == "scale":
-            value = np.ones(shape, np.float32)
-        elif name.endswith("bias") or name.startswith("b_"):
-            value = np.zeros(shape, np.float32)
-        elif name == "positional_embedding":
-            value = sinusoids(*shape)
-        else:
-            value = 0.02 * rng.standard_normal(shape, np.float32)
-        var.set_value(jnp.asarray(value, dtype))
-        flat.append((path, var))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+    return host_random(create_abstract(cfg, runtime, deepstack=deepstack), seed,
+                       special={"positional_embedding": lambda shape: sinusoids(*shape)})
 
 
 def create_abstract(cfg: OmniConfig, runtime: Runtime | None = None, *, deepstack: bool = False) -> OmniModel:
