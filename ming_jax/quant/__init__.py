@@ -2,7 +2,8 @@
 `ming_jax.pallas.gmm` (`quant.py`), the quantized checkpoints in `ming_jax.checkpoint`."""
 
 from ming_jax.quant.model import (COMPONENTS, LLM_RULES, QTYPES, QuantConfig, Rule, Target, config_of, plan,
-                                  quantize_model, target_of, weight_bytes)
+                                  manifest_entry, quantize_model, quantize_slot, target_of,
+                                  weight_bytes)
 
 __all__ = ["COMPONENTS", "LLM_RULES", "QTYPES", "QuantConfig", "Rule", "Target", "config_of", "plan",
-           "quantize_model", "target_of", "weight_bytes"]
+           "manifest_entry", "quantize_model", "quantize_slot", "target_of", "weight_bytes"]

@@ -127,6 +127,17 @@ class Target:
         return quant.quantize(value, config.qtype, self.contract, config.block)
 
 
+def quantize_slot(value, target: Target, config: QuantConfig, n_lead: int) -> quant.QArray:
+    """Quantize one slot of a stacked parameter (`value` = the target's shape without its first `n_lead` axes, e.g.
+    one expert of one layer), as the converter streams it: the same bytes as quantizing the whole stack, since the
+    stacked axes are never contracted."""
+    contract = tuple(a - n_lead for a in target.contract)
+    if min(contract, default=0) < 0 or tuple(value.shape) != target.shape[n_lead:]:
+        raise ValueError(f"{target.path}: slot {tuple(value.shape)} of {target.shape} (n_lead={n_lead}) cannot be "
+                         f"quantized on its own over axes {target.contract}")
+    return quant.quantize(value, config.qtype, contract, config.block)
+
+
 def _axes(v: nnx.Variable) -> tuple:
     axes = v.get_metadata().get("out_sharding")
     return tuple(axes) if axes is not None else (None,) * len(v.get_value().shape)

@@ -7,9 +7,10 @@ dtype int8 or float8_e4m3fn, scale is float32 of the same rank, each of its dims
     weight ~= qvalue * broadcast(scale)              (qwix's "generic broadcast": `dequantize`)
 
 `quantize` reduces |w| over the contracted axes (the whole axis, or blocks of `block` along it): per output channel
-by default. The same code runs on numpy (the converter, on the host) and on jax (quantize at load), giving the same
-bytes: scale = amax / qmax (amax 0 -> scale 1), qvalue = clip(round(w / scale), -127, 127) for int8,
-clip(w / scale, -448, 448) cast to e4m3 (round to nearest even) for fp8, all in float32.
+by default. The same code runs on numpy (the converter and quantize at load, on the host) and on jax
+(`quantize_model` on devices): scale = amax / qmax (amax 0 -> scale 1), qvalue = clip(round(w / scale), -127, 127)
+for int8, clip(w / scale, -448, 448) cast to e4m3 (round to nearest even) for fp8, all in float32; the same bytes on
+numpy and XLA:CPU (TPU division may round a tie the other way).
 
 Grouped-matmul weights [G, K, N] (K contracted) accept two layouts (`expert_scales`):
     per-channel  scale [G, 1, N]       applied to the float32 accumulators (the kernels' epilogue)
@@ -105,7 +106,9 @@ def quantize(w, qtype: str, contract: Sequence[int], block: int | None = None) -
     reduce = tuple(i for i, (a, b) in enumerate(zip(blocked.shape, expanded)) if b == 1 and a > 1)
     amax = xp.max(xp.abs(blocked), axis=reduce, keepdims=True) if reduce else xp.abs(blocked)
     qmax = np.float32(QMAX[qtype])
-    scale = xp.where(amax > 0, amax / qmax, np.float32(1.0)).astype(np.float32)
+    # amax x (1 / qmax), not amax / qmax: XLA rewrites a division by a constant into that multiplication, so numpy
+    # (the converter) and a jitted quantize on CPU give the same bytes.
+    scale = xp.where(amax > 0, amax * np.float32(1.0 / QMAX[qtype]), np.float32(1.0)).astype(np.float32)
     x = blocked / scale
     if qtype == "int8":
         q = xp.clip(xp.round(x), -qmax, qmax).astype(np.int8)
