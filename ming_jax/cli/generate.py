@@ -32,7 +32,7 @@ import jax
 from absl import app, flags
 from flax import nnx
 
-from ming_jax import cli, sharding
+from ming_jax import cli, quant, sharding
 from ming_jax.checkpoint import restore
 from ming_jax.config.llm import PRESETS
 from ming_jax.config.runtime import Runtime
@@ -76,6 +76,9 @@ _CONVERSATION = flags.DEFINE_string("conversation", None, "Text: a JSON file hol
 _ASR = flags.DEFINE_bool("asr", False, "Transcribe the --audio clip(s) with the release's ASR instruction.")
 _ASR_TOPIC = flags.DEFINE_string("asr_topic", None, "Contextual ASR: what the audio is about.")
 _HOTWORD = flags.DEFINE_multi_string("hotword", [], "Contextual ASR: a word or phrase likely to occur; repeatable.")
+_QUANTIZE = flags.DEFINE_string("quantize", None, "Load the LLM's projections and expert stacks as int8 / fp8 "
+                                 "weights (fp8:128, int8:128: sub-channel scales), quantized at load (`ming_jax.quant`)"
+                                 "; a checkpoint converted with --dtype int8|fp8 is quantized already.")
 _ANSWER_PREFIX = flags.DEFINE_string("answer_prefix", "", "Text the answer starts with (e.g. 'English\\t' for ASR in "
                                      "a known language).")
 
@@ -211,7 +214,8 @@ def _load(ckpt: str, **kw) -> restore.Loaded:
     where = f" onto mesh {dict(mesh.shape)} ({_RULES.value})" if mesh is not None else ""
     print(f"loading {ckpt}{where} ...", file=sys.stderr)
     dtype = _DTYPE.value or restore.checkpoint_dtype(ckpt)  # parameters and compute: the checkpoint's by default
-    return restore.load(ckpt, mesh=mesh, rules=rules, dtype=dtype, compute_dtype=dtype, **kw)
+    return restore.load(ckpt, mesh=mesh, rules=rules, dtype=dtype, compute_dtype=dtype, quantize=_QUANTIZE.value,
+                        **kw)
 
 
 _ROLES = {"HUMAN": "HUMAN", "ASSISTANT": "ASSISTANT", "user": "HUMAN", "assistant": "ASSISTANT"}
@@ -319,6 +323,8 @@ def main(argv):
               "it only shows the pipeline working end to end.", file=sys.stderr)
         runtime = Runtime(dtype=_DTYPE.value, param_dtype=_DTYPE.value) if _DTYPE.value else None
         model = model_lib.create(cfg, runtime, seed=_SEED.value)
+        if _QUANTIZE.value:
+            quant.quantize_model(model, _QUANTIZE.value)
         tok = tokenizer.ByteTokenizer(cfg.vocab_size)
     cfg = model.cfg
     print(f"model: {cfg.num_layers} layers, {cfg.num_experts} experts (top-{cfg.num_experts_per_tok}), "

@@ -77,17 +77,19 @@ def _decode(graphdef, state, first_logits, next_pos, cache, key, *, sampling: Sa
         return (i < n) & ~jnp.all(done)
 
     def body(c):
-        i, tok, key, tokens, done, lengths, step_logits, positions, cache, pos, state = c
-        # The weights ride in the loop carry (unchanged): nnx transforms inside the body need them at its trace level.
-        logits, cache = steps.decode_step(nnx.merge(graphdef, state), tok, pos, cache)
+        i, tok, key, tokens, done, lengths, step_logits, positions, cache, pos = c
+        # The weights are closed over, not carried: in the loop carry XLA copies them into the loop's buffers (one
+        # more weight-sized temporary; at 8 chips it is what made the int8 100B loop not fit 128 GB). The barrier
+        # gives nnx's transforms inside the body (the layer scan) the weights at the body's trace level.
+        logits, cache = steps.decode_step(nnx.merge(graphdef, jax.lax.optimization_barrier(state)), tok, pos, cache)
         key, tok, tokens, done, lengths, step_logits, positions = emit(i, logits, key, tokens, done, lengths,
                                                                        step_logits, positions, pos)
         if progress is not None:  # host callback per step, e.g. a progress bar; absent from the graph otherwise
             jax.debug.callback(progress, i + 1, jnp.sum(~done))
-        return i + 1, tok, key, tokens, done, lengths, step_logits, positions, cache, pos + 1, state
+        return i + 1, tok, key, tokens, done, lengths, step_logits, positions, cache, pos + 1
 
-    init = (jnp.int32(1), tok, key, tokens, done, lengths, step_logits, positions, cache, next_pos, state)
-    _, _, _, tokens, done, lengths, step_logits, positions, cache, _, _ = jax.lax.while_loop(cond, body, init)
+    init = (jnp.int32(1), tok, key, tokens, done, lengths, step_logits, positions, cache, next_pos)
+    _, _, _, tokens, done, lengths, step_logits, positions, cache, _ = jax.lax.while_loop(cond, body, init)
     # The final cache is returned so the donated input cache can back the loop's cache in place.
     return Generated(tokens, lengths, positions, step_logits), cache
 
