@@ -74,8 +74,9 @@ def quant_config(dtype: str | None) -> quant.QuantConfig | None:
     try:
         return quant.QuantConfig.parse(dtype)
     except ValueError:
-        raise ConversionError(f"dtype={dtype!r}; choose bf16, f32, int8 or fp8 (int8:BLOCK / fp8:BLOCK for "
-                              "sub-channel scales), or leave it unset to keep the source dtypes") from None
+        raise ConversionError(f"dtype={dtype!r}; choose bf16 or f32 (or leave it unset to keep the source dtypes), "
+                              "or int8 / fp8 for quantized weights (int8:BLOCK / fp8:BLOCK: sub-channel scales)"
+                              ) from None
 
 
 # One error type for an unusable source, option or destination: the message names the problem.
