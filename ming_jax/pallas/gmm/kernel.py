@@ -361,30 +361,24 @@ def _gather_scratch_bytes(n_lhs: int, kb: int, tm: int, tk: int, itemsize: int) 
     return n_lhs * kb * tm * tk * (2 * max(itemsize, 4) + itemsize)
 
 
-def _load_weight(ref, quant, scale_ref, dtype, load_k_masked, k_axis: int):
-    """One weight tile in the matmul dtype. Float: as stored (overhanging k columns zeroed). Quantized, "epilogue":
-    the int8 / fp8 values converted (exact in bf16 and float32; the scale is applied to the accumulator). "tile":
-    dequantised here, each `block` rows of the tile (along the weight's own K axis: tile axis 0 without transpose,
-    the output axis 0 of a transposed tile too) times their scale row, in float32, then rounded to the matmul
-    dtype; the overhang mask comes after the scale (garbage scale rows past the array may be NaN)."""
+def _load_weight(ref, quant, scale_ref, dtype, mask_k, k_axis: int):
+    """One weight tile in the matmul dtype. Float: as stored (overhanging k columns zeroed by `mask_k`). Quantized,
+    "epilogue": the int8 / fp8 values converted (exact in bf16 and float32; the scale is applied to the accumulator).
+    "tile": dequantised here, each `block` rows of the tile (tile axis 0: the weight's own K axis, with or without
+    transpose) times their scale row, in float32, then rounded to the matmul dtype; the overhang mask comes after
+    the scale (garbage scale rows past the array may be NaN)."""
     if quant is None:
-        return load_k_masked(ref, k_axis)
+        return mask_k(ref[...], k_axis)
     if quant[0] == "epilogue":
-        return load_k_masked(ref, k_axis).astype(dtype)
+        return mask_k(ref[...], k_axis).astype(dtype)
     block = quant[1]
     w = ref[...].astype(jnp.float32)  # [rows, cols]
     sc = scale_ref[...]  # [rows / block (or 1), cols]
-    rows = w.shape[0]
     if sc.shape[0] == 1:
         w = w * sc
     else:
-        w = jnp.concatenate([w[j * block:(j + 1) * block] * sc[j:j + 1] for j in range(rows // block)], axis=0)
-
-    class _Tile:  # load_k_masked reads `ref[...]`
-        def __getitem__(self, _):
-            return w
-
-    return load_k_masked(_Tile(), k_axis).astype(dtype)
+        w = jnp.concatenate([w[j * block:(j + 1) * block] * sc[j:j + 1] for j in range(w.shape[0] // block)], axis=0)
+    return mask_k(w, k_axis).astype(dtype)
 
 
 def _gmm_kernel(plan: _GmmPlan, terms, epilogue, precision, max_steps: int):
@@ -423,8 +417,7 @@ def _gmm_kernel(plan: _GmmPlan, terms, epilogue, precision, max_steps: int):
             for acc in acc_refs:
                 acc[...] = jnp.zeros_like(acc)
 
-        def load_k_masked(ref, k_axis):
-            x = ref[...]
+        def mask_k(x, k_axis):
             if k_rem:  # the last k block overhangs K: zero its garbage columns before they reach the dot
                 col = lax.broadcasted_iota(jnp.int32, x.shape, k_axis) + k_i * tk
                 x = jnp.where(col < plan.k, x, jnp.zeros_like(x))
@@ -452,9 +445,9 @@ def _gmm_kernel(plan: _GmmPlan, terms, epilogue, precision, max_steps: int):
             if gather:  # K % tk == 0 here: no overhanging columns
                 xs = [tile[k_i] for tile in tiles]  # [tm, tk]
             else:
-                xs = [load_k_masked(r, 1) for r in lhs_refs]  # [tm, tk]
+                xs = [mask_k(r[...], 1) for r in lhs_refs]  # [tm, tk]
             ws = [_load_weight(r, quant[ri], scale_refs[scale_index[ri]] if ri in scale_index else None,
-                               xs[0].dtype, load_k_masked, 1 if plan.transpose_rhs else 0)
+                               xs[0].dtype, mask_k, 1 if plan.transpose_rhs else 0)
                   for ri, r in enumerate(rhs_refs)]  # [tk, tn] / [tn, tk]
             for acc, products in zip(acc_refs, terms):
                 total = acc[...]  # [tm, tn] f32
@@ -517,10 +510,9 @@ def _gmm_block_specs(plan: _GmmPlan, n_out: int):
         r = 1 if q[0] == "epilogue" or q[1] >= (plan.n if plan.transpose_rhs else plan.k) else along // q[1]
 
         def scale_map(n_i, step, k_i, offsets, group_ids, tile_ids, *_):
+            # rhs block (g, k, n), or (g, n, k) transposed: the scale's row blocks follow the weight's K_w blocks
             g, a, b = rhs_map(n_i, step, k_i, offsets, group_ids, tile_ids)
-            if plan.transpose_rhs:  # rhs block (g, n, k): scale rows follow n, columns k
-                return (g, a if r > 1 else 0, b)
-            return (g, a if r > 1 else 0, b)  # rhs block (g, k, n): rows follow k, columns n
+            return (g, a if r > 1 else 0, b)
 
         return pl.BlockSpec((None, r, tk if plan.transpose_rhs else tn), scale_map)
 

@@ -165,17 +165,6 @@ def expert_scales(w: QArray, what: str = "weight") -> ExpertScales:
     return ExpertScales(k // sk, k)
 
 
-def gmm_weight_parts(w) -> tuple[jax.Array, jax.Array | None, ExpertScales | None]:
-    """(values, scale float32 or None, ExpertScales or None) of a float or quantized grouped-matmul weight."""
-    if not is_quantized(w):
-        return w, None, None
-    info = expert_scales(w)
-    return w.qvalue, w.scale.astype(jnp.float32), info
-
-
 def weight_shape(w) -> tuple[int, ...]:
     return tuple(w.qvalue.shape if is_quantized(w) else w.shape)
 
-
-def weight_dtype(w):
-    return w.qvalue.dtype if is_quantized(w) else w.dtype
