@@ -39,7 +39,8 @@ QUANTIZED = {"dense_layers.0.attn.qkv", "dense_layers.0.attn.out", "dense_layers
 
 
 def _flat(module) -> dict[str, np.ndarray]:
-    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    return {".".join(map(str, p)): np.asarray(v.get_value())
+            for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
 def _bits(a: np.ndarray) -> np.ndarray:

@@ -91,8 +91,9 @@ BACKENDS = [("portable", None), ("xla", None), ("pallas", True)]
 @pytest.mark.parametrize("dtype, qtype, block", [("float32", "int8", None), ("bfloat16", "fp8", 128)])
 def test_every_backend_matches_the_reference_on_dequantised_weights(dtype, qtype, block):
     """The expert FFN (gate/up + SiLU with the fused permute, down), h and d_x (summed onto the tokens), each
-    backend against the reference on the dequantised weights (relative max-abs: 1e-4 float32, 2e-2 bfloat16); padding rows of h are exactly zero. Per-channel int8
-    runs the epilogue scales, fp8 with 128-row blocks the in-tile dequantisation."""
+    backend against the reference on the dequantised weights (relative max-abs: 1e-4 float32, 2e-2 bfloat16);
+    padding rows of h are exactly zero. Per-channel int8 runs the epilogue scales, fp8 with 128-row blocks the
+    in-tile dequantisation."""
     qg, qu, qd = _weights(qtype, block)
     wg, wu, wd = (Q.dequantize(q).astype(dtype) for q in (qg, qu, qd))
     t = 50  # unsorted tokens; the M sorted rows gather them (the MoE block's fused permute)

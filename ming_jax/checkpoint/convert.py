@@ -319,8 +319,8 @@ def convert(src: str, dst: str, *, dtype: str | None = None, components: Sequenc
 
     `dtype` (bf16 / f32) casts every parameter; None keeps each tensor's dtype; int8 / fp8 (int8:BLOCK, fp8:BLOCK
     for sub-channel scales) quantizes the LLM's projections (`ming_jax.quant`: each official tensor's slot quantized
-    on its own as it streams, so memory stays as bounded as a float conversion) and stores the rest in bfloat16. `components` picks sub-models
-    (default: all the config describes). An unfinished earlier run into the same `dst` is resumed, unless its
+    on its own as it streams, in bounded chunks, so memory stays as bounded as a float conversion) and stores the
+    rest in bfloat16. `components` picks sub-models (default: all the config describes). An unfinished earlier run into the same `dst` is resumed, unless its
     source or options differ or `restart` is set. `dst` must not exist unless `overwrite`.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))

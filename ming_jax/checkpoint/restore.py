@@ -430,7 +430,7 @@ def _fill_from_tensors(path: str, tensors: Mapping[str, Any], described: Mapping
         for key, module in part.modules.items():
             if qcfg is not None and c in quant.COMPONENTS:  # quantize on the host, each weight as the table made it
                 for p, t in quant.plan(module, qcfg).items():
-                    q = t.quantize(arrays.pop(f"{key}.{p}"), qcfg)
+                    q = quant.quantize_slot(arrays.pop(f"{key}.{p}"), t, qcfg, 0)
                     arrays[f"{key}.{p}.qvalue"], arrays[f"{key}.{p}.scale"] = q.qvalue, q.scale
                 quant.quantize_model(module, qcfg)
             sh = shardings.get(key)

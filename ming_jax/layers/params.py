@@ -35,7 +35,8 @@ class QuantizedParam(nnx.Module):
     weight's shape and logical axes) and `scale` (float32, same rank: 1 on the contracted axes, or blocks of them;
     those axes unsharded), both `nnx.Param`s with logical axis names, so meshes, checkpoints and the layer scan see
     two ordinary parameters (`<path>.qvalue`, `<path>.scale`). `dtype` is the float dtype it stands for (what
-    `read` dequantises to when asked for no other), `block` the sub-channel block it was quantized with. Made by `ming_jax.quant`; read through `read`.
+    `read` dequantises to when asked for no other), `block` the sub-channel block it was quantized with. Made by
+    `ming_jax.quant`; read through `read`.
     """
 
     def __init__(self, qvalue: nnx.Param, scale: nnx.Param, dtype, block: int | None = None):

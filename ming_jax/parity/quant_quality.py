@@ -41,6 +41,7 @@ from ming_jax.gen import text as generation
 from ming_jax.models import inputs as multimodal
 from ming_jax.models import llm as model_lib
 from ming_jax.parity import golden
+from ming_jax.parity.cases import llm_backbone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +134,6 @@ def measure(model32, logit_preps, greedy_preps, variants: Sequence[str], *, new_
 def golden_case(case_dir: str, *, logits: Sequence[str] = ("mm", "text"), greedy: Sequence[str] = ("mm", "text")):
     """(float32 model, logits prompts, greedy prompts, official Outputs) of the golden `llm_backbone` case: its
     multimodal ("mm") and text prompts, the official float32 logits and 8-step greedy decodes of those chosen."""
-    from ming_jax.parity.cases import llm_backbone
-
     case = golden.load_case(str(case_dir))
     model = restore.load_tensors(case.config, case.weights, components=("llm",), source=case.path).llm
     x, want = case.inputs, case.outputs

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -127,15 +127,28 @@ class Target:
         return quant.quantize(value, config.qtype, self.contract, config.block)
 
 
-def quantize_slot(value, target: Target, config: QuantConfig, n_lead: int) -> quant.QArray:
+SLOT_CHUNK_BYTES = 64 << 20  # float32 bytes quantized at once by `quantize_slot` (numpy makes a few such temporaries)
+
+
+def quantize_slot(value: np.ndarray, target: Target, config: QuantConfig, n_lead: int) -> quant.QArray:
     """Quantize one slot of a stacked parameter (`value` = the target's shape without its first `n_lead` axes, e.g.
     one expert of one layer), as the converter streams it: the same bytes as quantizing the whole stack, since the
-    stacked axes are never contracted."""
+    stacked axes are never contracted. On the host, in chunks of at most SLOT_CHUNK_BYTES of float32 along an axis
+    that is not contracted, so a large tensor (the LM head) needs no float32 copies of itself."""
     contract = tuple(a - n_lead for a in target.contract)
     if min(contract, default=0) < 0 or tuple(value.shape) != target.shape[n_lead:]:
         raise ValueError(f"{target.path}: slot {tuple(value.shape)} of {target.shape} (n_lead={n_lead}) cannot be "
                          f"quantized on its own over axes {target.contract}")
-    return quant.quantize(value, config.qtype, contract, config.block)
+    value = np.asarray(value)
+    free = [a for a in range(value.ndim) if a not in contract]
+    if not free or value.size * 4 <= SLOT_CHUNK_BYTES:
+        return quant.quantize(value, config.qtype, contract, config.block)
+    axis = max(free, key=lambda a: value.shape[a])
+    step = max(1, value.shape[axis] * SLOT_CHUNK_BYTES // (value.size * 4))
+    parts = [quant.quantize(np.take(value, np.arange(i, min(i + step, value.shape[axis])), axis=axis), config.qtype,
+                            contract, config.block) for i in range(0, value.shape[axis], step)]
+    return quant.QArray(np.concatenate([q.qvalue for q in parts], axis), np.concatenate([q.scale for q in parts], axis),
+                        None, parts[0].qvalue.dtype)
 
 
 def _axes(v: nnx.Variable) -> tuple:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
