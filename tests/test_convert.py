@@ -412,7 +412,7 @@ def test_unknown_or_absent_component(omni_release, golden_dir, tmp_path):
     with pytest.raises(convert.ConversionError, match="not in this release"):
         convert.plan_conversion(src, components=["vision"])
     with pytest.raises(convert.ConversionError, match="choose bf16 or f32"):
-        convert.plan_conversion(src, dtype="int8")
+        convert.plan_conversion(src, dtype="int4")  # int8 / fp8 are quantized checkpoints (tests/test_quant.py)
 
 
 def test_existing_destination_is_kept_unless_overwrite(golden_dir, tmp_path):

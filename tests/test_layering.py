@@ -54,6 +54,8 @@ LAYERS: list[Layer] = [
     Layer("moe"),
     Layer("weights"),
     Layer("models"),
+    # Weight-only int8 / fp8 quantization of the models' projections (the rules, quantize_model).
+    Layer("quant"),
     # Host-side preprocessing: numpy front ends, no model code.
     Layer("processors", only=("", "config", "models.inputs")),
     Layer("checkpoint"),

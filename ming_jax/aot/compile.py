@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ming_jax import sharding
+from ming_jax import quant, sharding
 from ming_jax.aot.memory_plan import MemoryPlan
 from ming_jax.aot.topology import HBM_BYTES, chip_of, topology_devices
 from ming_jax.config.audio_vae import AudioVAEConfig
@@ -71,7 +71,7 @@ STEPS = ("train", "prefill", "decode", "decode_step")
 
 def lower_step(cfg: LLMConfig, mesh, rules: sharding.ShardingRules, step: str, *, batch: int, seq: int,
                cache_layout: str = "auto", runtime: Runtime | None = None, new_tokens: int = 256,
-               train: TrainConfig | None = None):
+               train: TrainConfig | None = None, quantize: "quant.QuantConfig | str | None" = None):
     """The jitted step lowered for `mesh` from abstract, sharded arguments.
 
     step: "train" (`ming_jax.train.step`, seq = training length); "prefill" (`ming_jax.gen.steps.prefill` of a
@@ -83,9 +83,16 @@ def lower_step(cfg: LLMConfig, mesh, rules: sharding.ShardingRules, step: str, *
     that format as out_shardings); "default": row-major. With "default" the TPU compiler gives the layer loop's
     carried cache another tiled layout and copies the MoE stacks in and out of the loop (one cache-sized
     temporary). runtime: dtypes, kernels, remat, expert parallelism (default: `Runtime.bf16(remat=True)`, how the
-    release trains). train: the train step's TrainConfig (default `TrainConfig()`: AdamW, clipping, bias balancing)."""
+    release trains). train: the train step's TrainConfig (default `TrainConfig()`: AdamW, clipping, bias balancing).
+    quantize ("int8", "fp8", "fp8:128"; not for "train"): the LLM's projections as int8 / fp8 weights with float32
+    scales (`ming_jax.quant`), the expert stacks read by the quantized Pallas grouped matmuls."""
     runtime = Runtime.bf16(remat=True) if runtime is None else runtime
     abstract = model_lib.create_abstract(cfg, runtime)
+    qcfg = quant.QuantConfig.parse(quantize)
+    if qcfg is not None:
+        if step == "train":
+            raise ValueError("step=train with quantized weights: quantized weights are frozen (QLoRA needs adapters)")
+        quant.quantize_model(abstract, qcfg)
     graphdef, params = nnx.split(abstract)
     p_shard = sharding.state_shardings(abstract, mesh, rules)
     a_params = _abstract(params, p_shard)
@@ -147,7 +154,8 @@ def _batched(mesh, rules, shape, dtype):
 def compile_step(cfg: LLMConfig, topology: str, mesh_spec: str, rules_name: str, step: str, *, batch: int, seq: int,
                  num_slices: int = 1, devices: Sequence | None = None, cache_layout: str = "auto",
                  runtime: Runtime | None = None, new_tokens: int = 256,
-                 train: TrainConfig | None = None) -> tuple[MemoryPlan, object]:
+                 train: TrainConfig | None = None, quantize: "quant.QuantConfig | str | None" = None
+                 ) -> tuple[MemoryPlan, object]:
     """Compile one step for a topology; -> (its memory plan, the compiled executable)."""
     runtime = Runtime.bf16(remat=True) if runtime is None else runtime
     devices = topology_devices(topology, num_slices) if devices is None else devices
@@ -155,7 +163,7 @@ def compile_step(cfg: LLMConfig, topology: str, mesh_spec: str, rules_name: str,
     rules = sharding.ShardingRules.preset(rules_name)
     t0 = time.perf_counter()
     compiled = lower_step(cfg, mesh, rules, step, batch=batch, seq=seq, cache_layout=cache_layout,
-                          runtime=runtime, new_tokens=new_tokens, train=train).compile()
+                          runtime=runtime, new_tokens=new_tokens, train=train, quantize=quantize).compile()
     m = compiled.memory_analysis()
     shape = ",".join(f"{a}={s}" for a, s in mesh.shape.items() if s > 1) or "1 chip"
     plan = MemoryPlan(topology + (f" x{num_slices}" if num_slices > 1 else ""), step, shape, rules_name, batch, seq,
@@ -164,7 +172,9 @@ def compile_step(cfg: LLMConfig, topology: str, mesh_spec: str, rules_name: str,
                       HBM_BYTES[chip_of(topology)] * 1.0, time.perf_counter() - t0,
                       note=(f"cache layout {cache_layout}" if step == "decode_step" else
                             f"{new_tokens} new tokens" if step in ("decode", "prefill") else ""),
-                      attention=runtime.attention, capacity_factor=runtime.capacity_factor or 0.0)
+                      attention=runtime.attention, capacity_factor=runtime.capacity_factor or 0.0,
+                      flops=_flops(compiled), weights=str(quant.QuantConfig.parse(quantize) or runtime.param_dtype),
+                      bytes_accessed=_bytes_accessed(compiled))
     return plan, compiled
 
 
@@ -472,6 +482,18 @@ def lower_speech_step(step: str, mesh, rules: sharding.ShardingRules, *, talker:
         with sharding.use_mesh(mesh, rules):
             return jax.jit(decode_fn).lower(a_state, lat)
     raise ValueError(f"speech step={step!r} (known: {', '.join(SPEECH_STEPS)})")
+
+
+def _bytes_accessed(compiled) -> float:
+    """XLA's "bytes accessed" of a compiled program (per chip; a while / scan body counted once; a Pallas kernel as
+    its CostEstimate says)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - informational only
+        return 0.0
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("bytes accessed", 0.0))
 
 
 def _flops(compiled) -> float:

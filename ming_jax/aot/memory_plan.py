@@ -27,6 +27,8 @@ class MemoryPlan:
     attention: str = "xla"
     capacity_factor: float = 0.0  # 0: dropless
     flops: float = 0.0  # XLA's cost_analysis of the compiled program, per chip (0: not recorded)
+    weights: str = ""  # parameter storage: "bfloat16", "float32", or a quantization ("int8", "fp8", "fp8:128")
+    bytes_accessed: float = 0.0  # XLA's cost_analysis "bytes accessed", per chip (0: not recorded)
 
     @property
     def total(self) -> int:

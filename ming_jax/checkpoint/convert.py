@@ -52,6 +52,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import tensorstore as ts
 
+from ming_jax import quant
 from ming_jax.checkpoint import manifest as mf
 from ming_jax.checkpoint import folders, orbax_tree
 from ming_jax.checkpoint.safetensors import (INDEX_FILE, CheckpointError, SourceCheckpoint, TensorInfo,
@@ -61,6 +62,21 @@ from ming_jax.models import registry
 from ming_jax.weights.table import Assignment, WeightError
 
 DTYPE_FLAGS = {"bf16": "bfloat16", "f32": "float32", "bfloat16": "bfloat16", "float32": "float32"}
+# Quantized checkpoints (`ming_jax.quant`): the LLM's projections stored as int8 / float8_e4m3fn values + float32
+# scales (`<param>.qvalue`, `<param>.scale`), every other parameter in bfloat16. "int8:128" / "fp8:128": sub-channel.
+QUANT_FLAGS = quant.QTYPES
+
+
+def quant_config(dtype: str | None) -> quant.QuantConfig | None:
+    """The QuantConfig a --dtype asks for ("int8", "fp8", "fp8:128", ...), None for a float dtype."""
+    if dtype is None or dtype in DTYPE_FLAGS:
+        return None
+    try:
+        return quant.QuantConfig.parse(dtype)
+    except ValueError:
+        raise ConversionError(f"dtype={dtype!r}; choose bf16 or f32 (or leave it unset to keep the source dtypes), "
+                              "or int8 / fp8 for quantized weights (int8:BLOCK / fp8:BLOCK: sub-channel scales)"
+                              ) from None
 
 
 # One error type for an unusable source, option or destination: the message names the problem.
@@ -77,6 +93,7 @@ class Item:
     info: TensorInfo
     assignment: Assignment
     store_dtype: str
+    quant: quant.Target | None = None  # quantized: the whole leaf's Target; the slot is quantized on its own
 
 
 @dataclasses.dataclass
@@ -93,6 +110,11 @@ class Plan:
     @property
     def nbytes(self) -> int:
         return sum(i.info.nbytes for i in self.items)
+
+    @property
+    def quant_config(self) -> quant.QuantConfig | None:
+        q = self.options.get("quantization")
+        return None if q is None else quant.QuantConfig.from_json(q)
 
     def summary(self) -> str:
         lines = [f"source {self.source.path}: {len(self.source.tensors)} tensors in {len(self.source.shards)} "
@@ -134,10 +156,9 @@ def _dummy(shape: Sequence[int]) -> np.ndarray:
 def plan_conversion(src: str | SourceCheckpoint, *, dtype: str | None = None,
                     components: Sequence[str] | None = None) -> Plan:
     """Every check that needs no tensor data; raises naming all problems found, writes nothing."""
+    qcfg = quant_config(dtype)  # raises for an unknown dtype
     source = src if isinstance(src, SourceCheckpoint) else folders.open_source(src, components)
-    if dtype is not None and dtype not in DTYPE_FLAGS:
-        raise ConversionError(f"dtype={dtype!r}; choose bf16 or f32 (or leave it unset to keep the source dtypes)")
-    store = DTYPE_FLAGS.get(dtype) if dtype else None
+    store = "bfloat16" if qcfg else DTYPE_FLAGS.get(dtype) if dtype else None
     try:
         comps = registry.describe(source.config, sections=folders.image_gen_sections(source.path),
                                   speech=folders.talker_sections(source.path))
@@ -164,9 +185,13 @@ def plan_conversion(src: str | SourceCheckpoint, *, dtype: str | None = None,
     skipped = {c: sorted(n for n, o in owner.items() if o == c) for c in comps if c not in chosen}
     skipped = {c: v for c, v in skipped.items() if v}
     problems: list[str] = []
+    targets: dict[str, quant.Target] = {}
     for cname in chosen:
         comp = comps[cname]
         comp.table.check_coverage(comp.shapes)
+        if qcfg is not None and cname in quant.COMPONENTS:
+            for key, module in comp.modules.items():
+                targets.update({f"{key}.{p}": t for p, t in quant.plan(module, qcfg).items()})
         names = [n for n, o in owner.items() if o == cname]
         try:
             assignments = comp.table.plan(names)
@@ -192,7 +217,7 @@ def plan_conversion(src: str | SourceCheckpoint, *, dtype: str | None = None,
                 if got != want:
                     problems.append(f"{a.official}: shape {list(info.shape)} -> {got} after {a.transform.name}, but "
                                     f"{path} needs {want} (config and weights disagree)")
-                codes.setdefault(info.dtype, []).append(a.official)
+                codes.setdefault(info.value_dtype, []).append(a.official)
             bad = [c for c in codes if c not in _FLOATING]
             if bad:
                 problems += [f"{n}: dtype {c} is not a floating dtype" for c in bad for n in codes[c]]
@@ -204,8 +229,16 @@ def plan_conversion(src: str | SourceCheckpoint, *, dtype: str | None = None,
                                 f"others are {main}")
                 continue
             leaf_dtype = store or _FLOATING[next(iter(codes))]
-            leaves.append(orbax_tree.LeafSpec(path, tuple(full), leaf_dtype, n_lead))
-            items += [Item(source.tensors[a.official], a, leaf_dtype) for a in group]
+            target = targets.get(path)
+            if target is not None:
+                if min(target.contract) < n_lead:
+                    raise ConversionError(f"{path}: quantized over axes {target.contract}, but its first {n_lead} "
+                                          "axes are filled one tensor at a time")
+                leaves.append(orbax_tree.LeafSpec(path + ".qvalue", tuple(full), str(qcfg.dtype), n_lead))
+                leaves.append(orbax_tree.LeafSpec(path + ".scale", target.scale_shape, "float32", n_lead))
+            else:
+                leaves.append(orbax_tree.LeafSpec(path, tuple(full), leaf_dtype, n_lead))
+            items += [Item(source.tensors[a.official], a, leaf_dtype, target) for a in group]
     if problems:
         raise WeightError(f"{len(problems)} problem(s) with the source tensors: " + "; ".join(problems[:12]) +
                           (f"; ... ({len(problems) - 12} more)" if len(problems) > 12 else ""))
@@ -215,8 +248,11 @@ def plan_conversion(src: str | SourceCheckpoint, *, dtype: str | None = None,
     if "talker" in chosen and registry.release_kind(source.config) == "talker":
         kept |= {f[0] for f in source.subfolders()}  # a bare talker folder: llm/, data/, ... are copied as they are
     broken = {c: p.problem for c, p in comps.items() if p.problem}
+    options = {"dtype": store, "components": chosen}
+    if qcfg is not None:
+        options["quantization"] = quant.manifest_entry(qcfg, targets)
     return Plan(source, chosen, leaves, items, skipped, [f for f in source.subfolders() if f[0] not in kept], broken,
-                {"dtype": store, "components": chosen})
+                options)
 
 
 # --- progress ---------------------------------------------------------------------------------------------------------
@@ -281,8 +317,10 @@ def convert(src: str, dst: str, *, dtype: str | None = None, components: Sequenc
             log: Callable[[str], None] | None = None) -> mf.Manifest:
     """Convert the release at `src` into our checkpoint at `dst` (see the module docstring for the guarantees).
 
-    `dtype` (bf16 / f32) casts every parameter; None keeps each tensor's dtype. `components` picks sub-models
-    (default: all the config describes). An unfinished earlier run into the same `dst` is resumed, unless its
+    `dtype` (bf16 / f32) casts every parameter; None keeps each tensor's dtype; int8 / fp8 (int8:BLOCK, fp8:BLOCK
+    for sub-channel scales) quantizes the LLM's projections (`ming_jax.quant`: each official tensor's slot quantized
+    on its own as it streams, in bounded chunks, so memory stays as bounded as a float conversion) and stores the
+    rest in bfloat16. `components` picks sub-models (default: all the config describes). An unfinished earlier run into the same `dst` is resumed, unless its
     source or options differ or `restart` is set. `dst` must not exist unless `overwrite`.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -391,9 +429,14 @@ def _stream(plan: Plan, writer: orbax_tree.TreeWriter, todo: list[Item], done: d
         taken = budget.take(info.nbytes)
         try:
             value, crc = plan.source.read(info)
-            value = np.ascontiguousarray(a.transform.to_ours(value).astype(mf.np_dtype(item.store_dtype),
-                                                                           copy=False))
-            writer.write(a.path, a.index, value, txn).copy.result()
+            if item.quant is not None:  # this slot's values and scale rows, from the source precision
+                q = quant.quantize_slot(a.transform.to_ours(value), item.quant, plan.quant_config, len(a.index))
+                writer.write(a.path + ".qvalue", a.index, np.ascontiguousarray(q.qvalue), txn).copy.result()
+                writer.write(a.path + ".scale", a.index, np.ascontiguousarray(q.scale), txn).copy.result()
+            else:
+                value = np.ascontiguousarray(a.transform.to_ours(value).astype(mf.np_dtype(item.store_dtype),
+                                                                               copy=False))
+                writer.write(a.path, a.index, value, txn).copy.result()
         finally:
             budget.give(taken)
         with bar_lock:
@@ -450,7 +493,8 @@ def _manifest(plan: Plan, crcs: Mapping[str, int], compression) -> mf.Manifest:
                  "folders": [{"name": n, "bytes": b, "files": f, "why": _folder_kind(n)}
                              for n, b, f in plan.skipped_folders],
                  "unindexed_files": plan.source.unindexed_files},
-        options={"dtype": plan.options["dtype"], "compression": compression})
+        options={"dtype": plan.options["dtype"], "compression": compression,
+                 **({"quantization": plan.options["quantization"]} if "quantization" in plan.options else {})})
 
 
 def _publish(tmp: str, dst: str, overwrite: bool) -> None:

@@ -9,12 +9,14 @@ import sys
 import zlib
 from typing import Callable
 
+import ml_dtypes
 import numpy as np
 
 from ming_jax.checkpoint import manifest as mf
 from ming_jax.checkpoint import folders, orbax_tree
 from ming_jax.checkpoint.convert import (ConversionError, Progress, _dummy, _gb, _partial_dir, _publish)
 from ming_jax.models import registry
+from ming_jax.pallas.gmm import quant as qmath
 from ming_jax.checkpoint.safetensors import OutTensor, st_code, write_sharded
 from ming_jax.weights.table import Assignment
 
@@ -25,7 +27,8 @@ def export_official(ckpt_dir: str, dst: str, *, max_shard_bytes: int = 5 * 10**9
 
     Each official tensor is one slot of one of our arrays, read on its own and put back in the official layout by
     the table's inverse transform. When the stored dtype is the source's, the bytes must match the CRC32 the
-    converter recorded, so a bit-exact round trip is checked, not assumed. Returns the index.
+    converter recorded, so a bit-exact round trip is checked, not assumed. A quantized checkpoint (`--dtype
+    int8|fp8`) exports its quantized weights dequantised (values x scales) in bfloat16. Returns the index.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if os.path.exists(dst) and not overwrite:
@@ -35,13 +38,17 @@ def export_official(ckpt_dir: str, dst: str, *, max_shard_bytes: int = 5 * 10**9
     parts = registry.describe(raw, sections=folders.image_gen_sections(ckpt_dir),
                               speech=folders.talker_sections(ckpt_dir))
     reader = orbax_tree.TreeReader(os.path.join(ckpt_dir, mf.PARAMS_DIR))
+    quantized = set((manifest.options.get("quantization") or {}).get("params", ()))
     plan: dict[str, tuple[Assignment, OutTensor]] = {}
     for cname in manifest.components:
         comp = parts[cname]
         for rule in comp.table.rules:
             for v in rule.instances():
                 path, slot = rule.path(v), rule.slot(v)
-                full, dtype = reader.spec(path)
+                if path in quantized:  # int8 / fp8 values + scales: exported dequantised, in bfloat16
+                    full, dtype = reader.spec(path + ".qvalue")[0], np.dtype(ml_dtypes.bfloat16)
+                else:
+                    full, dtype = reader.spec(path)
                 if full != tuple(comp.shapes[path]):
                     raise mf.CheckpointFormatError(f"{path}: stored shape {full} != config shape "
                                                      f"{tuple(comp.shapes[path])}")
@@ -65,6 +72,9 @@ def export_official(ckpt_dir: str, dst: str, *, max_shard_bytes: int = 5 * 10**9
         a = plan[t.name][0]
         if a is None:
             return np.ascontiguousarray(constants[t.name])
+        if a.path in quantized:
+            q = qmath.QArray(reader.read(a.path + ".qvalue", a.index), reader.read(a.path + ".scale", a.index))
+            return np.ascontiguousarray(a.transform.to_official(qmath.dequantize(q, ml_dtypes.bfloat16)))
         value = np.ascontiguousarray(a.transform.to_official(reader.read(a.path, a.index)))
         want = source.get(t.name)
         if want is not None and want["dtype"] == st_code(value.dtype):

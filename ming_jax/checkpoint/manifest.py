@@ -26,7 +26,9 @@ MANIFEST_FILE = "ming_jax.json"
 PARAMS_DIR = "params"
 
 _NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "float64": np.dtype(np.float64),
-              "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+              "bfloat16": np.dtype(ml_dtypes.bfloat16),
+              # the values of quantized weights (`ming_jax.quant`): <param>.qvalue beside its float32 <param>.scale
+              "int8": np.dtype(np.int8), "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn)}
 
 
 class CheckpointFormatError(ValueError):

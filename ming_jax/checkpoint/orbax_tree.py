@@ -42,7 +42,8 @@ from ming_jax.checkpoint.manifest import CheckpointFormatError, np_dtype, write_
 # (embeddings, lm head) are split into row blocks of at most this size; expert slices are one chunk each.
 CHUNK_BYTES = 64 << 20
 
-_ZARR_DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "bfloat16": "bfloat16"}
+_ZARR_DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "bfloat16": "bfloat16", "int8": "|i1",
+                "float8_e4m3fn": "float8_e4m3fn"}  # int8 / fp8: quantized weights (`ming_jax.quant`)
 
 
 @dataclasses.dataclass(frozen=True)

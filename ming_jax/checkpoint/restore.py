@@ -36,12 +36,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ming_jax.checkpoint import folders
+from ming_jax import quant
+from ming_jax.checkpoint import folders, quantized
 from ming_jax.checkpoint.manifest import (CONFIG_FILE, MANIFEST_FILE, PARAMS_DIR, CheckpointFormatError, Manifest,
                                           np_dtype, read_config)
 from ming_jax.checkpoint.safetensors import CheckpointError, TensorMapping
 from ming_jax.config.omni import OmniConfig
 from ming_jax.config.runtime import Runtime
+from ming_jax.layers.params import QuantizedParam
 from ming_jax.models import registry
 from ming_jax.models.omni import OmniModel
 from ming_jax.sharding import ShardingRules, param_shardings
@@ -69,8 +71,8 @@ def _flat(tree, prefix: str = "") -> dict[str, Any]:
 
 
 def restore_params(ckpt_dir: str, abstract_model: nnx.Module, *, subtree: str | None = None,
-                   shardings: Shardings | None = None, mesh=None, rules=None, dtype: str | None = None
-                   ) -> nnx.Module:
+                   shardings: Shardings | None = None, mesh=None, rules=None, dtype: str | None = None,
+                   computed: Mapping[str, Any] | None = None) -> nnx.Module:
     """Fill every `nnx.Param` of `abstract_model` (from `nnx.eval_shape`) from the converted checkpoint.
 
     `subtree` is where the model sits in our tree ("llm", "vision", "vision_proj", "audio"; None: the whole tree,
@@ -78,7 +80,9 @@ def restore_params(ckpt_dir: str, abstract_model: nnx.Module, *, subtree: str | 
     `nnx.state(abstract_model, nnx.Param)`, e.g. `ming_jax.sharding.param_shardings`), or `mesh` + `rules` to
     compute it, or neither for the default device. Each device reads its shard straight from disk.
     Each array is cast to the dtype the model gives that parameter (e.g. float32 router biases in a bfloat16
-    model), or every one to `dtype`.
+    model), or every one to `dtype` (never the int8 / fp8 values and float32 scales of quantized weights).
+    `computed`: {path: fn(target ShapeDtypeStruct with its sharding) -> jax.Array} for parameters made otherwise
+    than read as stored (quantize at load: `ming_jax.checkpoint.quantized`).
     """
     import orbax.checkpoint as ocp
 
@@ -96,9 +100,17 @@ def restore_params(ckpt_dir: str, abstract_model: nnx.Module, *, subtree: str | 
         raise CheckpointFormatError(f"shardings do not match the model's parameters: missing {sorted(missing)[:8]}, "
                                     f"unknown {sorted(extra)[:8]}")
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    computed = dict(computed or {})
+    keep_dtype = quantized_leaves(abstract_model)
     problems = []
-    target = {}
+    target, made = {}, {}
     for path, leaf in flat_abstract.items():
+        if path in computed:
+            sharding = flat_shardings.get(path)
+            if sharding is not None and isinstance(sharding, nnx.Variable):
+                sharding = sharding.get_value()
+            made[path] = computed.pop(path)(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding or default))
+            continue
         stored = manifest.params.get(prefix + path)
         if stored is None:
             problems.append(f"{prefix + path}: not in the checkpoint")
@@ -109,8 +121,11 @@ def restore_params(ckpt_dir: str, abstract_model: nnx.Module, *, subtree: str | 
         sharding = flat_shardings.get(path)
         if sharding is not None and isinstance(sharding, nnx.Variable):
             sharding = sharding.get_value()
-        target[path] = jax.ShapeDtypeStruct(leaf.shape, np_dtype(dtype) if dtype else leaf.dtype,
+        cast = dtype and path not in keep_dtype
+        target[path] = jax.ShapeDtypeStruct(leaf.shape, np_dtype(dtype) if cast else leaf.dtype,
                                             sharding=sharding or default)
+    if computed:
+        problems.append(f"computed parameters the model does not have: {sorted(computed)[:8]}")
     if problems:
         shown = "; ".join(problems[:12]) + (f"; ... ({len(problems) - 12} more)" if len(problems) > 12 else "")
         raise CheckpointFormatError(f"{ckpt_dir} does not fit the model ({len(problems)} problem(s)): {shown}")
@@ -121,9 +136,31 @@ def restore_params(ckpt_dir: str, abstract_model: nnx.Module, *, subtree: str | 
         restored = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                                                           partial_restore=True))
     restored = restored[subtree] if subtree else restored
+    if made:
+        restored = _merge_trees(restored, _unflatten(made))
     nnx.replace_by_pure_dict(state, _restore_keys(abstract, restored))
     nnx.update(abstract_model, state)
     return abstract_model
+
+
+def quantized_leaves(module: nnx.Module) -> set[str]:
+    """Dotted paths of the `.qvalue` / `.scale` leaves of a module's quantized weights."""
+    out = set()
+    for p, _ in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        if p[-1] in ("qvalue", "scale") and len(p) > 1:
+            owner = module
+            for k in p[:-1]:
+                owner = owner[k] if isinstance(owner, (nnx.List, list)) else getattr(owner, str(k))
+            if isinstance(owner, QuantizedParam):
+                out.add(".".join(map(str, p)))
+    return out
+
+
+def _merge_trees(a: Mapping, b: Mapping) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge_trees(out.get(k, {}), v) if isinstance(v, Mapping) else v
+    return out
 
 
 def _unflatten(flat: Mapping[str, Any]) -> dict:
@@ -240,7 +277,7 @@ def _runtime(runtime: Runtime | None, dtype: str | None, compute_dtype: str | No
 def load(path: str, *, components: Sequence[str] | None = None, mesh: jax.sharding.Mesh | None = None,
          rules: ShardingRules | str | None = None, dtype: str | None = None, compute_dtype: str | None = None,
          runtime: Runtime | None = None, deepstack: bool = False,
-         shardings: Mapping[str, Any] | None = None) -> Loaded:
+         shardings: Mapping[str, Any] | None = None, quantize: "quant.QuantConfig | str | None" = None) -> Loaded:
     """Load the `components` (None: all the folder holds) of a release folder or a converted checkpoint.
 
     mesh / rules: place every parameter with `ming_jax.sharding.param_shardings(module, mesh, rules)` (rules: a
@@ -249,7 +286,14 @@ def load(path: str, *, components: Sequence[str] | None = None, mesh: jax.shardi
     (default: the checkpoint's, see the module docstring; `runtime.param_dtype` is not used), `compute_dtype`:
     activation dtype (default: `runtime.dtype`); `runtime` gives the other run settings (kernels, remat, expert
     parallelism). `deepstack`: the vision tower also returns its deepstack features.
+
+    Quantized weights (`ming_jax.quant`): a checkpoint converted with `--dtype int8|fp8` loads quantized as stored
+    (its int8 / fp8 values and scales restored sharded like any parameter). `quantize` ("int8", "fp8", "fp8:128",
+    or a QuantConfig) quantizes the LLM's projections of a float checkpoint at load: a converted one region by region
+    from disk (the float weights never reach a device: `ming_jax.checkpoint.quantized`), a release folder on the host
+    after the table maps each tensor. Explicit `shardings` of a quantized component must match its quantized tree.
     """
+    qcfg = quant.QuantConfig.parse(quantize)
     if isinstance(rules, str):
         rules = ShardingRules.preset(rules)
     if mesh is not None and rules is None and not shardings:
@@ -271,21 +315,41 @@ def load(path: str, *, components: Sequence[str] | None = None, mesh: jax.shardi
         for c in chosen:
             _needs(manifest, c, path)
         parts = _converted_parts(raw, manifest, described, chosen, dtype, base, deepstack, sections, speech)
+        stored = stored_quantization(manifest)
+        if stored is not None and qcfg is not None and qcfg != stored:
+            raise CheckpointFormatError(f"{path} holds {stored} weights; it cannot be loaded as {qcfg} (convert the "
+                                        "float release again, or load it without `quantize`)")
         for part in parts.values():
             for key, module in part.modules.items():
+                computed = None
+                if part.name in quant.COMPONENTS and stored is not None:  # quantized as stored
+                    quant.quantize_model(module, stored)
+                elif part.name in quant.COMPONENTS and qcfg is not None:  # quantize the float weights at load
+                    targets = quant.plan(module, qcfg)
+                    quant.quantize_model(module, qcfg)
+                    computed = quantized.fillers(path, key, targets, qcfg)
                 # each array to the dtype the module gives it: float32 router biases stay float32 in a bf16 model
-                restore_params(path, module, subtree=key, shardings=shardings.get(key), mesh=mesh, rules=rules)
+                restore_params(path, module, subtree=key, shardings=shardings.get(key), mesh=mesh, rules=rules,
+                               computed=computed)
     else:
         parts = {c: described[c] for c in registry.select(described, components)}
-        _fill_from_release(path, described, parts, shardings, mesh, rules)
+        _fill_from_release(path, described, parts, shardings, mesh, rules, qcfg)
     return Loaded(path, fmt, raw, parts, deepstack, mesh, rules)
+
+
+def stored_quantization(manifest: Manifest) -> "quant.QuantConfig | None":
+    """The quantization a converted checkpoint was written with (`--dtype int8|fp8`), or None."""
+    q = manifest.options.get("quantization")
+    return None if q is None else quant.QuantConfig.from_json(q)
 
 
 def _param_dtype(manifest: Manifest, subtree: str) -> str:
     """The dtype most of a subtree's parameters are stored in (bfloat16 or float32: what the configs accept)."""
     counts: dict[str, int] = {}
+    q = manifest.options.get("quantization") or {}
+    skip = {f"{t}.{leaf}" for t in q.get("params", ()) for leaf in ("qvalue", "scale")}  # quantized: not "the dtype"
     for path, p in manifest.params.items():
-        if path.split(".", 1)[0] == subtree:
+        if path.split(".", 1)[0] == subtree and path not in skip:
             counts[p["dtype"]] = counts.get(p["dtype"], 0) + int(np.prod(p["shape"], dtype=np.int64))
     if not counts:
         raise CheckpointFormatError(f"the checkpoint holds no {subtree!r} parameters (converted components: "
@@ -322,7 +386,8 @@ def load_tensors(raw: Mapping, tensors: Mapping[str, Any], *, components: Sequen
                  mesh: jax.sharding.Mesh | None = None, rules: ShardingRules | str | None = None,
                  dtype: str | None = None, compute_dtype: str | None = None, runtime: Runtime | None = None,
                  deepstack: bool = False, source: str = "tensors",
-                 sections: Mapping[str, Any] | None = None, speech: Mapping[str, Any] | None = None) -> Loaded:
+                 sections: Mapping[str, Any] | None = None, speech: Mapping[str, Any] | None = None,
+                 quantize: "quant.QuantConfig | str | None" = None) -> Loaded:
     """`load` for official tensors already at hand: `raw` a config.json dict, `tensors` {official name: array}
     (e.g. a golden case's weights, or a lazy `TensorMapping`). Strict like the release path of `load`.
     `sections`: image-generation sub-folder configs (their tensors named as `registry.IMAGE_GEN_WEIGHT_FOLDERS`
@@ -334,19 +399,20 @@ def load_tensors(raw: Mapping, tensors: Mapping[str, Any], *, components: Sequen
     described = registry.describe(raw, _runtime(runtime, dtype, compute_dtype), deepstack=deepstack,
                                   sections=sections, speech=speech)
     parts = {c: described[c] for c in registry.select(described, components)}
-    _fill_from_tensors(source, tensors, described, parts, {}, mesh, rules)
+    _fill_from_tensors(source, tensors, described, parts, {}, mesh, rules, quant.QuantConfig.parse(quantize))
     return Loaded(source, RELEASE, dict(raw), parts, deepstack, mesh, rules)
 
 
 def _fill_from_release(path: str, described: Mapping[str, registry.Part], parts: Mapping[str, registry.Part],
-                       shardings: Mapping[str, Any], mesh, rules) -> None:
+                       shardings: Mapping[str, Any], mesh, rules, qcfg=None) -> None:
     """Fill the parts' modules from the folder's safetensors, tensor by tensor (strict, like the converter)."""
     _fill_from_tensors(path, TensorMapping(folders.open_source(path, list(parts))), described, parts, shardings, mesh,
-                       rules)
+                       rules, qcfg)
 
 
 def _fill_from_tensors(path: str, tensors: Mapping[str, Any], described: Mapping[str, registry.Part],
-                       parts: Mapping[str, registry.Part], shardings: Mapping[str, Any], mesh, rules) -> None:
+                       parts: Mapping[str, registry.Part], shardings: Mapping[str, Any], mesh, rules,
+                       qcfg: "quant.QuantConfig | None" = None) -> None:
     owned: dict[str, list[str]] = {c: [] for c in described}
     orphans = []
     for name in tensors:
@@ -362,6 +428,11 @@ def _fill_from_tensors(path: str, tensors: Mapping[str, Any], described: Mapping
         if not_filled:
             raise WeightError(f"{c}: parameters not filled by any official tensor: {', '.join(not_filled[:12])}")
         for key, module in part.modules.items():
+            if qcfg is not None and c in quant.COMPONENTS:  # quantize on the host, each weight as the table made it
+                for p, t in quant.plan(module, qcfg).items():
+                    q = quant.quantize_slot(arrays.pop(f"{key}.{p}"), t, qcfg, 0)
+                    arrays[f"{key}.{p}.qvalue"], arrays[f"{key}.{p}.scale"] = q.qvalue, q.scale
+                quant.quantize_model(module, qcfg)
             sh = shardings.get(key)
             if sh is None and mesh is not None:
                 sh = param_shardings(module, mesh, rules)

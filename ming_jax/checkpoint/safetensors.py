@@ -31,6 +31,7 @@ _ST_DTYPES = {
 _FLOATING = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _ST_CODE = {v: k for k, v in _FLOATING.items()}
 _MAX_HEADER = 100 << 20  # a header larger than this is corruption, not a model
+FP8_SCALE_SUFFIX = "_scale_inv"  # transformers' fine-grained FP8: `<name>.weight` F8_E4M3 + `<name>.weight_scale_inv`
 
 class CheckpointError(ValueError):
     """A checkpoint folder, shard or index that is unusable; the message names the problem."""
@@ -52,6 +53,16 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the data in the shard file
     nbytes: int
+    # A block-scaled FP8 weight (transformers' fine-grained FP8 / DeepSeek-V3 layout: F8_E4M3 `<name>` and its F32
+    # `<name>_scale_inv` [ceil(out / bo), ceil(in / bi)]): the scale tensor and the (bo, bi) block. `read` returns
+    # the dequantised float32 weight; it counts as BF16 (the release's dtype) when planning dtypes.
+    scale: "TensorInfo | None" = None
+    block: tuple[int, int] | None = None
+
+    @property
+    def value_dtype(self) -> str:
+        """The safetensors code of what `read` returns for planning: BF16 for a dequantised FP8 weight."""
+        return "BF16" if self.scale is not None else self.dtype
 
 
 def read_header(path: str) -> tuple[dict[str, TensorInfo], dict]:
@@ -153,6 +164,7 @@ class SourceCheckpoint:
         for folder, prefix in self.merged.items():
             shards += self._merge(folder, prefix)
         self.shards = shards
+        self.fp8_weights = self._pair_fp8_scales()
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -231,6 +243,41 @@ class SourceCheckpoint:
                 raise CheckpointError(f"{folder}/{indexes[0]} does not match the shards: {_listing(detail)}")
         return [f"{folder}/{f}" for f in files]
 
+    def _pair_fp8_scales(self) -> int:
+        """Fold every `<w>_scale_inv` into its F8_E4M3 weight `<w>` (the release's FP8 checkpoints, if it ships
+        them, in transformers' fine-grained FP8 naming): the scale leaves `tensors`, the weight carries it. Block
+        size: config.json's `quantization_config.weight_block_size` (top level or llm_config), else [128, 128];
+        the scale's shape must be [ceil(out / bo), ceil(in / bi)]. Returns how many weights were paired."""
+        qc = self.config.get("quantization_config") or (self.config.get("llm_config") or {}).get(
+            "quantization_config") or {}
+        block = tuple(int(b) for b in (qc.get("weight_block_size") or (128, 128)))
+        scales = [n for n in self.tensors if n.endswith(FP8_SCALE_SUFFIX)]
+        problems, paired = [], 0
+        for sname in scales:
+            wname = sname[: -len(FP8_SCALE_SUFFIX)]
+            w, sc = self.tensors.get(wname), self.tensors[sname]
+            if w is None or w.dtype not in ("F8_E4M3", "F8_E5M2"):
+                problems.append(f"{sname}: no FP8 weight {wname} to scale ({'absent' if w is None else w.dtype})")
+                continue
+            if len(w.shape) != 2 or len(block) != 2 or sc.dtype not in ("F32", "BF16", "F16"):
+                problems.append(f"{sname}: expected a 2-D FP8 weight and a float scale, got {w.dtype}{list(w.shape)}"
+                                f" / {sc.dtype}{list(sc.shape)}")
+                continue
+            want = tuple(-(-d // b) for d, b in zip(w.shape, block))
+            if tuple(sc.shape) != want:
+                problems.append(f"{sname}: shape {list(sc.shape)}, but {wname} {list(w.shape)} in {list(block)} "
+                                f"blocks needs {list(want)}")
+                continue
+            self.tensors[wname] = dataclasses.replace(w, scale=sc, block=block)
+            del self.tensors[sname]
+            paired += 1
+        bare = [n for n, t in self.tensors.items() if t.dtype in ("F8_E4M3", "F8_E5M2") and t.scale is None]
+        if bare:
+            problems.append(f"{len(bare)} FP8 tensor(s) without a {FP8_SCALE_SUFFIX} scale: {_listing(bare)}")
+        if problems:
+            raise CheckpointError(f"{self.path}: FP8 weights: " + "; ".join(problems[:8]))
+        return paired
+
     def subfolders(self) -> list[tuple[str, int, int]]:
         """(name, bytes, files) of every sub-folder that is not merged: parts of the release we do not convert."""
         out = []
@@ -254,7 +301,17 @@ class SourceCheckpoint:
         return h.hexdigest()
 
     def read(self, info: TensorInfo) -> tuple[np.ndarray, int]:
-        """One tensor, read into a fresh buffer (no memory map that would keep pages resident); (array, CRC32)."""
+        """One tensor, read into a fresh buffer (no memory map that would keep pages resident); (array, CRC32 of its
+        stored bytes). A block-scaled FP8 weight comes back dequantised: float32 fp8 x its block's scale."""
+        if info.scale is not None:
+            raw, crc = self._read(info)
+            scale = self._read(info.scale)[0].astype(np.float32)
+            bo, bi = info.block
+            full = np.repeat(np.repeat(scale, bo, axis=0), bi, axis=1)[: info.shape[0], : info.shape[1]]
+            return raw.astype(np.float32) * full, crc
+        return self._read(info)
+
+    def _read(self, info: TensorInfo) -> tuple[np.ndarray, int]:
         with self._lock:  # called from the converter's worker threads
             fd = self._fds.get(info.shard)
             if fd is None:

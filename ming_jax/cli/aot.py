@@ -35,6 +35,7 @@ from ming_jax.aot.topology import topology_devices
 from ming_jax.config import dit as dit_config, vae as vae_config
 from ming_jax.config.llm import PRESETS
 from ming_jax.config.runtime import Runtime
+from ming_jax.quant import QuantConfig
 
 
 def main(argv):
@@ -69,9 +70,11 @@ def main(argv):
     print(f"{cfg.__class__.__name__} {f.preset}: {_param_count(cfg) / 1e9:.1f}B parameters; {f.topology} "
           f"x{f.num_slices} = {n} chips; step={f.step} batch={batch} {'max_len' if f.step.startswith('decode') else 'seq'}="
           f"{seq}; jax {jax.__version__}, libtpu {_libtpu_version()}", flush=True)
+    if f.quantize:
+        print(f"weights: {f.quantize} (the LLM's projections; `ming_jax.quant`)", flush=True)
     return _compile_meshes(f, lambda mesh_spec: compile_step(
         cfg, f.topology, mesh_spec, f.rules, f.step, batch=batch, seq=seq, num_slices=f.num_slices, devices=devices,
-        cache_layout=f.cache_layout, runtime=runtime, new_tokens=f.new_tokens))
+        cache_layout=f.cache_layout, runtime=runtime, new_tokens=f.new_tokens, quantize=f.quantize or None))
 
 
 def _image_main(f):
@@ -286,8 +289,19 @@ def _define_flags():
     flags.DEFINE_enum("cache_layout", "auto", ["auto", "default"],
                       "decode_step: KV cache memory layout chosen by the compiler ('auto') or row-major "
                       "('default').")
+    flags.DEFINE_string("quantize", "", "LLM steps (not train): int8 / fp8 weights (fp8:128, int8:128: sub-channel "
+                        "scales along K) for the projections and expert stacks, as `generate --quantize` loads them.")
+    flags.register_validator("quantize", _valid_quantize, "--quantize: int8, fp8, int8:BLOCK or fp8:BLOCK")
     flags.DEFINE_string("json", "", "Write the memory plans here as JSON.")
     flags.DEFINE_multi_string("table", [], "Print the plans of these --json files as a markdown table and exit.")
+
+
+def _valid_quantize(value: str) -> bool:
+    try:
+        QuantConfig.parse(value)
+    except ValueError:
+        return False
+    return True
 
 
 def run():

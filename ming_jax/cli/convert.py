@@ -1,6 +1,6 @@
 """Convert the Ming-flash-omni 2.0 PyTorch release into a ming_jax orbax checkpoint, or export one back.
 
-    python -m ming_jax.convert --src RELEASE_DIR --dst CKPT_DIR [--dtype bf16|f32] [--components llm,vision,audio]
+    python -m ming_jax.convert --src RELEASE_DIR --dst CKPT_DIR [--dtype bf16|f32|int8|fp8] [--components llm,...]
     python -m ming_jax.convert --reverse --src CKPT_DIR --dst OUT_DIR [--max_shard_size 5GB]
 
 (also `python tools/convert_torch.py ...` from a checkout). The release folder holds config.json,
@@ -22,11 +22,16 @@ from absl import app, flags
 
 from ming_jax import cli
 from ming_jax.checkpoint import convert, export
+from ming_jax.quant import QuantConfig
 
 _SRC = flags.DEFINE_string("src", None, "Release folder (or, with --reverse, a converted checkpoint).")
 _DST = flags.DEFINE_string("dst", None, "Output folder; must not exist unless --overwrite.")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["bf16", "f32"], "Store every parameter in this dtype (default: as in "
-                           "the source).")
+_DTYPE = flags.DEFINE_string("dtype", None, "Store every parameter in this dtype: bf16 | f32 (default: as in the "
+                             "source); int8 | fp8 quantizes the LLM's projections and expert stacks (values + float32 "
+                             "scales per output channel; int8:BLOCK / fp8:BLOCK: sub-channel) and stores the rest "
+                             "in bf16.")
+flags.register_validator("dtype", lambda v: v is None or v in ("bf16", "f32") or _quant_ok(v),
+                         "--dtype: bf16, f32, int8, fp8, int8:BLOCK or fp8:BLOCK")
 _COMPONENTS = flags.DEFINE_list("components", None, "Sub-models to convert: llm, vision, audio, image_gen, talker "
                                 "(default: all the folder describes).")
 _REVERSE = flags.DEFINE_bool("reverse", False, "Export a converted checkpoint back to official safetensors.")
@@ -38,6 +43,13 @@ _WORKERS = flags.DEFINE_integer("workers", None, "Threads re-laying out tensors 
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --dst (only once the new one is complete).")
 _RESTART = flags.DEFINE_bool("restart", False, "Discard an interrupted earlier run instead of resuming it.")
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bar.")
+
+
+def _quant_ok(value: str) -> bool:
+    try:
+        return QuantConfig.parse(value) is not None
+    except ValueError:
+        return False
 
 
 def parse_size(text: str) -> int:

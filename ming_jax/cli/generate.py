@@ -33,7 +33,7 @@ import jax
 from absl import app, flags
 from flax import nnx
 
-from ming_jax import cli, sharding
+from ming_jax import cli, quant, sharding
 from ming_jax.checkpoint import restore
 from ming_jax.config.llm import PRESETS
 from ming_jax.config.runtime import Runtime
@@ -85,6 +85,9 @@ _SPEAK_OUT = flags.DEFINE_string("speak_out", "answer.wav", "WAV of the spoken a
                                  "answer_0.wav, ...).")
 _SPEAK_VOICE = flags.DEFINE_string("speak_voice", tts.DEFAULT_VOICE, "Voice of the spoken answer: a name of the "
                                    "talker folder's voice_name.json when it has it ('' or a missing name: no voice).")
+_QUANTIZE = flags.DEFINE_string("quantize", None, "Load the LLM's projections and expert stacks as int8 / fp8 "
+                                 "weights (fp8:128, int8:128: sub-channel scales), quantized at load (`ming_jax.quant`)"
+                                 "; a checkpoint converted with --dtype int8|fp8 is quantized already.")
 _ANSWER_PREFIX = flags.DEFINE_string("answer_prefix", "", "Text the answer starts with (e.g. 'English\\t' for ASR in "
                                      "a known language).")
 _STREAM = flags.DEFINE_bool("stream", False, "Print the answer as it is generated (one prompt; "
@@ -252,7 +255,8 @@ def _load(ckpt: str, **kw) -> restore.Loaded:
     where = f" onto mesh {dict(mesh.shape)} ({_RULES.value})" if mesh is not None else ""
     print(f"loading {ckpt}{where} ...", file=sys.stderr)
     dtype = _DTYPE.value or restore.checkpoint_dtype(ckpt)  # parameters and compute: the checkpoint's by default
-    return restore.load(ckpt, mesh=mesh, rules=rules, dtype=dtype, compute_dtype=dtype, **kw)
+    return restore.load(ckpt, mesh=mesh, rules=rules, dtype=dtype, compute_dtype=dtype, quantize=_QUANTIZE.value,
+                        **kw)
 
 
 _ROLES = {"HUMAN": "HUMAN", "ASSISTANT": "ASSISTANT", "user": "HUMAN", "assistant": "ASSISTANT"}
@@ -360,6 +364,8 @@ def main(argv):
               "it only shows the pipeline working end to end.", file=sys.stderr)
         runtime = Runtime(dtype=_DTYPE.value, param_dtype=_DTYPE.value) if _DTYPE.value else None
         model = model_lib.create(cfg, runtime, seed=_SEED.value)
+        if _QUANTIZE.value:
+            quant.quantize_model(model, _QUANTIZE.value)
         tok = tokenizer.ByteTokenizer(cfg.vocab_size)
     cfg = model.cfg
     print(f"model: {cfg.num_layers} layers, {cfg.num_experts} experts (top-{cfg.num_experts_per_tok}), "

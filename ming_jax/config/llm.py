@@ -23,6 +23,16 @@ _IGNORED_OFFICIAL = frozenset(
 )
 
 
+def check_quantization_config(d: Mapping[str, Any], section: str) -> None:
+    """`quantization_config` says how the weights are stored, not the architecture: the only kind read is block-scaled
+    FP8 (transformers' fine-grained FP8: `<w>` F8_E4M3 + `<w>_scale_inv`, `ming_jax.checkpoint.safetensors`)."""
+    q = d.get("quantization_config")
+    if q is None:
+        return
+    if not isinstance(q, Mapping) or q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3":
+        raise ConfigError(f"{section}: quantization_config={q!r}; only block-scaled fp8 (e4m3) weights are read")
+
+
 @dataclasses.dataclass(frozen=True)
 class LLMConfig:
     vocab_size: int
@@ -129,7 +139,8 @@ class LLMConfig:
             "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_act", "rope_scaling",
             "use_sliding_window", "spatial_merge_size",
         }
-        check_keys(d, known, section)
+        check_keys(d, known | {"quantization_config"}, section)
+        check_quantization_config(d, section)
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{section}: hidden_act={d['hidden_act']!r}; BailingMoeV2 uses silu")
         if d.get("use_sliding_window", False):

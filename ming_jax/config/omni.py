@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from ming_jax.config.audio import AudioConfig
 from ming_jax.config.base import ConfigError, check_keys, replace
+from ming_jax.config.llm import check_quantization_config
 from ming_jax.config.llm import LLMConfig
 from ming_jax.config.vision import VisionConfig
 
@@ -88,7 +89,8 @@ class OmniConfig:
         settings (`ming_jax.config.runtime.Runtime`), not part of this config."""
         if not isinstance(d, Mapping):
             raise ConfigError(f"omni config must be a dict, got {type(d).__name__}")
-        check_keys(d, set(_SECTIONS) | {"mlp_depth"} | _BOOKKEEPING, "config.json")
+        check_keys(d, set(_SECTIONS) | {"mlp_depth", "quantization_config"} | _BOOKKEEPING, "config.json")
+        check_quantization_config(d, "config.json")
         if d.get("model_type", MODEL_TYPE) != MODEL_TYPE:
             raise ConfigError(f"config.json: model_type={d['model_type']!r}, expected {MODEL_TYPE!r}")
         if not isinstance(d.get("llm_config"), Mapping):

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ming_jax.pallas.gmm import quant
+
 Init = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
 
@@ -26,15 +28,49 @@ def param(rngs: nnx.Rngs, init: Init, shape: Sequence[int], axes: Sequence[str |
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
+# --- quantized weights -----------------------------------------------------------------------------------------------
+
+
+class QuantizedParam(nnx.Module):
+    """A weight-only quantized parameter in a module's place of an `nnx.Param`: `qvalue` (int8 / float8_e4m3fn, the
+    weight's shape and logical axes) and `scale` (float32, same rank: 1 on the contracted axes, or blocks of them;
+    those axes unsharded), both `nnx.Param`s with logical axis names, so meshes, checkpoints and the layer scan see
+    two ordinary parameters (`<path>.qvalue`, `<path>.scale`). `dtype` is the float dtype it stands for (what
+    `read` dequantises to when asked for no other), `block` the sub-channel block it was quantized with. Made by
+    `ming_jax.quant`; read through `read`.
+    """
+
+    def __init__(self, qvalue: nnx.Param, scale: nnx.Param, dtype, block: int | None = None):
+        self.qvalue = qvalue
+        self.scale = scale
+        self.dtype = str(jnp.dtype(dtype))
+        self.block = block  # the sub-channel block asked for (None: per channel; it applies where it divides K)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.qvalue.get_value().shape)
+
+    def qarray(self):
+        """The stored (qvalue, scale) as a `qwix.QArray`: what the grouped matmuls take."""
+        v = self.qvalue.get_value()
+        return quant.QArray(v, self.scale.get_value(), None, v.dtype)
+
+
 # --- the one weight-read site ---------------------------------------------------------------------------------------
 
 WeightHook = Callable[[Any, Any], Any]  # (the stored weight: nnx.Variable or a wrapped weight, value) -> value
 _HOOKS: list[WeightHook] = []
 
 
-def read(weight, dtype=None):
+def read(weight, dtype=None, *, quantized: bool = False):
     """The value of a weight as it enters a computation: THE site every projection, embedding, norm scale, conv kernel
     and expert stack of every tower reads its parameter through (`read(self.kernel, x.dtype)`).
+
+    * `weight` a `QuantizedParam` (weight-only int8 / fp8, `ming_jax.quant`): dequantised, qvalue x scale in float32
+      rounded to `dtype` (default: the dtype it stands for), so every projection works unchanged; XLA fuses the
+      dequantisation into the matmul's operand. With `quantized=True` (a consumer that takes quantized weights
+      itself: the routed experts' grouped matmuls) it is handed on as a `qwix.QArray`, not dequantised. A float
+      weight read with `quantized=True` is read as usual.
 
     * `weight` an `nnx.Variable`: its stored array, cast to `dtype` when given and different. The array is the very
       object the variable holds (no copy when no cast is needed), so op interceptors that look a weight up among the
@@ -50,6 +86,10 @@ def read(weight, dtype=None):
         value = weight.get_value()
         if dtype is not None and value.dtype != jnp.dtype(dtype):
             value = value.astype(dtype)
+    elif isinstance(weight, QuantizedParam):
+        value = weight.qarray()
+        if not quantized:
+            value = quant.dequantize(value, jnp.dtype(dtype or weight.dtype))
     else:
         value = weight
     for hook in _HOOKS:

@@ -50,15 +50,14 @@ class MoEBlock(nnx.Module):
             ep = expert_parallel.plan(self.num_experts, mode=self.expert_parallel,
                                       capacity_factor=self.capacity_factor, impl=self.impl)
             dt = x.dtype
+            # Quantized expert stacks (ming_jax.quant) stay quantized: the grouped matmuls take the qwix.QArrays.
+            w_gate, w_up, w_down = (read(w, dt, quantized=True) for w in (self.w_gate, self.w_up, self.w_down))
             if ep is not None:
-                y = expert_parallel.routed_experts(tokens, routing.experts, routing.weights,
-                                                   read(self.w_gate, dt), read(self.w_up, dt),
-                                                   read(self.w_down, dt), ep)
+                y = expert_parallel.routed_experts(tokens, routing.experts, routing.weights, w_gate, w_up, w_down, ep)
             else:
                 plan = dispatch.sort_by_expert(routing.experts, self.num_experts)
                 # The permute is fused into the gate/up kernel's loads (impl "pallas"): no [B*S*K, D] copy.
-                ys = gmm.grouped_glu(tokens, plan.group_sizes, read(self.w_gate, dt),
-                                     read(self.w_up, dt), read(self.w_down, dt),
+                ys = gmm.grouped_glu(tokens, plan.group_sizes, w_gate, w_up, w_down,
                                      rows=plan.order // plan.top_k, implementation=self.impl,
                                      stacked=stacked)  # [B*S*K, D]
                 y = dispatch.combine(ys, plan, routing.weights)

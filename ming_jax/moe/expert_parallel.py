@@ -56,6 +56,7 @@ from ming_jax import sharding
 from ming_jax.config.runtime import EXPERT_PARALLEL_MODES
 from ming_jax.moe import dispatch
 from ming_jax.pallas.gmm import api as gmm
+from ming_jax.pallas.gmm import quant
 
 EXCHANGES = ("ragged", "padded", "none")
 MODES = EXPERT_PARALLEL_MODES
@@ -232,15 +233,41 @@ def plan(num_experts: int, *, mode: str = "auto", capacity_factor: float | None 
 # --- the routed experts ---------------------------------------------------------------------------------------------
 
 
-def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel):
-    """x [T, D], expert_ids / weights [T, K] (global, as the router gives them), w_gate / w_up [E, D, F],
-    w_down [E, F, D] (global arrays, sharded by the rules) -> sum_k weights[t, k] * expert_k(x[t])  [T, D]."""
+def _weight_spec(w, axes3):
+    """The shard_map spec of an expert stack: P(axes3) for a float weight; for a quantized `qwix.QArray` the same on
+    its values and on its scale with the reduced / blocked axes (scale dim != weight dim) unsharded."""
     from jax.sharding import PartitionSpec as P
 
-    num_experts = w_gate.shape[0]
+    if not quant.is_quantized(w):
+        return P(*axes3)
+    scale = [a if s == d else None for a, s, d in zip(axes3, w.scale.shape, w.qvalue.shape)]
+    return quant.QArray(P(*axes3), P(*scale), None, w.qtype)
+
+
+def _gather_weight(w, spec, axes, axis: int):
+    """all_gather a (maybe quantized) local expert stack over the FSDP `axes` along `axis` wherever its spec splits
+    that dim (a quantized weight's scale is unsplit along its reduced axis)."""
+    if not quant.is_quantized(w):
+        return jax.lax.all_gather(w, axes, axis=axis, tiled=True)
+    parts = {}
+    for name, s in (("qvalue", spec.qvalue), ("scale", spec.scale)):
+        a = getattr(w, name)
+        split = tuple(s)[axis] if len(tuple(s)) > axis else None
+        parts[name] = jax.lax.all_gather(a, axes, axis=axis, tiled=True) if split is not None else a
+    return quant.QArray(parts["qvalue"], parts["scale"], None, w.qtype)
+
+
+def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel):
+    """x [T, D], expert_ids / weights [T, K] (global, as the router gives them), w_gate / w_up [E, D, F],
+    w_down [E, F, D] (global arrays, sharded by the rules; or quantized `qwix.QArray`s of those shapes, exchanged
+    and gathered as their int8 / fp8 values and scales) -> sum_k weights[t, k] * expert_k(x[t])  [T, D]."""
+    from jax.sharding import PartitionSpec as P
+
+    num_experts = quant.weight_shape(w_gate)[0]
     tok = P(ep.token_axes or None)
-    w_in = P(ep.axis, ep.embed_axes or None, ep.mlp_axes or None)
-    w_out = P(ep.axis, ep.mlp_axes or None, ep.embed_axes or None)
+    in_axes = (ep.axis, ep.embed_axes or None, ep.mlp_axes or None)
+    out_axes = (ep.axis, ep.mlp_axes or None, ep.embed_axes or None)
+    s_gate, s_up, s_down = _weight_spec(w_gate, in_axes), _weight_spec(w_up, in_axes), _weight_spec(w_down, out_axes)
     n = ep.num_shards
     t_global, k = expert_ids.shape
     splits = math.prod(ep.mesh.shape[a] for a in ep.token_axes)
@@ -254,9 +281,9 @@ def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, ep: ExpertParal
     def local(x, expert_ids, weights, w_gate, w_up, w_down):
         # x [t, D]; expert_ids / weights [t, K]; w_* [E_l, D / fsdp, F / tp] ([E_l, F / tp, D / fsdp] for down)
         if ep.embed_axes:  # FSDP: gather this layer's local experts in full width (transpose: reduce-scatter)
-            w_gate = jax.lax.all_gather(w_gate, ep.embed_axes, axis=1, tiled=True)
-            w_up = jax.lax.all_gather(w_up, ep.embed_axes, axis=1, tiled=True)
-            w_down = jax.lax.all_gather(w_down, ep.embed_axes, axis=2, tiled=True)
+            w_gate = _gather_weight(w_gate, s_gate, ep.embed_axes, 1)
+            w_up = _gather_weight(w_up, s_up, ep.embed_axes, 1)
+            w_down = _gather_weight(w_down, s_down, ep.embed_axes, 2)
         plan_ = dispatch.sort_by_expert(expert_ids, num_experts)
         xs = dispatch.permute(x, plan_)  # [t*K, D] sorted by global expert
         if ep.exchange == "none":
@@ -279,6 +306,6 @@ def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, ep: ExpertParal
             y = jax.lax.psum(y, ep.mlp_axes)
         return y
 
-    fn = jax.shard_map(local, mesh=ep.mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok,
+    fn = jax.shard_map(local, mesh=ep.mesh, in_specs=(tok, tok, tok, s_gate, s_up, s_down), out_specs=tok,
                        check_vma=False)
     return fn(x, expert_ids, weights, w_gate, w_up, w_down)

@@ -16,6 +16,13 @@ compile for a TPU topology from a CPU host gets the compiled kernels, and the sa
 platform. `interpret`: None (default) runs a "pallas" request compiled on TPU and in the Pallas interpreter
 elsewhere (tests); True (or a `pltpu.InterpretParams`) always interprets; False always compiles the kernels.
 Reference implementations for tests (per-group loops, no ragged_dot) are in `reference.py`.
+
+Quantized weights: every weight argument may instead be a `qwix.QArray` of int8 / float8_e4m3fn values with float32
+scales, per output channel [G, 1, N] or sub-channel [G, K / block, N] (`quant.py`). Every implementation then reads
+the stored 1-byte values and applies the scales itself: "pallas" streams int8 / fp8 tiles into VMEM and applies a
+per-channel scale to the float32 accumulators in the epilogue (the fused gate/up + SiLU kept), a sub-channel scale by
+dequantising each tile in VMEM; "portable" slices one expert's values per step and scales its float32 product;
+"xla" calls `qwix.ragged_dot`. Quantized weights are constants: gradients flow to the activations only.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ming_jax.config.runtime import GMM_IMPLEMENTATIONS
-from ming_jax.pallas.gmm import portable, vjp, xla
+from ming_jax.pallas.gmm import portable, quant, vjp, xla
 from ming_jax.pallas.gmm.kernel import BlockSizes, GmmTiling
 
 IMPLEMENTATIONS = GMM_IMPLEMENTATIONS
@@ -37,9 +44,15 @@ def _check(lhs, weights, group_sizes, implementation):
     if lhs.ndim != 2 or lhs.shape[0] == 0:
         raise ValueError(f"lhs must be [M, K] with M >= 1, got shape {lhs.shape}")
     for name, w in weights.items():
-        if w.ndim != 3 or w.shape[1] != lhs.shape[1]:
-            raise ValueError(f"{name} must be [G, K={lhs.shape[1]}, N], got shape {w.shape}")
-    num_groups = next(iter(weights.values())).shape[0]
+        shape = quant.weight_shape(w)
+        if len(shape) != 3 or shape[1] != lhs.shape[1]:
+            raise ValueError(f"{name} must be [G, K={lhs.shape[1]}, N], got shape {shape}")
+        if quant.is_quantized(w):
+            quant.expert_scales(w, name)
+    quantized = {quant.is_quantized(w) for w in weights.values()}
+    if len(quantized) > 1:
+        raise ValueError(f"{', '.join(weights)}: either all quantized or none")
+    num_groups = quant.weight_shape(next(iter(weights.values())))[0]
     if group_sizes.shape != (num_groups,) or group_sizes.dtype != jnp.int32:
         raise ValueError(
             f"group_sizes must be int32 [{num_groups}] (one per expert), got {group_sizes.dtype} {group_sizes.shape}"
@@ -78,6 +91,15 @@ def gmm(
     _check(lhs, {"rhs": rhs}, group_sizes, implementation)
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     tiling = GmmTiling.coerce(tiling)
+    if quant.is_quantized(rhs):
+        with jax.named_scope("gmm_q"):
+            return _choose(
+                implementation, interpret,
+                lambda interp: lambda a, v, s, gs: vjp.gmm_pallas_q(a, v, s, gs, out_dtype, tiling, interp),
+                lambda a, v, s, gs: xla.gmm_q(a, quant.QArray(v, s, None, v.dtype), gs, out_dtype),
+                lambda a, v, s, gs: portable.gmm_q(a, v, s, gs, out_dtype, None),
+                lhs, rhs.qvalue, rhs.scale.astype(jnp.float32), group_sizes,
+            )
     with jax.named_scope("gmm"):
         return _choose(
             implementation, interpret,
@@ -131,9 +153,12 @@ def gmm_glu(
         m = None
     _check(x if m is None else jax.ShapeDtypeStruct((m, x.shape[1]), x.dtype), {"w_gate": w_gate, "w_up": w_up},
            group_sizes, implementation)
-    if w_gate.shape != w_up.shape:
-        raise ValueError(f"w_gate {w_gate.shape} and w_up {w_up.shape} must have the same [G, D, F] shape")
+    if quant.weight_shape(w_gate) != quant.weight_shape(w_up):
+        raise ValueError(f"w_gate {quant.weight_shape(w_gate)} and w_up {quant.weight_shape(w_up)} must have the "
+                         "same [G, D, F] shape")
     tiling = GmmTiling.coerce(tiling)
+    if quant.is_quantized(w_gate):
+        return _gmm_glu_q(x, w_gate, w_up, group_sizes, rows, tiling, interpret, implementation)
     with jax.named_scope("gmm_glu"):
         if rows is None:
             return _choose(
@@ -152,19 +177,45 @@ def gmm_glu(
         )
 
 
+def _gmm_glu_q(x, w_gate, w_up, group_sizes, rows, tiling, interpret, implementation):
+    """gmm_glu with quantized w_gate / w_up (see the module docstring)."""
+    q = lambda v, s: quant.QArray(v, s, None, v.dtype)  # noqa: E731
+    parts = (w_gate.qvalue, w_gate.scale.astype(jnp.float32), w_up.qvalue, w_up.scale.astype(jnp.float32))
+    with jax.named_scope("gmm_glu_q"):
+        if rows is None:
+            return _choose(
+                implementation, interpret,
+                lambda interp: lambda a, vg, sg, vu, su, gs: vjp.glu_pallas_q(a, vg, sg, vu, su, gs, None, tiling,
+                                                                              interp),
+                lambda a, vg, sg, vu, su, gs: xla.gmm_glu_q(a, q(vg, sg), q(vu, su), gs),
+                lambda a, vg, sg, vu, su, gs: portable.gmm_glu_q(a, vg, sg, vu, su, gs, None, None),
+                x, *parts, group_sizes,
+            )
+        return _choose(
+            implementation, interpret,
+            lambda interp: lambda a, vg, sg, vu, su, gs, r: vjp.glu_pallas_q(a, vg, sg, vu, su, gs, r, tiling, interp),
+            lambda a, vg, sg, vu, su, gs, r: xla.gmm_glu_q(xla.gather_rows(a, r), q(vg, sg), q(vu, su), gs),
+            lambda a, vg, sg, vu, su, gs, r: portable.gmm_glu_q(a, vg, sg, vu, su, gs, r, None),
+            x, *parts, group_sizes, rows,
+        )
+
+
 def grouped_glu(xs, group_sizes, w_gate, w_up, w_down, *, rows=None, implementation: str = "auto", interpret=None,
                 stacked=None):
     """The routed experts' SwiGLU FFN: down_g(silu(gate_g(x)) * up_g(x)) for each row of expert g.
 
     xs [M, D] sorted by expert (or, with `rows` [M] int32, the unsorted [T, D] tokens with sorted row r = xs[rows[r]],
     the permute fused into the gate/up kernel's loads), group_sizes [E], w_gate / w_up [E, D, F], w_down [E, F, D]
-    -> [M, D] in sorted order, xs.dtype (float32 accumulation).
+    -> [M, D] in sorted order, xs.dtype (float32 accumulation). The weights may be quantized `qwix.QArray`s
+    (all three, or none; see the module docstring).
 
-    stacked: optional (layer, w_gate_all, w_up_all, w_down_all) with the weights' stacks over all MoE layers ([L, E,
-    ...], w_gate == w_gate_all[layer], ...), given inside a scan over layers so that the portable path reads its
+    stacked (float weights only): optional (layer, w_gate_all, w_up_all, w_down_all) with the weights' stacks over
+    all MoE layers ([L, E, ...], w_gate == w_gate_all[layer], ...), given inside a scan over layers so that the portable path reads its
     experts in place instead of through the scan's per-layer copy of every expert (`portable.grouped_glu`). The
     result and the gradients are the same; "pallas" and "xla" (and "auto" lowered for TPU) use the per-layer weights.
     """
+    if stacked is not None and any(isinstance(w, quant.QArray) for w in (w_gate, w_up, w_down)):
+        raise ValueError("grouped_glu: `stacked` (in-place expert reads) takes float weights, not quantized QArrays")
     if stacked is not None and (implementation == "portable" or (implementation == "auto" and interpret in (None, False))):
         _check(xs if rows is None else jax.ShapeDtypeStruct((rows.shape[0], xs.shape[1]), xs.dtype),
                {"w_gate": w_gate, "w_up": w_up}, group_sizes, implementation)

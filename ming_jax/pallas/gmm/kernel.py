@@ -44,6 +44,7 @@ from jax.experimental.pallas import tpu as pltpu
 from ming_jax.pallas.gmm import metadata
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+QUANTIZED_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 _MIB = 1 << 20
 # VMEM per TensorCore: 64 MiB on v5p, 128 MiB on v5e / v6e. Refuse plans that would not fit the smallest.
 _VMEM_CAP_BYTES = 60 * _MIB
@@ -194,13 +195,24 @@ def epilogue_glu_bwd(accs, extras):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_operands(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: jax.Array) -> jnp.dtype:
-    dtypes = {jnp.dtype(a.dtype) for a in (*lhs, *rhs)}
+def _check_operands(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: jax.Array,
+                    rhs_scales: Sequence | None = None) -> jnp.dtype:
+    """The one float dtype of the lhs (and of the float rhs); a quantized rhs (int8 / float8_e4m3fn, with its scale)
+    may differ."""
+    rhs_scales = (None,) * len(rhs) if rhs_scales is None else tuple(rhs_scales)
+    if len(rhs_scales) != len(rhs):
+        raise ValueError(f"{len(rhs)} rhs but {len(rhs_scales)} rhs scales")
+    floats = (*lhs, *(r for r, sc in zip(rhs, rhs_scales) if sc is None))
+    dtypes = {jnp.dtype(a.dtype) for a in floats}
     if len(dtypes) != 1 or next(iter(dtypes)) not in SUPPORTED_DTYPES:
         raise ValueError(
             f"grouped matmul operands must share one dtype of {[str(d) for d in SUPPORTED_DTYPES]}, "
             f"got {sorted(str(d) for d in dtypes)}"
         )
+    for r, sc in zip(rhs, rhs_scales):
+        if sc is not None and (jnp.dtype(r.dtype) not in QUANTIZED_DTYPES or sc.dtype != jnp.float32):
+            raise ValueError(f"a quantized rhs must be int8 / float8_e4m3fn with a float32 scale, got {r.dtype} "
+                             f"with a {sc.dtype} scale")
     if group_sizes.dtype != jnp.int32:
         raise ValueError(f"group_sizes must be int32, got {group_sizes.dtype}")
     return next(iter(dtypes))
@@ -220,6 +232,14 @@ class _GmmPlan:
     n_extra: int
     transpose_rhs: bool
     gather_from: int = 0  # T, the rows of the unsorted lhs, when the kernel gathers them (lhs_rows); 0 otherwise
+    # Per rhs: None (float) or its scale mode, ("epilogue",) (per output channel, applied to the accumulator at the
+    # store) or ("tile", block) (each weight tile dequantised in VMEM before the dot; `block` weight rows along the
+    # weight's own K axis share one scale row: the contracted axis, or the output axis with transpose_rhs).
+    rhs_quant: tuple = ()
+
+    @property
+    def n_scales(self) -> int:
+        return sum(q is not None for q in self.rhs_quant)
 
     @property
     def tiles_k(self) -> int:
@@ -341,15 +361,41 @@ def _gather_scratch_bytes(n_lhs: int, kb: int, tm: int, tk: int, itemsize: int) 
     return n_lhs * kb * tm * tk * (2 * max(itemsize, 4) + itemsize)
 
 
+def _load_weight(ref, quant, scale_ref, dtype, mask_k, k_axis: int):
+    """One weight tile in the matmul dtype. Float: as stored (overhanging k columns zeroed by `mask_k`). Quantized,
+    "epilogue": the int8 / fp8 values converted (exact in bf16 and float32; the scale is applied to the accumulator).
+    "tile": dequantised here, each `block` rows of the tile (tile axis 0: the weight's own K axis, with or without
+    transpose) times their scale row, in float32, then rounded to the matmul dtype; the overhang mask comes after
+    the scale (garbage scale rows past the array may be NaN)."""
+    if quant is None:
+        return mask_k(ref[...], k_axis)
+    if quant[0] == "epilogue":
+        return mask_k(ref[...], k_axis).astype(dtype)
+    block = quant[1]
+    w = ref[...].astype(jnp.float32)  # [rows, cols]
+    sc = scale_ref[...]  # [rows / block (or 1), cols]
+    if sc.shape[0] == 1:
+        w = w * sc
+    else:
+        w = jnp.concatenate([w[j * block:(j + 1) * block] * sc[j:j + 1] for j in range(w.shape[0] // block)], axis=0)
+    return mask_k(w, k_axis).astype(dtype)
+
+
 def _gmm_kernel(plan: _GmmPlan, terms, epilogue, precision, max_steps: int):
     """Kernel body for grid (n tile, schedule step, k tile); refs: 3 scalar-prefetch (+ lhs_rows when gathering),
     inputs, outputs, accumulators (+ gather scratch and DMA semaphores)."""
     tm, tk, tn = plan.block.tm, plan.block.tk, plan.block.tn
     k_rem = plan.k % tk
     dims = (((1,), (1,)), ((), ())) if plan.transpose_rhs else (((1,), (0,)), ((), ()))
-    n_in = plan.n_lhs + plan.n_rhs + plan.n_extra
+    n_sc = plan.n_scales
+    n_in = plan.n_lhs + plan.n_rhs + n_sc + plan.n_extra
     n_acc = len(terms)
     gather = plan.gather_from > 0
+    quant = plan.rhs_quant or (None,) * plan.n_rhs
+    scale_index = {}  # rhs index -> position among the scale refs
+    for ri, q in enumerate(quant):
+        if q is not None:
+            scale_index[ri] = len(scale_index)
 
     def kernel(offsets_ref, group_ids_ref, tile_ids_ref, *refs):
         if gather:
@@ -358,7 +404,8 @@ def _gmm_kernel(plan: _GmmPlan, terms, epilogue, precision, max_steps: int):
             sems, refs = refs[-1], refs[: -1 - 2 * plan.n_lhs]
         lhs_refs = refs[: plan.n_lhs]
         rhs_refs = refs[plan.n_lhs : plan.n_lhs + plan.n_rhs]
-        extra_refs = refs[plan.n_lhs + plan.n_rhs : n_in]
+        scale_refs = refs[plan.n_lhs + plan.n_rhs : plan.n_lhs + plan.n_rhs + n_sc]
+        extra_refs = refs[plan.n_lhs + plan.n_rhs + n_sc : n_in]
         out_refs = refs[n_in:-n_acc]
         acc_refs = refs[-n_acc:]
         step, k_i = pl.program_id(1), pl.program_id(2)
@@ -370,8 +417,7 @@ def _gmm_kernel(plan: _GmmPlan, terms, epilogue, precision, max_steps: int):
             for acc in acc_refs:
                 acc[...] = jnp.zeros_like(acc)
 
-        def load_k_masked(ref, k_axis):
-            x = ref[...]
+        def mask_k(x, k_axis):
             if k_rem:  # the last k block overhangs K: zero its garbage columns before they reach the dot
                 col = lax.broadcasted_iota(jnp.int32, x.shape, k_axis) + k_i * tk
                 x = jnp.where(col < plan.k, x, jnp.zeros_like(x))
@@ -399,8 +445,10 @@ def _gmm_kernel(plan: _GmmPlan, terms, epilogue, precision, max_steps: int):
             if gather:  # K % tk == 0 here: no overhanging columns
                 xs = [tile[k_i] for tile in tiles]  # [tm, tk]
             else:
-                xs = [load_k_masked(r, 1) for r in lhs_refs]  # [tm, tk]
-            ws = [load_k_masked(r, 1 if plan.transpose_rhs else 0) for r in rhs_refs]  # [tk, tn] / [tn, tk]
+                xs = [mask_k(r[...], 1) for r in lhs_refs]  # [tm, tk]
+            ws = [_load_weight(r, quant[ri], scale_refs[scale_index[ri]] if ri in scale_index else None,
+                               xs[0].dtype, mask_k, 1 if plan.transpose_rhs else 0)
+                  for ri, r in enumerate(rhs_refs)]  # [tk, tn] / [tn, tk]
             for acc, products in zip(acc_refs, terms):
                 total = acc[...]  # [tm, tn] f32
                 for li, ri in products:
@@ -413,7 +461,12 @@ def _gmm_kernel(plan: _GmmPlan, terms, epilogue, precision, max_steps: int):
         def _store():
             rows = lax.broadcasted_iota(jnp.int32, (tm, tn), 0) + tile_ids_ref[step] * tm
             own = (rows >= offsets_ref[group]) & (rows < offsets_ref[group + 1])
-            outs = epilogue([a[...] for a in acc_refs], [e[...].astype(jnp.float32) for e in extra_refs])
+            accs = [a[...] for a in acc_refs]
+            for ai, products in enumerate(terms):  # per-channel weight scales: once, on the float32 accumulator
+                ri = products[0][1]
+                if quant[ri] is not None and quant[ri][0] == "epilogue":
+                    accs[ai] = accs[ai] * scale_refs[scale_index[ri]][...]  # [tm, tn] x [1, tn]
+            outs = epilogue(accs, [e[...].astype(jnp.float32) for e in extra_refs])
             for out_ref, val in zip(out_refs, outs):
                 val = jnp.where(is_padding, 0.0, val)
                 out_ref[...] = jnp.where(own, val, out_ref[...].astype(jnp.float32)).astype(out_ref.dtype)
@@ -450,43 +503,105 @@ def _gmm_block_specs(plan: _GmmPlan, n_out: int):
     def out_map(n_i, step, k_i, offsets, group_ids, tile_ids, *_):
         return tile_ids[step], n_i
 
+    def scale_spec(q):
+        # The scale [G, rows, cols] of a weight stored [G, K_w, N_w]: rows = K_w / block (1: per channel).
+        # Without transpose the tile's rows are k (tk of K_w), else n (tn of K_w).
+        along = tn if plan.transpose_rhs else tk
+        r = 1 if q[0] == "epilogue" or q[1] >= (plan.n if plan.transpose_rhs else plan.k) else along // q[1]
+
+        def scale_map(n_i, step, k_i, offsets, group_ids, tile_ids, *_):
+            # rhs block (g, k, n), or (g, n, k) transposed: the scale's row blocks follow the weight's K_w blocks
+            g, a, b = rhs_map(n_i, step, k_i, offsets, group_ids, tile_ids)
+            return (g, a if r > 1 else 0, b)
+
+        return pl.BlockSpec((None, r, tk if plan.transpose_rhs else tn), scale_map)
+
     rhs_block = (None, tn, tk) if plan.transpose_rhs else (None, tk, tn)
     lhs_spec = pl.BlockSpec(memory_space=pl.ANY) if plan.gather_from else pl.BlockSpec((tm, tk), lhs_map)
     in_specs = (
         [lhs_spec] * plan.n_lhs
         + [pl.BlockSpec(rhs_block, rhs_map)] * plan.n_rhs
+        + [scale_spec(q) for q in (plan.rhs_quant or ()) if q is not None]
         + [pl.BlockSpec((tm, tn), extra_map)] * plan.n_extra
     )
     return in_specs, [pl.BlockSpec((tm, tn), out_map)] * n_out
 
 
-def _gmm_cost(plan: _GmmPlan, itemsize: int, extra_itemsize: int, out_itemsizes, n_products: int, transc: int):
+def _gmm_cost(plan: _GmmPlan, itemsize: int, extra_itemsize: int, out_itemsizes, n_products: int, transc: int,
+              rhs_itemsizes: Sequence[int] | None = None, scale_rows: Sequence[int] = ()):
     """(CostEstimate, bytes of one set of pipeline blocks, scratch bytes). HBM model: lhs streamed (or its rows
     gathered) once per n tile; weights once per (group, n tile) when the contraction is one block, else once per
-    schedule step (worst case). A gathered lhs is no pipeline block: its two [tm, K] row slots are scratch."""
+    schedule step (worst case), each at its stored itemsize (1 byte for int8 / fp8) plus its float32 scale rows
+    (`scale_rows`: rows of each scale, per quantized rhs). A gathered lhs is no pipeline block: its two [tm, K] row
+    slots are scratch."""
     m, k, n = plan.m, plan.k, plan.n
     tm, tk, tn = plan.block.tm, plan.block.tk, plan.block.tn
     weight_reads = plan.num_groups if plan.tiles_k == 1 else metadata.max_steps(m, tm, plan.num_groups + 1)
     gather = plan.gather_from > 0
+    rhs_itemsizes = [itemsize] * plan.n_rhs if rhs_itemsizes is None else list(rhs_itemsizes)
+    scale_cols = k if plan.transpose_rhs else n  # a scale row spans the weight's output channels
     cost = pl.CostEstimate(
         flops=2 * m * k * n * n_products,
         transcendentals=transc * m * n,
         bytes_accessed=(
             plan.n_lhs * m * k * itemsize * plan.tiles_n
             + (4 * m if gather else 0)  # lhs_rows (scalar prefetch, read once)
-            + plan.n_rhs * weight_reads * k * n * itemsize
+            + sum(weight_reads * k * n * isz for isz in rhs_itemsizes)
+            + sum(weight_reads * r * scale_cols * 4 for r in scale_rows)
             + plan.n_extra * m * n * extra_itemsize
             + m * n * sum(out_itemsizes)
         ),
     )
     block_bytes = (
         (0 if gather else plan.n_lhs * tm * tk * itemsize)
-        + plan.n_rhs * tk * tn * itemsize
+        + sum(tk * tn * isz for isz in rhs_itemsizes)
+        + sum(8 * max(tk, tn) * 4 for _ in scale_rows)  # scale blocks: at most a few rows
         + plan.n_extra * tm * tn * extra_itemsize
         + tm * tn * sum(out_itemsizes)
     )
     scratch_bytes = _gather_scratch_bytes(plan.n_lhs, plan.tiles_k, tm, tk, itemsize) if gather else 0
     return cost, block_bytes, scratch_bytes
+
+
+def _quant_modes(rhs, rhs_scales, terms, transpose_rhs: bool, what: str) -> tuple:
+    """Per rhs: None or its scale mode (see `_GmmPlan.rhs_quant`), from the scales' shapes [G, K_w / block, N_w]."""
+    modes = []
+    for ri, (r, sc) in enumerate(zip(rhs, rhs_scales)):
+        if sc is None:
+            modes.append(None)
+            continue
+        g, k_w, n_w = r.shape
+        if sc.ndim != 3 or sc.shape[0] != g or sc.shape[2] != n_w or k_w % sc.shape[1]:
+            raise ValueError(f"{what}: the scale of rhs {ri} ({tuple(r.shape)}) is {tuple(sc.shape)}; it must be "
+                             f"[G, 1, N] (per channel) or [G, K / block, N] (sub-channel along K)")
+        alone = all(all(p[1] == ri for p in products) for products in terms if any(p[1] == ri for p in products))
+        if sc.shape[1] == 1 and not transpose_rhs and alone:
+            modes.append(("epilogue",))
+        else:
+            modes.append(("tile", k_w // sc.shape[1]))
+    return tuple(modes)
+
+
+def _fit_scale_tiles(block: BlockSizes, modes, k: int, n: int, transpose_rhs: bool, default: bool) -> BlockSizes:
+    """Sub-channel scales in tile mode load `along / block` scale rows per tile (along: tk, or tn with transposed
+    weights), which must be a multiple of 8 or all of them: the tile along the weight's K must be all of it or a
+    multiple of 8 x block. Default tiles are shrunk / grown to that; explicit ones that break it raise."""
+    for q in modes:
+        if q is None or q[0] != "tile":
+            continue
+        dim, name = (n, "tn") if transpose_rhs else (k, "tk")
+        bk = q[1]
+        if bk >= dim:
+            continue
+        along = getattr(block, name)
+        if along >= dim or along % (8 * bk) == 0:
+            continue
+        if not default:
+            raise ValueError(f"BlockSizes.{name}={along} with sub-channel scales of {bk} rows: it must be a "
+                             f"multiple of {8 * bk} or cover the whole dimension ({dim})")
+        fixed = max(8 * bk, along // (8 * bk) * 8 * bk)
+        block = dataclasses.replace(block, **{name: dim if fixed >= dim else fixed})
+    return block
 
 
 def _check_rows(lhs_rows, lhs_shape, what: str) -> int:
@@ -533,6 +648,7 @@ def grouped_matmul(
     interpret=False,
     transcendentals_per_out: int = 0,
     lhs_rows: jax.Array | None = None,
+    rhs_scales: Sequence[jax.Array | None] | None = None,
 ) -> tuple[jax.Array, ...]:
     """Grouped matmuls with float32 accumulators and a fused epilogue; returns one [M, N] array per epilogue output.
 
@@ -543,9 +659,15 @@ def grouped_matmul(
     lhs_rows: optional int32 [M] fused gather; then every lhs is unsorted [T, K] (any T >= 1) and row r of the sorted
     layout is lhs[lhs_rows[r]] (values clamped to [0, T - 1]). The kernel copies those rows from HBM itself, so the
     sorted [M, K] copy never exists. Needs K % tk == 0 (or one k tile).
+    rhs_scales: per rhs None (float, the lhs dtype) or the float32 scale of a quantized (int8 / float8_e4m3fn) rhs
+    stored [G, K_w, N_w] (K_w = K, or N with transpose_rhs): [G, 1, N_w] per output channel, applied to the
+    accumulator before the epilogue when that accumulator sums only this rhs, or [G, K_w / block, N_w] sub-channel;
+    otherwise each weight tile is dequantised in VMEM (float32 x scale, rounded to the lhs dtype) before the dot.
+    The weights stream from HBM at their stored size (`pallas.gmm.quant`).
     """
     lhs, rhs, extras = tuple(lhs), tuple(rhs), tuple(extras)
-    dtype = _check_operands(lhs, rhs, group_sizes)
+    rhs_scales = (None,) * len(rhs) if rhs_scales is None else tuple(rhs_scales)
+    dtype = _check_operands(lhs, rhs, group_sizes, rhs_scales)
     t, k = lhs[0].shape
     if any(a.shape != (t, k) for a in lhs):
         raise ValueError(f"all lhs must share one [M, K] shape, got {[a.shape for a in lhs]}")
@@ -559,12 +681,14 @@ def grouped_matmul(
         raise ValueError(f"group_sizes must be [{num_groups}] (one per rhs group), got {group_sizes.shape}")
     if any(e.shape != (m, n) or e.dtype != extras[0].dtype for e in extras):
         raise ValueError(f"epilogue extras must be [{m}, {n}] of one dtype, got {[(e.shape, e.dtype) for e in extras]}")
+    modes = _quant_modes(rhs, rhs_scales, terms, transpose_rhs, "grouped_matmul")
+    default = block is None
     if block is None:
         block = get_default(m, k, n, kind="gmm", num_rhs=len(rhs), itemsize=dtype.itemsize)
         block = block if lhs_rows is None else _gather_default(block, k)
-    block = block.fit(m, k, n)
+    block = _fit_scale_tiles(block.fit(m, k, n), modes, k, n, transpose_rhs, default).fit(m, k, n)
     gather_from = 0 if lhs_rows is None else t
-    plan = _GmmPlan(m, k, n, num_groups, block, len(lhs), len(rhs), len(extras), transpose_rhs, gather_from)
+    plan = _GmmPlan(m, k, n, num_groups, block, len(lhs), len(rhs), len(extras), transpose_rhs, gather_from, modes)
     tm, tn = block.tm, block.tn
     if gather_from:
         _check_gather_tiles(k, block.tk, "grouped_matmul")
@@ -576,7 +700,8 @@ def grouped_matmul(
     extra_itemsize = extras[0].dtype.itemsize if extras else 0
     n_products = sum(len(products) for products in terms)
     cost, block_bytes, gather_bytes = _gmm_cost(plan, dtype.itemsize, extra_itemsize, out_itemsizes, n_products,
-                                                transcendentals_per_out)
+                                                transcendentals_per_out, [r.dtype.itemsize for r in rhs],
+                                                [sc.shape[1] for sc in rhs_scales if sc is not None])
     scratch = [pltpu.VMEM((tm, tn), jnp.float32) for _ in terms]
     prefetch = [sched.offsets, sched.group_ids, sched.tile_ids]
     if gather_from:
@@ -598,11 +723,11 @@ def grouped_matmul(
         ),
         interpret=resolve_interpret(interpret),
         cost_estimate=cost,
-        name="ming_gmm_gather" if gather_from else "ming_gmm",
+        name=("ming_gmm_gather" if gather_from else "ming_gmm") + ("_q" if plan.n_scales else ""),
     )
     if gather_from:  # rows on a leading (untiled) axis, so one row is one DMA (see _RowGather)
         lhs = tuple(a.reshape(t, 1, k) for a in lhs)
-    return tuple(call(*prefetch, *lhs, *rhs, *extras))
+    return tuple(call(*prefetch, *lhs, *rhs, *(sc for sc in rhs_scales if sc is not None), *extras))
 
 
 def _tgmm_kernel(n_out: int, tm: int, dtype, gather: dict | None, max_steps: int):

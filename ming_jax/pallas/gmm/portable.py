@@ -98,6 +98,8 @@ def _bits(x):
     still materializes the entry bitcast as one 16-bit copy of each operand: 1x the bf16 weights instead of 2x
     (measured in docs/benchmarks.md); float32 operands need no view and no copy.
     """
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 1:  # float8 weights: the same
+        return lax.bitcast_convert_type(x, jnp.uint8)
     return lax.bitcast_convert_type(x, jnp.uint16) if jnp.dtype(x.dtype).itemsize == 2 else x
 
 
@@ -330,3 +332,132 @@ def _ffn_in_place_bwd(tm, pullback, d_y):
 
 
 _ffn_in_place.defvjp(_ffn_in_place_fwd, _ffn_in_place_bwd)
+
+
+# --------------------------------------------------------------------------------------------------- quantized weights
+#
+# The same loops over int8 / float8_e4m3fn weights [G, K, N] with float32 scales (`ming_jax.pallas.gmm.quant`).
+# Each step slices ONE expert's stored values (1 byte per element: the full-size weights are never converted),
+#   per-channel scale [G, 1, N]:   y = (x @ values[g]) * scale[g]        the values are exact in bf16 / float32;
+#   sub-channel scale [G, Kb, N]:  y = sum_b (x[:, block b] @ values[g, block b]) * scale[g, b]   (one batched dot)
+# in float32. The weights are constants: the VJPs give d_x (from the expert's dequantised slice) and no weight
+# cotangents (QLoRA-style frozen bases).
+
+
+def _q_dot(a, values, scale, g, dtype, vdtype):
+    """a [tm, K] @ dequant(values[g]) -> [tm, N] float32 (see the section comment); values from _bits."""
+    w = _float(lax.dynamic_index_in_dim(values, g, 0, keepdims=False), vdtype)  # [K, N] stored dtype
+    s = lax.dynamic_index_in_dim(scale, g, 0, keepdims=False)  # [Kb, N] float32
+    if s.shape[0] == 1:
+        return _dot(a, w.astype(dtype), _NN) * s
+    kb, (k, n) = s.shape[0], w.shape
+    parts = lax.dot_general(a.reshape(a.shape[0], kb, k // kb), w.astype(dtype).reshape(kb, k // kb, n),
+                            (((2,), (1,)), ((1,), (0,))), precision=kernel._dot_precision(a.dtype),
+                            preferred_element_type=jnp.float32)  # [Kb, tm, N]
+    return jnp.sum(parts * s[:, None, :], axis=0)
+
+
+def _q_weight(values, scale, g, dtype, vdtype):
+    """The expert's dequantised [K, N] slice in dtype (for the input-gradient products); values from _bits."""
+    w = _float(lax.dynamic_index_in_dim(values, g, 0, keepdims=False), vdtype).astype(jnp.float32)
+    s = lax.dynamic_index_in_dim(scale, g, 0, keepdims=False)
+    kb, (k, n) = s.shape[0], w.shape
+    return (w.reshape(kb, k // kb, n) * s[:, None, :]).reshape(k, n).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def gmm_q(lhs, values, scale, group_sizes, out_dtype, tm=None):
+    """[M, K] x quantized [G, K, N] -> [M, N] out_dtype."""
+    m = lhs.shape[0]
+    tm = _tm(m, tm, values.shape[0])
+    steps = _Steps(group_sizes, m, tm)
+    out_dtype = jnp.dtype(out_dtype)
+    lhs_b, v_b = _bits(lhs), _bits(values)
+
+    def body(s, out):
+        g, start, mask = steps.at(s)
+        y = _q_dot(_load(lhs_b, None, start, tm, lhs.dtype), v_b, scale, g, lhs.dtype, values.dtype)
+        return _masked_write(out, start, mask, y, out_dtype)
+
+    out = lax.fori_loop(0, steps.count, body, _zeros((m, values.shape[2]), out_dtype))
+    return _float(out, out_dtype)
+
+
+def _gmm_q_fwd(lhs, values, scale, group_sizes, out_dtype, tm):
+    return gmm_q(lhs, values, scale, group_sizes, out_dtype, tm), (lhs, values, scale, group_sizes)
+
+
+def _gmm_q_bwd(out_dtype, tm, residuals, d_out):
+    lhs, values, scale, group_sizes = residuals
+    m = lhs.shape[0]
+    tm = _tm(m, tm, values.shape[0])
+    steps = _Steps(group_sizes, m, tm)
+    dt = lhs.dtype
+    d_out_b, v_b = _bits(d_out.astype(dt)), _bits(values)
+
+    def body(s, d_lhs):
+        g, start, mask = steps.at(s)
+        dy = _load(d_out_b, None, start, tm, dt)
+        return _masked_write(d_lhs, start, mask, _dot(dy, _q_weight(v_b, scale, g, dt, values.dtype), _NT), dt)
+
+    d_lhs = lax.fori_loop(0, steps.count, body, _zeros(lhs.shape, dt))
+    return _float(d_lhs, dt), None, None, None
+
+
+gmm_q.defvjp(_gmm_q_fwd, _gmm_q_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def gmm_glu_q(x, wg, sg, wu, su, group_sizes, rows=None, tm=None):
+    """h = silu(x @ dequant(wg)[g]) * (x @ dequant(wu)[g]) -> [M, F] in x.dtype; rows: the fused permute."""
+    rows = _clip_rows(x, rows)
+    m = x.shape[0] if rows is None else rows.shape[0]
+    tm = _tm(m, tm, wg.shape[0])
+    steps = _Steps(group_sizes, m, tm)
+    dt = x.dtype
+    x_b, wg_b, wu_b = _bits(x), _bits(wg), _bits(wu)
+
+    def body(s, h):
+        g, start, mask = steps.at(s)
+        a = _load(x_b, rows, start, tm, dt)
+        gate, up = _q_dot(a, wg_b, sg, g, dt, wg.dtype), _q_dot(a, wu_b, su, g, dt, wu.dtype)
+        return _masked_write(h, start, mask, jax.nn.silu(gate) * up, dt)
+
+    h = lax.fori_loop(0, steps.count, body, _zeros((m, wg.shape[2]), dt))
+    return _float(h, dt)
+
+
+def _glu_q_fwd(x, wg, sg, wu, su, group_sizes, rows, tm):
+    return gmm_glu_q(x, wg, sg, wu, su, group_sizes, rows, tm), (x, wg, sg, wu, su, group_sizes, rows)
+
+
+def _glu_q_bwd(tm, residuals, d_h):
+    x, wg, sg, wu, su, group_sizes, rows = residuals
+    rows_c = _clip_rows(x, rows)
+    m = x.shape[0] if rows is None else rows.shape[0]
+    tm = _tm(m, tm, wg.shape[0])
+    steps = _Steps(group_sizes, m, tm)
+    dt = x.dtype
+    x_b, d_h_b, wg_b, wu_b = _bits(x), _bits(d_h.astype(dt)), _bits(wg), _bits(wu)
+
+    def body(s, d_x):
+        g, start, mask = steps.at(s)
+        a = _load(x_b, rows_c, start, tm, dt)
+        w_g, w_u = _q_weight(wg_b, sg, g, dt, wg.dtype), _q_weight(wu_b, su, g, dt, wu.dtype)
+        gate, up = _dot(a, w_g, _NN), _dot(a, w_u, _NN)
+        dh = jnp.where(mask[:, None], _load(d_h_b, None, start, tm, dt).astype(jnp.float32), 0.0)
+        sig = jax.nn.sigmoid(gate)
+        d_gate = (dh * up * sig * (1.0 + gate * (1.0 - sig))).astype(dt)
+        d_up = (dh * gate * sig).astype(dt)
+        dx_tile = _dot(d_gate, w_g, _NT) + _dot(d_up, w_u, _NT)
+        if rows_c is None:
+            return _masked_write(d_x, start, mask, dx_tile, dt)
+        return d_x.at[lax.dynamic_slice_in_dim(rows_c, start, tm, 0)].add(dx_tile)
+
+    d_x0 = _zeros(x.shape, dt) if rows_c is None else jnp.zeros(x.shape, jnp.float32)
+    d_x = lax.fori_loop(0, steps.count, body, d_x0)
+    d_x = _float(d_x, dt) if rows_c is None else d_x.astype(dt)
+    return d_x, None, None, None, None, None, None
+
+
+gmm_glu_q.defvjp(_glu_q_fwd, _glu_q_bwd)

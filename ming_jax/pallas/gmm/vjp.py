@@ -98,3 +98,71 @@ def _glu_pallas_bwd(tiling, interpret, residuals, d_h):
 
 
 glu_pallas.defvjp(_glu_pallas_fwd, _glu_pallas_bwd)
+
+
+# --------------------------------------------------------------------------------------------------- quantized weights
+#
+# Quantized weights (int8 / float8_e4m3fn values + float32 scales, `ming_jax.pallas.gmm.quant`) are constants: the
+# VJPs give the input gradient only (what a frozen, e.g. QLoRA, base needs) and zero cotangents for the weights.
+# d_x runs the transposed kernel on the quantized weights, each tile dequantised in VMEM ("tile" scale mode).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def gmm_pallas_q(lhs, values, scale, group_sizes, out_dtype, tiling: GmmTiling, interpret):
+    (out,) = kernel.grouped_matmul(
+        (lhs,), (values,), group_sizes, terms=_ONE, out_dtypes=(out_dtype,), block=tiling.fwd, interpret=interpret,
+        rhs_scales=(scale,),
+    )
+    return out
+
+
+def _gmm_pallas_q_fwd(lhs, values, scale, group_sizes, out_dtype, tiling, interpret):
+    out = gmm_pallas_q(lhs, values, scale, group_sizes, out_dtype, tiling, interpret)
+    return out, (lhs, values, scale, group_sizes)
+
+
+def _gmm_pallas_q_bwd(out_dtype, tiling, interpret, residuals, d_out):
+    lhs, values, scale, group_sizes = residuals
+    (d_lhs,) = kernel.grouped_matmul(
+        (d_out.astype(lhs.dtype),), (values,), group_sizes, terms=_ONE, out_dtypes=(lhs.dtype,), transpose_rhs=True,
+        block=tiling.dlhs, interpret=interpret, rhs_scales=(scale,),
+    )
+    return d_lhs, None, None, None
+
+
+gmm_pallas_q.defvjp(_gmm_pallas_q_fwd, _gmm_pallas_q_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def glu_pallas_q(x, wg, sg, wu, su, group_sizes, rows, tiling: GmmTiling, interpret):
+    (h,) = kernel.grouped_matmul(
+        (x,), (wg, wu), group_sizes, terms=_GATE_UP, epilogue=kernel.epilogue_glu, out_dtypes=(x.dtype,),
+        block=tiling.fwd, interpret=interpret, transcendentals_per_out=1, lhs_rows=rows, rhs_scales=(sg, su),
+    )
+    return h
+
+
+def _glu_pallas_q_fwd(x, wg, sg, wu, su, group_sizes, rows, tiling, interpret):
+    h = glu_pallas_q(x, wg, sg, wu, su, group_sizes, rows, tiling, interpret)
+    return h, (x, wg, sg, wu, su, group_sizes, rows)
+
+
+def _glu_pallas_q_bwd(tiling, interpret, residuals, d_h):
+    x, wg, sg, wu, su, group_sizes, rows = residuals
+    d_gate, d_up = kernel.grouped_matmul(
+        (x,), (wg, wu), group_sizes, terms=_GATE_UP, epilogue=kernel.epilogue_glu_bwd,
+        extras=(d_h.astype(x.dtype),), out_dtypes=(x.dtype, x.dtype), block=tiling.fwd, interpret=interpret,
+        transcendentals_per_out=1, lhs_rows=rows, rhs_scales=(sg, su),
+    )
+    (d_x,) = kernel.grouped_matmul(
+        (d_gate, d_up), (wg, wu), group_sizes, terms=_SUM_TWO, out_dtypes=(x.dtype,), transpose_rhs=True,
+        block=tiling.dlhs, interpret=interpret, rhs_scales=(sg, su),
+    )
+    if rows is not None:
+        t = x.shape[0]
+        d_x = jax.ops.segment_sum(d_x.astype(jnp.float32), jnp.clip(rows, 0, t - 1), num_segments=t)
+        d_x = d_x.astype(x.dtype)
+    return d_x, None, None, None, None, None, None
+
+
+glu_pallas_q.defvjp(_glu_pallas_q_fwd, _glu_pallas_q_bwd)
