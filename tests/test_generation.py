@@ -238,3 +238,24 @@ def test_bad_inputs_are_named(model):
                             generation.SamplingConfig(max_new_tokens=CFG.max_position_embeddings))
     with pytest.raises(ValueError, match="padding side"):
         generation.pad_prompts([[1]], side="middle")
+
+
+def test_bf16_batch_decodes_on_cpu_and_rows_match_one_by_one():
+    """bfloat16 generation with several rows (it used to fail on XLA:CPU inside the decode loop: "Unsupported element
+    type for DotThunk::Execute: BF16 x BF16 = F32" in the attention's probabilities x values product). Each row's
+    tokens and decode logits match the same row run alone, by the bf16 bar, over the steps before a near-tie."""
+    from ming_jax.config.runtime import Runtime
+
+    bf16 = model_lib.create(CFG, Runtime.bf16(), seed=7)
+    n = 4
+    ids, mask = generation.pad_prompts(PROMPTS, side="left", pad_id=CFG.pad_token_id)
+    batch = generation.as_numpy(generation.generate(bf16, multimodal.prepare(CFG, ids, mask),
+                                                    generation.SamplingConfig(max_new_tokens=n), return_logits=True))
+    assert batch.step_logits.dtype == np.float32 and np.isfinite(batch.step_logits).all()
+    for i, p in enumerate(PROMPTS):
+        one = _single(bf16, p, n)
+        same = int(numerics.tie_free_prefix(one.step_logits, 0.05)[0])
+        np.testing.assert_array_equal(batch.tokens[i, :same], one.tokens[0, :same])
+        upto = max(same, 1)  # logits of step s follow tokens < s, equal in both runs up to `same`
+        c = numerics.compare_model_bf16("step_logits", batch.step_logits[i, :upto], one.step_logits[0, :upto])
+        assert c.ok, c.row()

@@ -18,7 +18,6 @@ from ming_jax.config.image_gen import FlowMatchConfig, ImageGenConfig, ImageGenH
 from ming_jax.config.base import ConfigError
 from ming_jax.config.llm import LLMConfig
 from ming_jax.config.qwen2 import Qwen2Config
-from ming_jax.config.runtime import Runtime
 from ming_jax.gen import flow_match, image as image_gen
 from ming_jax.models import llm as llm_lib
 from ming_jax.models.image_gen.condition import ClipMLP, ImageGenHead, append_query_block, wrap_caption

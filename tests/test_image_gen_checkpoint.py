@@ -19,7 +19,6 @@ from ming_jax.checkpoint.safetensors import CheckpointError
 from ming_jax.config.image_gen import ImageGenConfig
 from ming_jax.config.llm import LLMConfig
 from ming_jax.config.omni import OmniConfig
-from ming_jax.config.runtime import Runtime
 from ming_jax.gen import image as image_gen
 from ming_jax.models import registry
 from ming_jax.weights.table import WeightError

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
+from jax import lax
 
 
 def dense_mask(q_len: int, kv_len: int, *, q_segment_ids=None, kv_segment_ids=None, causal: bool = False):
@@ -33,9 +33,20 @@ def attend(q, k, v, mask=None, *, scale: float | None = None):
     (padding queries) return an average of values rather than NaN.
     """
     b, t, h, d = q.shape
-    kv = k.shape[2]
-    probs = _grouped_probabilities(q, k, mask, scale).astype(v.dtype)  # [B, K, G, T, S]
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    probs = _grouped_probabilities(q, k, mask, scale)  # [B, K, G, T, S] float32
+
+    def low_precision(probs, v):  # the probabilities in v's dtype, float32 accumulation
+        return jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+    def cpu(probs, v):
+        # XLA:CPU's dot thunk has no bf16 x bf16 -> f32 kernel for the layout this product gets inside the decode
+        # loop at batch > 1 ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"): float32 operands.
+        return jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
+
+    if v.dtype == jnp.float32:
+        out = low_precision(probs, v)
+    else:
+        out = lax.platform_dependent(probs, v, cpu=cpu, default=low_precision)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
