@@ -89,6 +89,7 @@ def test_grouped_glu_in_place_in_a_layer_scan_equals_per_layer(quantized):
     if quantized:
         ws = tuple(quant.quantize(w, "int8", (2,)) for w in ws)
     ours, ref = _scan(True, quantized), _scan(False, quantized)
+    assert "_stacked" in str(jax.make_jaxpr(ours)(x, *ws, experts))  # the kernels that index the stacks run
     np.testing.assert_allclose(np.asarray(ours(x, *ws, experts)), np.asarray(ref(x, *ws, experts)), rtol=0, atol=0)
     argnums = (0,) if quantized else (0, 1, 2, 3)  # quantized weights are constants
 

@@ -28,7 +28,9 @@ Pallas grouped matmuls (`ming_gmm*`, `ming_jax.pallas.gmm.kernel`) declare every
 (the whole [G, K, N] stack per weight: `_gmm_cost`, weights once per group when the contraction is one tile, as at
 these sizes). Their index maps DMA only the experts that have rows (the dynamic grid visits non-empty groups only;
 padding steps are pinned), so `kernel_adjusted` replaces that term by the touched fraction of the stack under the
-same routing assumption as the floor. That is the number to compare with the floor; both are reported.
+same routing assumption as the floor. That is the number to compare with the floor; both are reported. A kernel
+reading one layer of the [L * G, K, N] stacks in place (`ming_gmm*_stacked`) declares that layer's G groups, and its
+weight operands count as G / (L * G) of their size.
 """
 
 from __future__ import annotations

@@ -269,8 +269,8 @@ def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, ep: ExpertParal
     stacked: None or (layer, w_gate_all, w_up_all, w_down_all), the [L, E, ...] stacks of all MoE layers inside the
     layer scan (`gmm.grouped_glu`'s `stacked`): they enter the shard_map with their layers axis unsplit and their
     expert dims split like the per-layer weights, so the local grouped matmuls read the local experts of layer
-    `layer` in place. Not with FSDP-split expert weights (`embed_axes`): those are all-gathered per layer, a new
-    buffer anyway, so the per-layer weights are used there."""
+    `layer` in place. Not with FSDP-split expert weights (`embed_axes` of size > 1): those are all-gathered per
+    layer, a new buffer anyway, so the per-layer weights are used there."""
     from jax.sharding import PartitionSpec as P
 
     num_experts = quant.weight_shape(w_gate)[0]
@@ -285,7 +285,8 @@ def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, ep: ExpertParal
         raise sharding.ShardingError(f"{t_global} tokens (x {x.shape}) do not split over the token mesh axes "
                                      f"{ep.token_axes} of total size {splits}")
     t_local = t_global // splits
-    if ep.embed_axes:
+    fsdp = math.prod(ep.mesh.shape[a] for a in ep.embed_axes) > 1  # FSDP axes of size 1 split nothing
+    if fsdp:
         stacked = None
     if stacked is not None:
         layer, *stacks = stacked
@@ -297,7 +298,7 @@ def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, ep: ExpertParal
 
     def local(x, expert_ids, weights, w_gate, w_up, w_down, stacked):
         # x [t, D]; expert_ids / weights [t, K]; w_* [E_l, D / fsdp, F / tp] ([E_l, F / tp, D / fsdp] for down)
-        if ep.embed_axes:  # FSDP: gather this layer's local experts in full width (transpose: reduce-scatter)
+        if fsdp:  # FSDP: gather this layer's local experts in full width (transpose: reduce-scatter)
             w_gate = _gather_weight(w_gate, s_gate, ep.embed_axes, 1)
             w_up = _gather_weight(w_up, s_up, ep.embed_axes, 1)
             w_down = _gather_weight(w_down, s_down, ep.embed_axes, 2)

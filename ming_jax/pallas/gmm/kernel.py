@@ -28,6 +28,10 @@ Design notes (ideas from jax's megablox and tokamax's ragged_dot, re-derived her
   of each n tile fetches its own rows and waits, since the n axis (and tgmm's k axis) is "parallel" and a megacore
   split must never find a DMA for another core's tile in flight. Steps with nothing to compute (padding, empty groups)
   fetch nothing; tile rows past M read a clamped (valid) row whose result is masked like any row a step does not own.
+* In-place layer reads (`grouped_matmul(layer=)`): inside a scan over layers the kernel takes the whole [L, G, K, N]
+  weight stacks as [L * G, K, N] (a free reshape) plus a scalar-prefetch group offset layer * G added to the group in
+  the weight and scale index maps, so the layer's slice (which XLA would otherwise copy: a Pallas operand is a
+  buffer of its own) never exists. The schedule, group sizes and cost stay the layer's G groups.
 """
 
 from __future__ import annotations
@@ -541,7 +545,7 @@ def _gmm_cost(plan: _GmmPlan, itemsize: int, extra_itemsize: int, out_itemsizes,
     gathered) once per n tile; weights once per (group, n tile) when the contraction is one block, else once per
     schedule step (worst case), each at its stored itemsize (1 byte for int8 / fp8) plus its float32 scale rows
     (`scale_rows`: rows of each scale, per quantized rhs). A gathered lhs is no pipeline block: its two [tm, K] row
-    slots are scratch."""
+    slots are scratch. With a group offset (the weights are [L * G, ...] stacks) only the layer's G groups count."""
     m, k, n = plan.m, plan.k, plan.n
     tm, tk, tn = plan.block.tm, plan.block.tk, plan.block.tn
     weight_reads = plan.num_groups if plan.tiles_k == 1 else metadata.max_steps(m, tm, plan.num_groups + 1)
