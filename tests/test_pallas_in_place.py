@@ -98,3 +98,25 @@ def test_grouped_glu_in_place_in_a_layer_scan_equals_per_layer(quantized):
 
     for a, b in zip(grads(ours), grads(ref)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_quantized_model_hands_the_stacks_on_and_matches_unrolled_layers():
+    """An int8 model's scanned MoE layers get the QArray stacks (`_expert_stacks`); with gmm="pallas" (interpreted
+    here) the kernels read them in place, and the logits match the same model run layer by layer."""
+    from ming_jax.config import LLMConfig
+    from ming_jax.config.runtime import Runtime
+    from ming_jax.models import llm as model_lib
+    from ming_jax.quant.model import quantize_model
+
+    cfg = LLMConfig.tiny(num_layers=3, first_k_dense_replace=1, hidden_size=128, num_experts=8,
+                         moe_intermediate_size=128, num_experts_per_tok=2, n_group=4, topk_group=2)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 8)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (3, 1, 8))
+    logits = {}
+    for name, runtime in (("pallas", Runtime(gmm="pallas")), ("unrolled", Runtime(scan_layers=False))):
+        model = quantize_model(model_lib.create(cfg, runtime, seed=3), "int8")
+        stacks = model._expert_stacks()
+        assert (stacks is None) == (name == "unrolled")
+        assert stacks is None or all(quant.is_quantized(s) and s.qvalue.ndim == 4 for s in stacks)
+        logits[name] = np.asarray(model(model.embed_tokens(ids), pos).logits)
+    np.testing.assert_allclose(logits["pallas"], logits["unrolled"], rtol=1e-5, atol=1e-5)
