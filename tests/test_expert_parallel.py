@@ -348,3 +348,41 @@ def test_plan_is_none_without_mesh_and_rejects_bad_layouts():
         with pytest.raises(sharding.ShardingError, match="do not split over the token mesh axes"):
             ep_lib.routed_experts(jnp.ones((12, 4)), jnp.zeros((12, 2), jnp.int32), jnp.ones((12, 2)),
                                   jnp.ones((16, 4, 2)), jnp.ones((16, 4, 2)), jnp.ones((16, 2, 4)), plan)
+
+
+@multi
+@pytest.mark.parametrize("impl,quantized", [("portable", False), ("pallas", False), ("pallas", True)])
+def test_routed_experts_read_the_stacks_in_place(impl, quantized):
+    """`stacked=` (the [L, E, ...] stacks and the layer, as the layer scan gives them): the local grouped matmuls
+    read layer `layer` of the local stacks in place (the stacks enter the shard_map with an unsplit layers axis).
+    Same values and gradients as the per-layer weights; quantized (Pallas) too."""
+    from ming_jax.pallas.gmm import quant
+
+    rng = np.random.default_rng(3)
+    n_layers, t, d, f, e, k, layer = 3, 16, 32, 16, 8, 2, 1
+    x = jnp.asarray(rng.normal(size=(t, d)).astype(np.float32))
+    stacks = [jnp.asarray(rng.normal(size=(n_layers, *s)).astype(np.float32) / np.sqrt(s[1]))
+              for s in ((e, d, f), (e, d, f), (e, f, d))]
+    if quantized:
+        stacks = [quant.quantize(s, "int8", (2,)) for s in stacks]
+    ws = [jax.tree.map(lambda a: a[layer], s) for s in stacks]
+    ids, w = _routing(rng, t, e, k, False)
+    with sharding.use_mesh(_mesh("data=2,expert=4"), RULES):
+        plan = ep_lib.plan(e, impl=impl)
+        assert plan is not None and all(plan.mesh.shape[a] == 1 for a in plan.embed_axes)
+
+        def run(in_place):
+            def f(x, ws, stacks):
+                return ep_lib.routed_experts(x, ids, w, *ws, plan,
+                                             stacked=(jnp.int32(layer), *stacks) if in_place else None)
+
+            loss = lambda x, ws, stacks: jnp.sum(f(x, ws, stacks) ** 2)  # noqa: E731
+            argnums = 0 if quantized else (0, 1)
+            if in_place and impl == "pallas":  # the kernels that index the stacks are the ones that run
+                assert "_stacked" in str(jax.make_jaxpr(f)(x, ws, stacks))
+            return jax.jit(f)(x, ws, stacks), jax.jit(jax.grad(loss, argnums=argnums))(x, ws, stacks)
+
+        (y, g), (y_ref, g_ref) = run(True), run(False)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

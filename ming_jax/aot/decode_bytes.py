@@ -28,7 +28,9 @@ Pallas grouped matmuls (`ming_gmm*`, `ming_jax.pallas.gmm.kernel`) declare every
 (the whole [G, K, N] stack per weight: `_gmm_cost`, weights once per group when the contraction is one tile, as at
 these sizes). Their index maps DMA only the experts that have rows (the dynamic grid visits non-empty groups only;
 padding steps are pinned), so `kernel_adjusted` replaces that term by the touched fraction of the stack under the
-same routing assumption as the floor. That is the number to compare with the floor; both are reported.
+same routing assumption as the floor. That is the number to compare with the floor; both are reported. A kernel
+reading one layer of the [L * G, K, N] stacks in place (`ming_gmm*_stacked`) declares that layer's G groups, and its
+weight operands count as G / (L * G) of their size.
 """
 
 from __future__ import annotations
@@ -354,7 +356,14 @@ def hlo_bytes(text: str) -> list[OpBytes]:
                 kernel = ins.name
                 if ins.name.startswith("ming_gmm"):
                     out_dims = _dims(ins.type_text)
-                    rhs = sum(shapes.get(o, 0.0) for o in ins.operands
+                    # A kernel reading a layer of the [L * G, K, N] stacks in place (`_stacked`) declares that
+                    # layer's G groups: count its weight operands at G / (L * G). G + 2 = the length of the first
+                    # 1-D scalar-prefetch operand longer than 1, the group offsets (with the tail group).
+                    vecs = [d for d in (_dims(_type_of(comps[comp], o)) for o in ins.operands) if len(d) == 1]
+                    groups = next((d[0] - 2 for d in vecs if d[0] > 1), 0)
+                    rhs = sum(shapes.get(o, 0.0) * (min(1.0, groups / _dims(_type_of(comps[comp], o))[0])
+                                                    if "_stacked" in ins.name and groups > 0 else 1.0)
+                              for o in ins.operands
                               if len(_dims(_type_of(comps[comp], o))) == 3 and _dims(_type_of(comps[comp], o))[1] > 1
                               and _dims(_type_of(comps[comp], o))[2] in (out_dims[-1:] or (0,)))
             elif op == "copy-start":  # an async copy (a prefetch between memory spaces): read the source once

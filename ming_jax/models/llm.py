@@ -25,7 +25,8 @@ from ming_jax.layers import rotary
 from ming_jax.layers.kv_cache import CacheSlot, KVCache
 from ming_jax.layers.mlp import GatedMLP
 from ming_jax.layers.norms import RMSNorm
-from ming_jax.layers.params import fan_in_normal, has_weight_hooks, host_random, normal, param, read, zeros
+from ming_jax.layers.params import (QuantizedParam, fan_in_normal, has_weight_hooks, host_random, normal, param, read,
+                                    zeros)
 from ming_jax.moe.block import MoEBlock
 from ming_jax.moe.router import Routing
 from ming_jax.pallas.attention import reference as attention_reference
@@ -295,11 +296,14 @@ class BailingMoeV2(nnx.Module):
         read in place (`MoEBlock`, `ming_jax.pallas.gmm.portable.grouped_glu`): the scan's per-layer slice of them is
         otherwise copied whole every layer, every step. None (each layer uses its slice) when the layers are not
         scanned, when reading them would change them (a cast to the compute dtype, a weight hook, a wrapped weight
-        such as a quantized one), and without MoE layers."""
+        such as qwix's), and without MoE layers. Quantized stacks (`QuantizedParam`) are handed on as `qwix.QArray`
+        stacks of their int8 / fp8 values and float32 scales, which the Pallas kernels read in place too."""
         if not (self.runtime.scan_layers and self.cfg.num_moe_layers) or has_weight_hooks():
             return None
         moe = self.moe_layers.moe
         weights = (moe.w_gate, moe.w_up, moe.w_down)
+        if all(isinstance(w, QuantizedParam) for w in weights):  # int8 / fp8 stacks: (qvalue, scale) as QArrays
+            return tuple(read(w, quantized=True) for w in weights)
         if not all(isinstance(w, nnx.Variable) for w in weights):
             return None
         values = tuple(read(w) for w in weights)

@@ -53,7 +53,8 @@ class MoEBlock(nnx.Module):
             # Quantized expert stacks (ming_jax.quant) stay quantized: the grouped matmuls take the qwix.QArrays.
             w_gate, w_up, w_down = (read(w, dt, quantized=True) for w in (self.w_gate, self.w_up, self.w_down))
             if ep is not None:
-                y = expert_parallel.routed_experts(tokens, routing.experts, routing.weights, w_gate, w_up, w_down, ep)
+                y = expert_parallel.routed_experts(tokens, routing.experts, routing.weights, w_gate, w_up, w_down, ep,
+                                                   stacked=stacked)
             else:
                 plan = dispatch.sort_by_expert(routing.experts, self.num_experts)
                 # The permute is fused into the gate/up kernel's loads (impl "pallas"): no [B*S*K, D] copy.

@@ -233,15 +233,19 @@ def plan(num_experts: int, *, mode: str = "auto", capacity_factor: float | None 
 # --- the routed experts ---------------------------------------------------------------------------------------------
 
 
-def _weight_spec(w, axes3):
+def _weight_spec(w, axes3, stacked: bool = False):
     """The shard_map spec of an expert stack: P(axes3) for a float weight; for a quantized `qwix.QArray` the same on
-    its values and on its scale with the reduced / blocked axes (scale dim != weight dim) unsharded."""
+    its values and on its scale with the reduced / blocked axes (scale dim != weight dim) unsharded. stacked: `w` is
+    the [L, E, ...] stack of all MoE layers; its layers axis is unsplit inside (each device holds every layer of its
+    local experts, as the layer scan's per-layer slices imply)."""
     from jax.sharding import PartitionSpec as P
 
+    lead = (None,) if stacked else ()
     if not quant.is_quantized(w):
-        return P(*axes3)
-    scale = [a if s == d else None for a, s, d in zip(axes3, w.scale.shape, w.qvalue.shape)]
-    return quant.QArray(P(*axes3), P(*scale), None, w.qtype)
+        return P(*lead, *axes3)
+    axes = (*lead, *axes3)
+    scale = [a if s == d else None for a, s, d in zip(axes, w.scale.shape, w.qvalue.shape)]
+    return quant.QArray(P(*axes), P(*scale), None, w.qtype)
 
 
 def _gather_weight(w, spec, axes, axis: int):
@@ -257,10 +261,16 @@ def _gather_weight(w, spec, axes, axis: int):
     return quant.QArray(parts["qvalue"], parts["scale"], None, w.qtype)
 
 
-def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel):
+def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, ep: ExpertParallel, stacked=None):
     """x [T, D], expert_ids / weights [T, K] (global, as the router gives them), w_gate / w_up [E, D, F],
     w_down [E, F, D] (global arrays, sharded by the rules; or quantized `qwix.QArray`s of those shapes, exchanged
-    and gathered as their int8 / fp8 values and scales) -> sum_k weights[t, k] * expert_k(x[t])  [T, D]."""
+    and gathered as their int8 / fp8 values and scales) -> sum_k weights[t, k] * expert_k(x[t])  [T, D].
+
+    stacked: None or (layer, w_gate_all, w_up_all, w_down_all), the [L, E, ...] stacks of all MoE layers inside the
+    layer scan (`gmm.grouped_glu`'s `stacked`): they enter the shard_map with their layers axis unsplit and their
+    expert dims split like the per-layer weights, so the local grouped matmuls read the local experts of layer
+    `layer` in place. Not with FSDP-split expert weights (`embed_axes` of size > 1): those are all-gathered per
+    layer, a new buffer anyway, so the per-layer weights are used there."""
     from jax.sharding import PartitionSpec as P
 
     num_experts = quant.weight_shape(w_gate)[0]
@@ -275,19 +285,28 @@ def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, ep: ExpertParal
         raise sharding.ShardingError(f"{t_global} tokens (x {x.shape}) do not split over the token mesh axes "
                                      f"{ep.token_axes} of total size {splits}")
     t_local = t_global // splits
+    fsdp = math.prod(ep.mesh.shape[a] for a in ep.embed_axes) > 1  # FSDP axes of size 1 split nothing
+    if fsdp:
+        stacked = None
+    if stacked is not None:
+        layer, *stacks = stacked
+        st_specs = (P(), _weight_spec(stacks[0], in_axes, True), _weight_spec(stacks[1], in_axes, True),
+                    _weight_spec(stacks[2], out_axes, True))
+        stacked = (jnp.asarray(layer, jnp.int32), *stacks)
     rows, per_peer = ep.buffer_rows(t_local, k, num_experts)
     capacity = ep.capacity(t_local, k, num_experts)
 
-    def local(x, expert_ids, weights, w_gate, w_up, w_down):
+    def local(x, expert_ids, weights, w_gate, w_up, w_down, stacked):
         # x [t, D]; expert_ids / weights [t, K]; w_* [E_l, D / fsdp, F / tp] ([E_l, F / tp, D / fsdp] for down)
-        if ep.embed_axes:  # FSDP: gather this layer's local experts in full width (transpose: reduce-scatter)
+        if fsdp:  # FSDP: gather this layer's local experts in full width (transpose: reduce-scatter)
             w_gate = _gather_weight(w_gate, s_gate, ep.embed_axes, 1)
             w_up = _gather_weight(w_up, s_up, ep.embed_axes, 1)
             w_down = _gather_weight(w_down, s_down, ep.embed_axes, 2)
         plan_ = dispatch.sort_by_expert(expert_ids, num_experts)
         xs = dispatch.permute(x, plan_)  # [t*K, D] sorted by global expert
         if ep.exchange == "none":
-            ys = gmm.grouped_glu(xs, plan_.group_sizes, w_gate, w_up, w_down, implementation=ep.impl)
+            ys = gmm.grouped_glu(xs, plan_.group_sizes, w_gate, w_up, w_down, implementation=ep.impl,
+                                 stacked=stacked)
         else:
             me = jax.lax.axis_index(ep.axis)
             counts = jax.lax.all_gather(plan_.group_sizes, ep.axis, axis=0, tiled=False)  # [n, E]
@@ -296,7 +315,8 @@ def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, ep: ExpertParal
                 recv = _exchange(ep.exchange, xs, jnp.zeros((rows, xs.shape[1]), xs.dtype),
                                  (lay.go_input_offsets, lay.go_send_sizes, lay.go_output_offsets,
                                   lay.go_recv_sizes), axis=ep.axis, n=n, max_rows_per_peer=per_peer)
-            out = gmm.grouped_glu(recv, lay.local_group_sizes, w_gate, w_up, w_down, implementation=ep.impl)  # [rows, D]
+            out = gmm.grouped_glu(recv, lay.local_group_sizes, w_gate, w_up, w_down, implementation=ep.impl,
+                                  stacked=stacked)  # [rows, D]
             with jax.named_scope("return_exchange"):
                 ys = _exchange(ep.exchange, out, jnp.zeros_like(xs),
                                (lay.back_input_offsets, lay.back_send_sizes, lay.back_output_offsets,
@@ -306,6 +326,7 @@ def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, ep: ExpertParal
             y = jax.lax.psum(y, ep.mlp_axes)
         return y
 
-    fn = jax.shard_map(local, mesh=ep.mesh, in_specs=(tok, tok, tok, s_gate, s_up, s_down), out_specs=tok,
-                       check_vma=False)
-    return fn(x, expert_ids, weights, w_gate, w_up, w_down)
+    fn = jax.shard_map(local, mesh=ep.mesh, in_specs=(tok, tok, tok, s_gate, s_up, s_down,
+                                                      None if stacked is None else st_specs),
+                       out_specs=tok, check_vma=False)
+    return fn(x, expert_ids, weights, w_gate, w_up, w_down, stacked)

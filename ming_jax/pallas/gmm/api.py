@@ -27,6 +27,8 @@ dequantising each tile in VMEM; "portable" slices one expert's values per step a
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -209,28 +211,86 @@ def grouped_glu(xs, group_sizes, w_gate, w_up, w_down, *, rows=None, implementat
     -> [M, D] in sorted order, xs.dtype (float32 accumulation). The weights may be quantized `qwix.QArray`s
     (all three, or none; see the module docstring).
 
-    stacked (float weights only): optional (layer, w_gate_all, w_up_all, w_down_all) with the weights' stacks over
-    all MoE layers ([L, E, ...], w_gate == w_gate_all[layer], ...), given inside a scan over layers so that the portable path reads its
-    experts in place instead of through the scan's per-layer copy of every expert (`portable.grouped_glu`). The
-    result and the gradients are the same; "pallas" and "xla" (and "auto" lowered for TPU) use the per-layer weights.
+    stacked: optional (layer, w_gate_all, w_up_all, w_down_all) with the weights' stacks over all MoE layers ([L, E,
+    ...], w_gate == w_gate_all[layer], ...; quantized weights: QArray stacks, values [L, E, ...] and scales [L, E,
+    ...]), given inside a scan over layers so that the experts are read in place instead of through the scan's
+    per-layer copy of every expert. "pallas" (and "auto" lowered for TPU): the kernels index the stacks with a
+    layer offset (`kernel.grouped_matmul(layer=)`), float and quantized; "portable": float stacks in place
+    (`portable.grouped_glu`), quantized ones through the per-layer weights (no in-place quantized portable loop);
+    "xla": the per-layer weights. The result is the same; under differentiation the per-layer path runs (so the
+    gradients are those of the per-layer weights, whose cotangents the layer scan stacks) and the stacks, which
+    enter through `stop_gradient`, get none.
     """
-    if stacked is not None and any(isinstance(w, quant.QArray) for w in (w_gate, w_up, w_down)):
-        raise ValueError("grouped_glu: `stacked` (in-place expert reads) takes float weights, not quantized QArrays")
-    if stacked is not None and (implementation == "portable" or (implementation == "auto" and interpret in (None, False))):
-        _check(xs if rows is None else jax.ShapeDtypeStruct((rows.shape[0], xs.shape[1]), xs.dtype),
-               {"w_gate": w_gate, "w_up": w_up}, group_sizes, implementation)
-        if rows is not None:
-            _check_rows(xs, rows)
-        in_place = lambda a, gs, wg, wu, wd: portable.grouped_glu(a, gs, wg, wu, wd, rows, stacked)  # noqa: E731
-        if implementation == "portable":
-            with jax.named_scope("grouped_glu"):
-                return in_place(xs, group_sizes, w_gate, w_up, w_down)
+    if stacked is None or implementation == "xla":
+        return _grouped_glu_sliced(xs, group_sizes, (w_gate, w_up, w_down), rows, implementation, interpret)
+    weights = (w_gate, w_up, w_down)
+    layer, *stacks = stacked
+    quantized = _check_stacks(weights, stacks)
+    _check(xs if rows is None else jax.ShapeDtypeStruct((rows.shape[0], xs.shape[1]), xs.dtype),
+           {"w_gate": w_gate, "w_up": w_up}, group_sizes, implementation)
+    if rows is not None:
+        _check_rows(xs, rows)
+    layer = jnp.asarray(layer, jnp.int32)
+    stacks = tuple(jax.tree.map(lax.stop_gradient, s) for s in stacks)
+    if quantized:  # the kernels take (values, float32 scale) pairs
+        stacks = tuple((s.qvalue, s.scale.astype(jnp.float32)) for s in stacks)
 
-        def tpu(a, gs, wg, wu, wd):
-            return grouped_glu(a, gs, wg, wu, wd, rows=rows, implementation="pallas", interpret=False)
+    def pallas_fn(interp):
+        def run(a, gs, r, ws, lyr, st):
+            return _in_place(a, gs, r, ws, lyr, st,
+                             lambda a, gs, r, lyr, st: vjp.ffn_stacked(a, gs, r, lyr, st, GmmTiling(), interp),
+                             lambda a, gs, r, ws: _grouped_glu_sliced(a, gs, ws, r, "pallas", interp))
+        return run
 
-        with jax.named_scope("grouped_glu"):
-            return lax.platform_dependent(xs, group_sizes, w_gate, w_up, w_down, tpu=tpu, default=in_place)
+    def portable_fn(a, gs, r, ws, lyr, st):
+        if quantized:  # no in-place quantized portable loop: the per-layer weights
+            return _grouped_glu_sliced(a, gs, ws, r, "portable", None)
+        return portable.grouped_glu(a, gs, *ws, r, (lyr, *st))
+
+    with jax.named_scope("grouped_glu"):
+        return _choose(implementation, interpret, pallas_fn, None, portable_fn, xs, group_sizes, rows, weights, layer,
+                       stacks)
+
+
+def _check_stacks(weights, stacks) -> bool:
+    """The stacks must be [L, ...] stacks of the per-layer weights (quantized alike); returns whether quantized."""
+    if len(stacks) != 3:
+        raise ValueError(f"stacked must be (layer, w_gate_all, w_up_all, w_down_all), got {len(stacks)} stacks")
+    quantized = quant.is_quantized(weights[0])
+    for name, w, s in zip(("w_gate", "w_up", "w_down"), weights, stacks):
+        if quant.is_quantized(w) != quantized or quant.is_quantized(s) != quantized:
+            raise ValueError(f"stacked {name}: the weights and their stacks must all be quantized or all float")
+        pairs = ((w.qvalue, s.qvalue), (w.scale, s.scale)) if quantized else ((w, s),)
+        for a, b in pairs:
+            if b.ndim != a.ndim + 1 or b.shape[1:] != a.shape or b.dtype != a.dtype:
+                raise ValueError(f"stacked {name} must be an [L, {', '.join(map(str, a.shape))}] {a.dtype} stack of "
+                                 f"the per-layer weight, got {b.dtype} {b.shape}")
+    return quantized
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _in_place(x, group_sizes, rows, weights, layer, stacks, run_stacked, run_sliced):
+    """run_stacked(x, group_sizes, rows, layer, stacks): the primal, reading the stacks in place (the per-layer
+    `weights` go unused, so XLA drops their slices); under differentiation run_sliced(x, group_sizes, rows, weights)
+    and its VJP."""
+    del weights
+    return run_stacked(x, group_sizes, rows, layer, stacks)
+
+
+def _in_place_fwd(x, group_sizes, rows, weights, layer, stacks, run_stacked, run_sliced):
+    return jax.vjp(lambda a, ws: run_sliced(a, group_sizes, rows, ws), x, weights)  # (output, pullback)
+
+
+def _in_place_bwd(run_stacked, run_sliced, pullback, d_y):
+    d_x, d_weights = pullback(d_y)
+    return d_x, None, None, d_weights, None, None
+
+
+_in_place.defvjp(_in_place_fwd, _in_place_bwd)
+
+
+def _grouped_glu_sliced(xs, group_sizes, weights, rows, implementation, interpret):
+    w_gate, w_up, w_down = weights
     h = gmm_glu(xs, w_gate, w_up, group_sizes, rows=rows, implementation=implementation, interpret=interpret)
     return gmm(h.astype(xs.dtype), w_down, group_sizes, preferred_element_type=xs.dtype,
                implementation=implementation, interpret=interpret)

@@ -28,6 +28,10 @@ Design notes (ideas from jax's megablox and tokamax's ragged_dot, re-derived her
   of each n tile fetches its own rows and waits, since the n axis (and tgmm's k axis) is "parallel" and a megacore
   split must never find a DMA for another core's tile in flight. Steps with nothing to compute (padding, empty groups)
   fetch nothing; tile rows past M read a clamped (valid) row whose result is masked like any row a step does not own.
+* In-place layer reads (`grouped_matmul(layer=)`): inside a scan over layers the kernel takes the whole [L, G, K, N]
+  weight stacks as [L * G, K, N] (a free reshape) plus a scalar-prefetch group offset layer * G added to the group in
+  the weight and scale index maps, so the layer's slice (which XLA would otherwise copy: a Pallas operand is a
+  buffer of its own) never exists. The schedule, group sizes and cost stay the layer's G groups.
 """
 
 from __future__ import annotations
@@ -236,6 +240,9 @@ class _GmmPlan:
     # store) or ("tile", block) (each weight tile dequantised in VMEM before the dot; `block` weight rows along the
     # weight's own K axis share one scale row: the contracted axis, or the output axis with transpose_rhs).
     rhs_quant: tuple = ()
+    # The rhs (and scales) are whole [L, G, ...] stacks passed as [L * G, ...]; a scalar-prefetch group offset
+    # (layer * G, the last prefetch operand) is added to the group in their index maps (`grouped_matmul`'s `layer`).
+    group_offset: bool = False
 
     @property
     def n_scales(self) -> int:
@@ -400,6 +407,9 @@ def _gmm_kernel(plan: _GmmPlan, terms, epilogue, precision, max_steps: int):
     def kernel(offsets_ref, group_ids_ref, tile_ids_ref, *refs):
         if gather:
             rows_ref, refs = refs[0], refs[1:]
+        if plan.group_offset:  # read by the index maps only
+            refs = refs[1:]
+        if gather:
             landing, tiles = refs[-1 - 2 * plan.n_lhs : -1 - plan.n_lhs], refs[-1 - plan.n_lhs : -1]
             sems, refs = refs[-1], refs[: -1 - 2 * plan.n_lhs]
         lhs_refs = refs[: plan.n_lhs]
@@ -492,9 +502,11 @@ def _gmm_block_specs(plan: _GmmPlan, n_out: int):
     def lhs_map(n_i, step, k_i, offsets, group_ids, tile_ids, *_):
         return input_tile_and_k(step, k_i, offsets, group_ids, tile_ids)
 
-    def rhs_map(n_i, step, k_i, offsets, group_ids, tile_ids, *_):
+    def rhs_map(n_i, step, k_i, offsets, group_ids, tile_ids, *rest):
         _, kb = input_tile_and_k(step, k_i, offsets, group_ids, tile_ids)
         g = jnp.minimum(group_ids[step], g_max - 1)
+        if plan.group_offset:  # the layer's groups within the [L * G] stack (the last scalar-prefetch operand)
+            g = g + rest[-1][0]
         return (g, n_i, kb) if plan.transpose_rhs else (g, kb, n_i)
 
     def extra_map(n_i, step, k_i, offsets, group_ids, tile_ids, *_):
@@ -509,9 +521,9 @@ def _gmm_block_specs(plan: _GmmPlan, n_out: int):
         along = tn if plan.transpose_rhs else tk
         r = 1 if q[0] == "epilogue" or q[1] >= (plan.n if plan.transpose_rhs else plan.k) else along // q[1]
 
-        def scale_map(n_i, step, k_i, offsets, group_ids, tile_ids, *_):
+        def scale_map(n_i, step, k_i, offsets, group_ids, tile_ids, *rest):
             # rhs block (g, k, n), or (g, n, k) transposed: the scale's row blocks follow the weight's K_w blocks
-            g, a, b = rhs_map(n_i, step, k_i, offsets, group_ids, tile_ids)
+            g, a, b = rhs_map(n_i, step, k_i, offsets, group_ids, tile_ids, *rest)
             return (g, a if r > 1 else 0, b)
 
         return pl.BlockSpec((None, r, tk if plan.transpose_rhs else tn), scale_map)
@@ -533,7 +545,7 @@ def _gmm_cost(plan: _GmmPlan, itemsize: int, extra_itemsize: int, out_itemsizes,
     gathered) once per n tile; weights once per (group, n tile) when the contraction is one block, else once per
     schedule step (worst case), each at its stored itemsize (1 byte for int8 / fp8) plus its float32 scale rows
     (`scale_rows`: rows of each scale, per quantized rhs). A gathered lhs is no pipeline block: its two [tm, K] row
-    slots are scratch."""
+    slots are scratch. With a group offset (the weights are [L * G, ...] stacks) only the layer's G groups count."""
     m, k, n = plan.m, plan.k, plan.n
     tm, tk, tn = plan.block.tm, plan.block.tk, plan.block.tn
     weight_reads = plan.num_groups if plan.tiles_k == 1 else metadata.max_steps(m, tm, plan.num_groups + 1)
@@ -649,6 +661,7 @@ def grouped_matmul(
     transcendentals_per_out: int = 0,
     lhs_rows: jax.Array | None = None,
     rhs_scales: Sequence[jax.Array | None] | None = None,
+    layer: jax.Array | None = None,
 ) -> tuple[jax.Array, ...]:
     """Grouped matmuls with float32 accumulators and a fused epilogue; returns one [M, N] array per epilogue output.
 
@@ -664,17 +677,26 @@ def grouped_matmul(
     accumulator before the epilogue when that accumulator sums only this rhs, or [G, K_w / block, N_w] sub-channel;
     otherwise each weight tile is dequantised in VMEM (float32 x scale, rounded to the lhs dtype) before the dot.
     The weights stream from HBM at their stored size (`pallas.gmm.quant`).
+    layer: optional int32 scalar. Then every rhs (and scale) is a whole stack over L layers, [L, G, K, N] ([L, G, N,
+    K] transposed; scales [L, G, K_w / block, N_w]), of which layer `layer` (clamped to [0, L - 1]) is used: the
+    kernel reads its experts in place (the stack goes in as [L * G, ...], a free reshape, and a scalar-prefetch
+    offset layer * G is added to the group in the weight and scale index maps), so the layer's [G, K, N] slice is
+    never copied. group_sizes stay the layer's G.
     """
     lhs, rhs, extras = tuple(lhs), tuple(rhs), tuple(extras)
     rhs_scales = (None,) * len(rhs) if rhs_scales is None else tuple(rhs_scales)
+    group_offset = None
+    if layer is not None:
+        rhs, rhs_scales, group_offset = _flatten_stacks(rhs, rhs_scales, layer)
     dtype = _check_operands(lhs, rhs, group_sizes, rhs_scales)
     t, k = lhs[0].shape
     if any(a.shape != (t, k) for a in lhs):
         raise ValueError(f"all lhs must share one [M, K] shape, got {[a.shape for a in lhs]}")
     m = t if lhs_rows is None else _check_rows(lhs_rows, lhs[0].shape, "grouped_matmul")
-    num_groups = rhs[0].shape[0]
+    num_groups = rhs[0].shape[0] if layer is None else group_sizes.shape[0]
+    stack_groups = rhs[0].shape[0]
     n = rhs[0].shape[1] if transpose_rhs else rhs[0].shape[2]
-    want = (num_groups, n, k) if transpose_rhs else (num_groups, k, n)
+    want = (stack_groups, n, k) if transpose_rhs else (stack_groups, k, n)
     if any(a.shape != want for a in rhs):
         raise ValueError(f"rhs must all be {want} for lhs [{m}, {k}], got {[a.shape for a in rhs]}")
     if group_sizes.shape != (num_groups,):
@@ -688,7 +710,8 @@ def grouped_matmul(
         block = block if lhs_rows is None else _gather_default(block, k)
     block = _fit_scale_tiles(block.fit(m, k, n), modes, k, n, transpose_rhs, default).fit(m, k, n)
     gather_from = 0 if lhs_rows is None else t
-    plan = _GmmPlan(m, k, n, num_groups, block, len(lhs), len(rhs), len(extras), transpose_rhs, gather_from, modes)
+    plan = _GmmPlan(m, k, n, num_groups, block, len(lhs), len(rhs), len(extras), transpose_rhs, gather_from, modes,
+                    group_offset is not None)
     tm, tn = block.tm, block.tn
     if gather_from:
         _check_gather_tiles(k, block.tk, "grouped_matmul")
@@ -707,6 +730,8 @@ def grouped_matmul(
     if gather_from:
         scratch += _gather_scratch(len(lhs), plan.tiles_k, tm, block.tk, dtype)
         prefetch.append(lhs_rows)
+    if group_offset is not None:
+        prefetch.append(group_offset)
     call = pl.pallas_call(
         _gmm_kernel(plan, terms, epilogue, _dot_precision(dtype), max_steps),
         out_shape=[jax.ShapeDtypeStruct((m, n), dt) for dt in out_dtypes],
@@ -723,11 +748,30 @@ def grouped_matmul(
         ),
         interpret=resolve_interpret(interpret),
         cost_estimate=cost,
-        name=("ming_gmm_gather" if gather_from else "ming_gmm") + ("_q" if plan.n_scales else ""),
+        name=(("ming_gmm_gather" if gather_from else "ming_gmm") + ("_q" if plan.n_scales else "")
+              + ("_stacked" if group_offset is not None else "")),
     )
     if gather_from:  # rows on a leading (untiled) axis, so one row is one DMA (see _RowGather)
         lhs = tuple(a.reshape(t, 1, k) for a in lhs)
     return tuple(call(*prefetch, *lhs, *rhs, *(sc for sc in rhs_scales if sc is not None), *extras))
+
+
+def _flatten_stacks(rhs, rhs_scales, layer):
+    """[L, G, ...] weight (and scale) stacks -> [L * G, ...] (free reshapes of contiguous arrays) and the int32 [1]
+    group offset layer * G of `grouped_matmul`'s `layer`."""
+    if any(a.ndim != 4 or a.shape[:2] != rhs[0].shape[:2] for a in rhs):
+        raise ValueError(f"grouped_matmul with layer: rhs must be [L, G, K, N] stacks of one [L, G], got "
+                         f"{[a.shape for a in rhs]}")
+    n_layers, g = rhs[0].shape[:2]
+    if any(sc is not None and (sc.ndim != 4 or sc.shape[:2] != (n_layers, g)) for sc in rhs_scales):
+        raise ValueError(f"grouped_matmul with layer: scales must be [L={n_layers}, G={g}, rows, N] stacks, got "
+                         f"{[None if sc is None else sc.shape for sc in rhs_scales]}")
+    layer = jnp.asarray(layer)
+    if layer.shape != () or not jnp.issubdtype(layer.dtype, jnp.integer):
+        raise ValueError(f"grouped_matmul: layer must be an integer scalar, got {layer.dtype} {layer.shape}")
+    offset = (jnp.clip(layer.astype(jnp.int32), 0, n_layers - 1) * g).reshape(1)
+    flat = lambda a: a.reshape(n_layers * g, *a.shape[2:])  # noqa: E731
+    return (tuple(flat(a) for a in rhs), tuple(None if sc is None else flat(sc) for sc in rhs_scales), offset)
 
 
 def _tgmm_kernel(n_out: int, tm: int, dtype, gather: dict | None, max_steps: int):

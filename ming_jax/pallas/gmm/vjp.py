@@ -166,3 +166,28 @@ def _glu_pallas_q_bwd(tiling, interpret, residuals, d_h):
 
 
 glu_pallas_q.defvjp(_glu_pallas_q_fwd, _glu_pallas_q_bwd)
+
+
+# --------------------------------------------------------------------------------------------------- in-place stacks
+#
+# The expert FFN reading layer `layer` of the [L, E, ...] weight stacks in place (`kernel.grouped_matmul(layer=)`):
+# inside the layer scan the per-layer slice of a stack would otherwise be copied whole before a kernel can read it.
+# Float weights: (w_gate, w_up, w_down) stacks; quantized: (values, scale) pairs of each.
+
+
+def ffn_stacked(x, group_sizes, rows, layer, stacks, tiling: GmmTiling, interpret):
+    """down(silu(gate(x)) * up(x)) on layer `layer` of the stacks -> [M, D] in x.dtype (no VJP of its own: see
+    `ming_jax.pallas.gmm.api.grouped_glu`, which differentiates the per-layer path instead)."""
+    wg, wu, wd = stacks
+    quantized = isinstance(wg, tuple)
+    gate_up = (wg[0], wu[0]) if quantized else (wg, wu)
+    (h,) = kernel.grouped_matmul(
+        (x,), gate_up, group_sizes, terms=_GATE_UP, epilogue=kernel.epilogue_glu, out_dtypes=(x.dtype,),
+        block=tiling.fwd, interpret=interpret, transcendentals_per_out=1, lhs_rows=rows,
+        rhs_scales=(wg[1], wu[1]) if quantized else None, layer=layer,
+    )
+    (y,) = kernel.grouped_matmul(
+        (h,), (wd[0] if quantized else wd,), group_sizes, terms=_ONE, out_dtypes=(x.dtype,), block=tiling.fwd,
+        interpret=interpret, rhs_scales=(wd[1],) if quantized else None, layer=layer,
+    )
+    return y
