@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -32,6 +34,7 @@ from ming_jax.train.config import TrainConfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = ("attention", "mlp", "shared_expert", "experts")
 T = 8
+SMALL = LLMConfig.tiny(num_layers=2)  # one dense layer, one (scanned) MoE layer: every kind of target, less to compile
 
 
 def _inputs(cfg, b=2, t=T, seed=1):
@@ -66,7 +69,7 @@ def _values(tree) -> dict:
 
 
 def test_fresh_adapters_change_nothing_merge_and_unmerge():
-    cfg = LLMConfig.tiny()
+    cfg = SMALL
     model = llm.create(cfg, host=True)
     ids, pos = _inputs(cfg)
     ref = np.asarray(_forward(model, ids, pos))
@@ -78,7 +81,7 @@ def test_fresh_adapters_change_nothing_merge_and_unmerge():
         "moe_layers.moe.shared.up", "moe_layers.moe.shared.down", "moe_layers.moe.w_gate", "moe_layers.moe.w_up",
         "moe_layers.moe.w_down"}
     w = model.moe_layers.moe.w_gate  # [L, E, D, F] -> A [L, E, D, r], B [L, E, r, F], axis names kept
-    assert w.lora_a.shape == (2, 16, 128, 4) and w.lora_b.shape == (2, 16, 4, 32)
+    assert w.lora_a.shape == (1, 16, 128, 4) and w.lora_b.shape == (1, 16, 4, 32)
     assert w.lora_a.get_metadata()["out_sharding"] == ("layers", "experts", "expert_embed", "lora_rank")
     assert model.dense_layers[0].attn.qkv.lora_b.get_metadata()["out_sharding"] == (
         "lora_rank", "kv_heads", "qkv", "head_dim")
@@ -103,7 +106,7 @@ def test_fresh_adapters_change_nothing_merge_and_unmerge():
 
 def test_lora_gradients_are_the_chain_rule_through_the_merged_weight():
     """dL/dA = s G B^T, dL/dB = s A^T G, with G = dL/dW the gradient of the plain model at W = base + s A B."""
-    cfg = LLMConfig.tiny()
+    cfg = SMALL
     model = llm.create(cfg, host=True)
     lora.add_lora(model, lora.LoraConfig(3, 6.0, ALL), seed=2)
     _randomize_b(model)
@@ -149,7 +152,7 @@ def _train(model, steps, lr=1e-2):
 
 @pytest.mark.parametrize("qtype", [None, "int8"])
 def test_lora_run_lowers_the_loss_training_only_the_adapters(qtype):
-    cfg = LLMConfig.tiny()
+    cfg = SMALL
     model = llm.create(cfg, host=True)
     if qtype:
         quant.quantize_model(model, qtype)
@@ -162,8 +165,9 @@ def test_lora_run_lowers_the_loss_training_only_the_adapters(qtype):
             lora.merge_lora(model)
     frozen_before = _values(nnx.state(model, nnx.Param))
     frozen_before = {k: v for k, v in frozen_before.items() if not k.endswith(("lora_a", "lora_b"))}
-    state, losses = _train(model, 25)
-    assert losses[-1] < 0.8 * losses[0], losses[::5]  # measured: 6.75 -> 4.50 (float base)
+    state, losses = _train(model, 15, lr=2e-2)
+    print(f"{qtype or 'float'} base: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.8 * losses[0], losses[::3]
     # only the adapter factors are trainable, and the optimizer's moments are exactly theirs
     trained = _values(state.params)
     assert trained and all(k.endswith(("/lora_a", "/lora_b")) for k in trained)
@@ -177,29 +181,32 @@ def test_lora_run_lowers_the_loss_training_only_the_adapters(qtype):
         np.testing.assert_array_equal(after[k], v, err_msg=k)
 
 
+@pytest.mark.slow
 def test_lora_run_resumes_exactly(tmp_path):
-    cfg_llm = LLMConfig.tiny()
+    """A 2-step run saving every step; its copy without the step-2 checkpoint resumes from step 1 to the same state."""
+    cfg_llm = SMALL
     data = data_lib.write_sample(tmp_path / "d.jsonl", n=32, seed=1)
     spec = {"stand_in": prompt_lib.tiny_special_ids(cfg_llm)}
     lcfg = lora.LoraConfig(4, 8.0)
 
-    def run(workdir, steps, save_every):
+    def run(workdir):
         data_cfg = data_lib.TrainData(paths=(data,), seq_len=32, batch_size=2, seed=3)
         train_cfg = TrainConfig(learning_rate=1e-2, warmup_steps=1, total_steps=4, bias_update_rate=0.0)
-        run_cfg = loop.RunConfig(workdir=str(workdir), steps=steps, log_every=1, save_every=save_every, keep=3,
-                                 tensorboard=False, progress=False)
+        run_cfg = loop.RunConfig(workdir=str(workdir), steps=2, log_every=1, save_every=1, keep=3,
+                                 tensorboard=False, progress=False, async_save=False)
         return loop.run(lambda mesh, rules: lora.add_lora(llm.create(cfg_llm, seed=5, host=True), lcfg, seed=1),
                         lora.add_lora(llm.create_abstract(cfg_llm), lcfg), train_cfg, data_cfg, spec, run_cfg,
-                        meta={"model": "tiny", "lora": lcfg.to_json()})
+                        meta={"model": "small", "lora": lcfg.to_json()})
 
-    full = run(tmp_path / "full", 4, 4)
-    first = run(tmp_path / "split", 2, 2)
-    rest = run(tmp_path / "split", 4, 2)
-    assert rest.resumed_from == 2
-    assert [r["loss"] for r in full.history] == [r["loss"] for r in first.history + rest.history]
+    full = run(tmp_path / "full")
+    shutil.copytree(tmp_path / "full", tmp_path / "split")
+    shutil.rmtree(tmp_path / "split" / "checkpoints" / "2")
+    rest = run(tmp_path / "split")
+    assert full.resumed_from is None and rest.resumed_from == 1
+    assert [r["loss"] for r in rest.history] == [r["loss"] for r in full.history[1:]]
     for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(rest.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert set(_values(rest.state.params)) and all(k.endswith(("lora_a", "lora_b")) for k in _values(rest.state.params))
+    assert all(k.endswith(("lora_a", "lora_b")) for k in _values(rest.state.params))
 
 
 # ----------------------------------------------------------------------------------------------- PEFT export
@@ -222,7 +229,6 @@ def test_peft_export_applied_to_the_official_tensors_gives_our_logits(golden_dir
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8.0)
     tensors = load_file(os.path.join(dst, "adapter_model.safetensors"))
     modules = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in tensors})
-    import re
     linear = sorted(k[:-len(".weight")] for k in official if official[k].ndim == 2 and "gate.weight" not in k
                     and "word_embeddings" not in k)
     assert modules == linear, "every official Linear but the routers and the embedding, and nothing else"
@@ -243,23 +249,21 @@ def test_peft_export_applied_to_the_official_tensors_gives_our_logits(golden_dir
 # ------------------------------------------------------------------------------------------------- CLI, errors
 
 
-def test_cli_trains_qlora_resumes_and_exports_the_adapter(tmp_path):
+@pytest.mark.slow
+def test_cli_trains_qlora_and_exports_the_adapter(tmp_path):
+    """One short `train --lora_rank --quantize int8` run (resume is the library's: test_lora_run_resumes_exactly)."""
     work = tmp_path / "run"
-    base = [sys.executable, "-m", "ming_jax.train", f"--workdir={work}", "--preset=tiny", "--batch_size=2",
-            "--seq_len=32", "--log_every=1", "--save_every=1", "--warmup_steps=1", "--schedule_steps=3",
-            "--lora_rank=4", "--lora_alpha=8", "--lora_targets=attention,shared_expert", "--quantize=int8",
-            "--notensorboard"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    r = subprocess.run(base + ["--steps=1", "--noexport"], capture_output=True, text=True, env=env, cwd=REPO)
+    cmd = [sys.executable, "-m", "ming_jax.train", f"--workdir={work}", "--preset=tiny", "--batch_size=2",
+           "--seq_len=32", "--log_every=1", "--warmup_steps=1", "--steps=2", "--lora_rank=4", "--lora_alpha=8",
+           "--lora_targets=attention,shared_expert", "--quantize=int8", "--notensorboard"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "LoRA r=4 alpha=8" in r.stdout and "base int8 frozen" in r.stdout, r.stdout
-    r = subprocess.run(base + ["--steps=2"], capture_output=True, text=True, env=env, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from step 1" in r.stdout
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2] and all(np.isfinite(row["loss"]) for row in rows)
     tensors = load_file(str(work / "adapter" / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.1.mlp.shared_experts.up_proj.lora_B.weight" in tensors
-    r = subprocess.run(base[:-5] + ["--steps=2", "--lora_rank=8"], capture_output=True, text=True, env=env, cwd=REPO)
-    assert r.returncode != 0 and "the checkpoint was written with lora=" in r.stderr, r.stderr[-2000:]
+    assert not (work / "export").exists()
 
 
 def test_bad_settings_are_refused():
@@ -287,5 +291,7 @@ def test_bad_settings_are_refused():
         lora.merge_lora(model)
     with pytest.raises(ValueError, match="merged into the base"):
         train_step.split_model(model, TrainConfig(bias_update_rate=0.0))
+    with pytest.raises(ValueError, match="the checkpoint was written with lora="):  # resume with other adapters
+        loop._check_resume({"lora": lora.LoraConfig(4).to_json()}, {"lora": lora.LoraConfig(8).to_json()})
     with pytest.raises(ValueError, match="no LoRA adapters"):
         lora.export_peft(llm.create_abstract(cfg), "/nonexistent/never-written")
