@@ -9,6 +9,8 @@ same command again resumes from the newest checkpoint in --workdir (model, optim
 iterator's position); a run whose data, optimizer, schedule or dtype settings changed is refused (to extend
 --steps, keep --schedule_steps). Paths are local (mount a bucket for shared storage). At the end the model is exported as a
 release-format folder (<workdir>/export, --export) that `python -m ming_jax.generate --checkpoint` loads.
+With --lora_rank only LoRA adapters on --lora_targets train (the base frozen; --quantize int8|fp8: QLoRA, the base
+quantized), and the export is the adapters as a PEFT folder (<workdir>/adapter, `ming_jax.lora.export_peft`).
 Launch on a TPU pod slice: the same command with --distributed on every host (`gcloud compute tpus tpu-vm ssh ...
 --worker=all`), see docs/training.md.
 """
