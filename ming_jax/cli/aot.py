@@ -316,7 +316,8 @@ def _define_flags():
     flags.DEFINE_enum("cache_layout", "auto", ["auto", "default"],
                       "decode_step: KV cache memory layout chosen by the compiler ('auto') or row-major "
                       "('default').")
-    flags.DEFINE_string("quantize", "", "LLM steps (train only with --lora_rank: QLoRA): int8 / fp8 weights (fp8:128, int8:128: sub-channel "
+    flags.DEFINE_string("quantize", "", "LLM steps (train only with --lora_rank: QLoRA): int8 / fp8 weights "
+                        "(fp8:128, int8:128: sub-channel "
                         "scales along K) for the projections and expert stacks, as `generate --quantize` loads them.")
     flags.register_validator("quantize", _valid_quantize, "--quantize: int8, fp8, int8:BLOCK or fp8:BLOCK")
     flags.DEFINE_integer("lora_rank", 0, "LLM steps: LoRA adapters of this rank (0: none); --step train then "
