@@ -56,6 +56,8 @@ LAYERS: list[Layer] = [
     Layer("models"),
     # Weight-only int8 / fp8 quantization of the models' projections (the rules, quantize_model).
     Layer("quant"),
+    # LoRA / QLoRA adapters (add / merge / remove) and their PEFT export (uses the weight tables).
+    Layer("lora"),
     # Host-side preprocessing: numpy front ends, no model code.
     Layer("processors", only=("", "config", "models.inputs")),
     Layer("checkpoint"),

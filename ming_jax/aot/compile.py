@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ming_jax import quant, sharding
+from ming_jax import lora as lora_lib, quant, sharding
 from ming_jax.aot.memory_plan import MemoryPlan
 from ming_jax.aot.topology import HBM_BYTES, chip_of, topology_devices
 from ming_jax.config.audio_vae import AudioVAEConfig
@@ -71,7 +71,8 @@ STEPS = ("train", "prefill", "decode", "decode_step")
 
 def lower_step(cfg: LLMConfig, mesh, rules: sharding.ShardingRules, step: str, *, batch: int, seq: int,
                cache_layout: str = "auto", runtime: Runtime | None = None, new_tokens: int = 256,
-               train: TrainConfig | None = None, quantize: "quant.QuantConfig | str | None" = None):
+               train: TrainConfig | None = None, quantize: "quant.QuantConfig | str | None" = None,
+               lora: "lora_lib.LoraConfig | None" = None):
     """The jitted step lowered for `mesh` from abstract, sharded arguments.
 
     step: "train" (`ming_jax.train.step`, seq = training length); "prefill" (`ming_jax.gen.steps.prefill` of a
@@ -85,14 +86,18 @@ def lower_step(cfg: LLMConfig, mesh, rules: sharding.ShardingRules, step: str, *
     temporary). runtime: dtypes, kernels, remat, expert parallelism (default: `Runtime.bf16(remat=True)`, how the
     release trains). train: the train step's TrainConfig (default `TrainConfig()`: AdamW, clipping, bias balancing).
     quantize ("int8", "fp8", "fp8:128"; not for "train"): the LLM's projections as int8 / fp8 weights with float32
-    scales (`ming_jax.quant`), the expert stacks read by the quantized Pallas grouped matmuls."""
+    scales (`ming_jax.quant`), the expert stacks read by the quantized Pallas grouped matmuls; for "train" only
+    with `lora` (QLoRA). lora: LoRA adapters on the (float or quantized) base (`ming_jax.lora`); the train step then
+    optimises the adapters alone (default TrainConfig: bias balancing off, the biases being part of the base)."""
     runtime = Runtime.bf16(remat=True) if runtime is None else runtime
     abstract = model_lib.create_abstract(cfg, runtime)
     qcfg = quant.QuantConfig.parse(quantize)
     if qcfg is not None:
-        if step == "train":
+        if step == "train" and lora is None:
             raise ValueError("step=train with quantized weights: quantized weights are frozen (QLoRA needs adapters)")
         quant.quantize_model(abstract, qcfg)
+    if lora is not None:
+        lora_lib.add_lora(abstract, lora)
     graphdef, params = nnx.split(abstract)
     p_shard = sharding.state_shardings(abstract, mesh, rules)
     a_params = _abstract(params, p_shard)
@@ -101,7 +106,7 @@ def lower_step(cfg: LLMConfig, mesh, rules: sharding.ShardingRules, step: str, *
         shape, jnp.int32, sharding=sharding.named_sharding(mesh, rules, ("batch",) + (None,) * (len(shape) - 1),
                                                            shape, what=f"batch of shape {shape}"))
     if step == "train":  # outside the mesh context: eager constants there would go to the (absent) TPU devices
-        train = TrainConfig() if train is None else train
+        train = (TrainConfig(bias_update_rate=0.0) if lora is not None else TrainConfig()) if train is None else train
         t_graphdef, a_state, tx = train_step.abstract_state(abstract, train)
         s_shard = train_step.state_shardings(a_state, tx, mesh, rules)
         a_state = _abstract(a_state, s_shard)
@@ -154,8 +159,8 @@ def _batched(mesh, rules, shape, dtype):
 def compile_step(cfg: LLMConfig, topology: str, mesh_spec: str, rules_name: str, step: str, *, batch: int, seq: int,
                  num_slices: int = 1, devices: Sequence | None = None, cache_layout: str = "auto",
                  runtime: Runtime | None = None, new_tokens: int = 256,
-                 train: TrainConfig | None = None, quantize: "quant.QuantConfig | str | None" = None
-                 ) -> tuple[MemoryPlan, object]:
+                 train: TrainConfig | None = None, quantize: "quant.QuantConfig | str | None" = None,
+                 lora: "lora_lib.LoraConfig | None" = None) -> tuple[MemoryPlan, object]:
     """Compile one step for a topology; -> (its memory plan, the compiled executable)."""
     runtime = Runtime.bf16(remat=True) if runtime is None else runtime
     devices = topology_devices(topology, num_slices) if devices is None else devices
@@ -163,7 +168,8 @@ def compile_step(cfg: LLMConfig, topology: str, mesh_spec: str, rules_name: str,
     rules = sharding.ShardingRules.preset(rules_name)
     t0 = time.perf_counter()
     compiled = lower_step(cfg, mesh, rules, step, batch=batch, seq=seq, cache_layout=cache_layout,
-                          runtime=runtime, new_tokens=new_tokens, train=train, quantize=quantize).compile()
+                          runtime=runtime, new_tokens=new_tokens, train=train, quantize=quantize,
+                          lora=lora).compile()
     m = compiled.memory_analysis()
     shape = ",".join(f"{a}={s}" for a, s in mesh.shape.items() if s > 1) or "1 chip"
     plan = MemoryPlan(topology + (f" x{num_slices}" if num_slices > 1 else ""), step, shape, rules_name, batch, seq,
@@ -173,9 +179,37 @@ def compile_step(cfg: LLMConfig, topology: str, mesh_spec: str, rules_name: str,
                       note=(f"cache layout {cache_layout}" if step == "decode_step" else
                             f"{new_tokens} new tokens" if step in ("decode", "prefill") else ""),
                       attention=runtime.attention, capacity_factor=runtime.capacity_factor or 0.0,
-                      flops=_flops(compiled), weights=str(quant.QuantConfig.parse(quantize) or runtime.param_dtype),
+                      flops=_flops(compiled), weights=str(quant.QuantConfig.parse(quantize) or runtime.param_dtype)
+                      + (f" + LoRA r={lora.rank} ({','.join(lora.targets)})" if lora is not None else ""),
                       bytes_accessed=_bytes_accessed(compiled))
     return plan, compiled
+
+
+def train_state_bytes(cfg: LLMConfig, mesh, rules: sharding.ShardingRules, *, runtime: Runtime | None = None,
+                      train: TrainConfig | None = None, quantize: "quant.QuantConfig | str | None" = None,
+                      lora: "lora_lib.LoraConfig | None" = None) -> dict[str, int]:
+    """Per-chip bytes of the train state's parts as the train step holds them on `mesh` (the largest shard of
+    each leaf, summed): params (trained), frozen (everything else the model holds), opt_state (AdamW moments and
+    counters), master (the float32 copy of low-precision trained parameters); and trained_count (elements)."""
+    runtime = Runtime.bf16(remat=True) if runtime is None else runtime
+    abstract = model_lib.create_abstract(cfg, runtime)
+    if quantize:
+        quant.quantize_model(abstract, quantize)
+    if lora is not None:
+        lora_lib.add_lora(abstract, lora)
+    train = (TrainConfig(bias_update_rate=0.0) if lora is not None else TrainConfig()) if train is None else train
+    _, a_state, tx = train_step.abstract_state(abstract, train)
+    s_shard = train_step.state_shardings(a_state, tx, mesh, rules)
+
+    def per_chip(tree, shards) -> int:
+        return sum(math.prod(s.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
+                   for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shards)))
+
+    out = {name: per_chip(getattr(a_state, name), getattr(s_shard, name))
+           for name in ("params", "frozen", "opt_state") if getattr(a_state, name) is not None}
+    out["master"] = 0 if a_state.master is None else per_chip(a_state.master, s_shard.master)
+    out["trained_count"] = sum(math.prod(a.shape) for a in jax.tree.leaves(a_state.params))
+    return out
 
 
 def _param_count(cfg: LLMConfig) -> int:

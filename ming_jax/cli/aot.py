@@ -29,12 +29,13 @@ from absl import app, flags
 from ming_jax import cli, sharding
 from ming_jax.aot import compile as aot, omni as aot_omni
 from ming_jax.aot.compile import (IMAGE_RULES, IMAGE_STEPS, SPEECH_RULES, SPEECH_STEPS, STEPS, _libtpu_version,
-                                  _param_count, compile_step)
+                                  _param_count, compile_step, train_state_bytes)
 from ming_jax.aot.memory_plan import MemoryPlan
 from ming_jax.aot.topology import topology_devices
 from ming_jax.config import dit as dit_config, vae as vae_config
 from ming_jax.config.llm import PRESETS
 from ming_jax.config.runtime import Runtime
+from ming_jax.lora import LoraConfig
 from ming_jax.quant import QuantConfig
 
 
@@ -72,9 +73,35 @@ def main(argv):
           f"{seq}; jax {jax.__version__}, libtpu {_libtpu_version()}", flush=True)
     if f.quantize:
         print(f"weights: {f.quantize} (the LLM's projections; `ming_jax.quant`)", flush=True)
-    return _compile_meshes(f, lambda mesh_spec: compile_step(
-        cfg, f.topology, mesh_spec, f.rules, f.step, batch=batch, seq=seq, num_slices=f.num_slices, devices=devices,
-        cache_layout=f.cache_layout, runtime=runtime, new_tokens=f.new_tokens, quantize=f.quantize or None))
+    lcfg = None
+    if f.lora_rank:
+        try:
+            lcfg = LoraConfig(f.lora_rank, f.lora_alpha, tuple(f.lora_targets.split(",")))
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
+        print(f"LoRA: rank {lcfg.rank} on {', '.join(lcfg.targets)} (`ming_jax.lora`); the train step optimises the "
+              "adapters only", flush=True)
+    elif f.quantize and f.step == "train":
+        raise app.UsageError("--quantize with --step train: quantized weights are frozen; add adapters (--lora_rank)")
+
+    def one(mesh_spec):
+        plan, compiled = compile_step(
+            cfg, f.topology, mesh_spec, f.rules, f.step, batch=batch, seq=seq, num_slices=f.num_slices,
+            devices=devices, cache_layout=f.cache_layout, runtime=runtime, new_tokens=f.new_tokens,
+            quantize=f.quantize or None, lora=lcfg)
+        if f.step == "train":
+            mesh = sharding.make_mesh(mesh_spec, devices)
+            b = train_state_bytes(cfg, mesh, sharding.ShardingRules.preset(f.rules), runtime=runtime,
+                                  quantize=f.quantize or None, lora=lcfg)
+            print(f"  train state per chip: trained {b['params'] / 1e9:.3f} GB ({b['trained_count']:,} elements), "
+                  f"optimizer {b['opt_state'] / 1e9:.3f} GB, master {b['master'] / 1e9:.3f} GB, frozen "
+                  f"{b['frozen'] / 1e9:.3f} GB", flush=True)
+            plan = dataclasses.replace(plan, note=(plan.note + " " if plan.note else "") + (
+                f"trained {b['trained_count']} elements; optimizer {b['opt_state']} B, master {b['master']} B, "
+                f"trained {b['params']} B, frozen {b['frozen']} B per chip"))
+        return plan, compiled
+
+    return _compile_meshes(f, one)
 
 
 def _image_main(f):
@@ -289,9 +316,15 @@ def _define_flags():
     flags.DEFINE_enum("cache_layout", "auto", ["auto", "default"],
                       "decode_step: KV cache memory layout chosen by the compiler ('auto') or row-major "
                       "('default').")
-    flags.DEFINE_string("quantize", "", "LLM steps (not train): int8 / fp8 weights (fp8:128, int8:128: sub-channel "
+    flags.DEFINE_string("quantize", "", "LLM steps (train only with --lora_rank: QLoRA): int8 / fp8 weights "
+                        "(fp8:128, int8:128: sub-channel "
                         "scales along K) for the projections and expert stacks, as `generate --quantize` loads them.")
     flags.register_validator("quantize", _valid_quantize, "--quantize: int8, fp8, int8:BLOCK or fp8:BLOCK")
+    flags.DEFINE_integer("lora_rank", 0, "LLM steps: LoRA adapters of this rank (0: none); --step train then "
+                         "optimises the adapters alone (with --quantize: QLoRA).")
+    flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha (the delta is scaled by alpha / rank).")
+    flags.DEFINE_string("lora_targets", "attention,mlp,shared_expert", "LoRA targets: presets (attention, mlp, "
+                        "shared_expert, experts, lm_head) or regexes over parameter paths, comma-separated.")
     flags.DEFINE_string("json", "", "Write the memory plans here as JSON.")
     flags.DEFINE_multi_string("table", [], "Print the plans of these --json files as a markdown table and exit.")
 

@@ -9,6 +9,8 @@ same command again resumes from the newest checkpoint in --workdir (model, optim
 iterator's position); a run whose data, optimizer, schedule or dtype settings changed is refused (to extend
 --steps, keep --schedule_steps). Paths are local (mount a bucket for shared storage). At the end the model is exported as a
 release-format folder (<workdir>/export, --export) that `python -m ming_jax.generate --checkpoint` loads.
+With --lora_rank only LoRA adapters on --lora_targets train (the base frozen; --quantize int8|fp8: QLoRA, the base
+quantized), and the export is the adapters as a PEFT folder (<workdir>/adapter, `ming_jax.lora.export_peft`).
 Launch on a TPU pod slice: the same command with --distributed on every host (`gcloud compute tpus tpu-vm ssh ...
 --worker=all`), see docs/training.md.
 """
@@ -22,7 +24,7 @@ import jax
 from absl import app, flags, logging
 from flax import nnx
 
-from ming_jax import cli, sharding
+from ming_jax import cli, lora, quant, sharding
 from ming_jax.checkpoint import manifest, restore
 from ming_jax.config.llm import PRESETS
 from ming_jax.config.runtime import Runtime
@@ -57,6 +59,14 @@ _AUX = flags.DEFINE_float("seq_aux_loss", 0.0, "Sequence-wise balance loss coeff
 _FREEZE = flags.DEFINE_multi_string("freeze", [], "Regex over parameter paths that do not train (repeatable), "
                                     "e.g. 'embed' or 'router/kernel'.")
 _TRAIN_ONLY = flags.DEFINE_multi_string("train_only", [], "If given, only parameters matching these regexes train.")
+_LORA_RANK = flags.DEFINE_integer("lora_rank", 0, "LoRA: train rank-r adapters on --lora_targets only, the base "
+                                  "frozen (0: full training). Exported as a PEFT folder <workdir>/adapter.")
+_LORA_ALPHA = flags.DEFINE_float("lora_alpha", 16.0, "LoRA scale numerator: the delta is (alpha / rank) * A @ B.")
+_LORA_TARGETS = flags.DEFINE_string("lora_targets", "attention,mlp,shared_expert", "Comma-separated LoRA targets: "
+                                    "presets (attention, mlp, shared_expert, experts, lm_head) or regexes over "
+                                    "dotted parameter paths.")
+_QUANTIZE = flags.DEFINE_string("quantize", "", "QLoRA: the frozen base as int8 / fp8 weights (int8, fp8, "
+                                "fp8:128); needs --lora_rank.")
 _LABELS = flags.DEFINE_enum("labels", "assistant", list(data_lib.LABEL_MODES), "Which tokens take the loss.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
@@ -110,6 +120,19 @@ def _model_source():
     return llm_cfg, runtime, model_fn, model_lib.create_abstract(llm_cfg, runtime), spec, what
 
 
+def _adapted(model_fn, abstract, qcfg, lcfg):
+    """(model_fn, abstract model) with the base quantized (QLoRA) and LoRA adapters added, when asked for."""
+    if qcfg is None and lcfg is None:
+        return model_fn, abstract
+
+    def adapt(model):
+        if qcfg is not None:
+            quant.quantize_model(model, qcfg)
+        return model if lcfg is None else lora.add_lora(model, lcfg, seed=_SEED.value)
+
+    return (lambda mesh, rules: adapt(model_fn(mesh, rules))), adapt(abstract)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -123,6 +146,22 @@ def main(argv) -> None:
         logging.set_verbosity(logging.WARNING)
     loop.maybe_initialize_distributed(_DISTRIBUTED.value)
     _, runtime, model_fn, abstract, spec, what = _model_source()
+    lcfg = qcfg = None
+    try:
+        if _LORA_RANK.value:
+            lcfg = lora.LoraConfig(_LORA_RANK.value, _LORA_ALPHA.value, tuple(_LORA_TARGETS.value.split(",")))
+        qcfg = quant.QuantConfig.parse(_QUANTIZE.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    if qcfg is not None and lcfg is None:
+        raise app.UsageError("--quantize: quantized weights are frozen; train adapters on them with --lora_rank")
+    bias_rate = _BIAS.value
+    if lcfg is not None and bias_rate:
+        if flags.FLAGS["bias_update_rate"].present:
+            raise app.UsageError("--bias_update_rate with --lora_rank: the experts' biases belong to the frozen base "
+                                 "(the exported adapter could not carry them); a LoRA run keeps them (0)")
+        bias_rate = 0.0
+    model_fn, abstract = _adapted(model_fn, abstract, qcfg, lcfg)
     paths = tuple(_DATA.value)
     if not paths:
         sample = os.path.join(_WORKDIR.value, "sample.jsonl")
@@ -133,7 +172,7 @@ def main(argv) -> None:
     train_cfg = TrainConfig(learning_rate=_LR.value, warmup_steps=min(_WARMUP.value, total - 1), total_steps=total,
                             final_lr_ratio=_FINAL.value, weight_decay=_WD.value,
                             max_grad_norm=_CLIP.value or None, z_loss=_ZLOSS.value, grad_accum=_ACCUM.value,
-                            bias_update_rate=_BIAS.value, seq_aux_loss=_AUX.value, freeze=tuple(_FREEZE.value),
+                            bias_update_rate=bias_rate, seq_aux_loss=_AUX.value, freeze=tuple(_FREEZE.value),
                             train_only=tuple(_TRAIN_ONLY.value))
     data_cfg = data_lib.TrainData(paths=paths, seq_len=_SEQ.value, batch_size=_BATCH.value, seed=_SEED.value,
                                   labels=_LABELS.value, worker_count=_WORKERS.value)
@@ -141,9 +180,16 @@ def main(argv) -> None:
                              save_every=_SAVE_EVERY.value, keep=_KEEP.value, mesh=_MESH.value, rules=_RULES.value,
                              tensorboard=_TB.value)
     meta = {"model": what, "train": {k: v for k, v in vars(train_cfg).items()}, "data_paths": list(paths),
-            "runtime": vars(runtime)}
+            "runtime": vars(runtime), "lora": None if lcfg is None else lcfg.to_json(),
+            "quantize": None if qcfg is None else str(qcfg)}
     n_params = model_lib.param_count(abstract)
-    print(f"training {what} ({n_params:,} parameters) on {jax.device_count()} device(s): {', '.join(paths)}")
+    if lcfg is not None:
+        n_params = lora.param_count(abstract)
+        what_trains = (f"LoRA r={lcfg.rank} alpha={lcfg.alpha:g} on {len(lora.adapters(abstract))} weights "
+                       f"({n_params:,} adapter parameters), base {qcfg or runtime.param_dtype} frozen")
+        print(f"training {what}: {what_trains} on {jax.device_count()} device(s): {', '.join(paths)}")
+    else:
+        print(f"training {what} ({n_params:,} parameters) on {jax.device_count()} device(s): {', '.join(paths)}")
     result = loop.run(model_fn, abstract, train_cfg, data_cfg, spec, run_cfg, meta=json.loads(json.dumps(
         meta, default=str)))
     if result.resumed_from is not None:
@@ -156,6 +202,10 @@ def main(argv) -> None:
         return
     if _EXPORT.value and jax.process_count() > 1:
         print("not exported: several processes (export_release gathers the model on one host)")
+    elif _EXPORT.value and lcfg is not None:
+        dst = lora.export_peft(loop.trained_model(result), os.path.join(_WORKDIR.value, "adapter"),
+                               base_model_name_or_path=_CHECKPOINT.value)
+        print(f"exported the adapters {dst} (PEFT: adapter_model.safetensors + adapter_config.json)")
     elif _EXPORT.value:
         dst = loop.export_release(loop.trained_model(result), os.path.join(_WORKDIR.value, "export"),
                                   tokenizer_spec=spec)

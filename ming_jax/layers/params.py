@@ -56,6 +56,73 @@ class QuantizedParam(nnx.Module):
         return quant.QArray(v, self.scale.get_value(), None, v.dtype)
 
 
+# --- low-rank adapters ----------------------------------------------------------------------------------------------
+
+
+class LoraParam(nnx.Param):
+    """A LoRA factor (A or B of `LoraWeight`): an `nnx.Param` of its own type, so that training selects exactly the
+    adapters (`nnx.state(model, LoraParam)`) and everything else stays frozen."""
+
+
+class LoraWeight(nnx.Module):
+    """A weight with a low-rank adapter, in a module's place of its `nnx.Param` or `QuantizedParam` (made by
+    `ming_jax.lora.add_lora`; read through `read`): W = base + (alpha / rank) * A @ B.
+
+    The base keeps its layout [lead..., in..., out...] (lead: the experts axis of an expert stack, and in storage
+    the stacked MoE layers' `layers` axis; in: the axes the consumer contracts). `lora_a` is [lead..., in..., r]
+    (logical axes: the base's, then "lora_rank"), `lora_b` [lead..., r, out...]; `n_in` counts the in axes, so
+    the same code reads a per-layer slice inside the layer scan and the stacked arrays when merging. `merged`:
+    the delta has been added into the base (`ming_jax.lora.merge_lora`), so `read` returns the base alone.
+    """
+
+    def __init__(self, base, lora_a: LoraParam, lora_b: LoraParam, *, n_in: int, rank: int, alpha: float):
+        self.base = base
+        self.lora_a = lora_a
+        self.lora_b = lora_b
+        self.n_in = int(n_in)
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.merged = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape) if isinstance(self.base, QuantizedParam) else tuple(
+            self.base.get_value().shape)
+
+    def delta(self, dtype=None, a=None, b=None):
+        """scale * A @ B in the base's layout [lead..., in..., out...], accumulated in float32, rounded to `dtype`
+        (default float32). `a` / `b`: other values of the factors (default: the stored ones)."""
+        a = self.lora_a.get_value() if a is None else a
+        b = self.lora_b.get_value() if b is None else b
+        n_lead = a.ndim - 1 - self.n_in
+        lead, ins, outs = a.shape[:n_lead], a.shape[n_lead:-1], b.shape[n_lead + 1:]
+        dt = jnp.dtype(dtype or jnp.float32)
+        a2 = a.reshape(lead + (int(np.prod(ins)), self.rank)).astype(dt)  # [lead..., I, r]
+        b2 = b.reshape(lead + (self.rank, int(np.prod(outs)))).astype(dt)  # [lead..., r, O]
+        d = jnp.einsum("...ir,...ro->...io", a2, b2, preferred_element_type=jnp.float32)
+        return (self.scale * d).reshape(lead + ins + outs).astype(dt)
+
+
+def _read_lora(weight: LoraWeight, dtype, quantized: bool):
+    base = weight.base
+    if isinstance(base, QuantizedParam):
+        if quantized:  # `add_lora` refuses this pairing; a consumer of QArrays cannot take base + delta
+            raise ValueError("a LoRA adapter on a quantized weight read by a quantized consumer (the routed "
+                             "experts' grouped matmuls): base + delta is no QArray")
+        value = quant.dequantize(base.qarray(), jnp.dtype(dtype or base.dtype))
+    else:
+        value = base.get_value()
+        if dtype is not None and value.dtype != jnp.dtype(dtype):
+            value = value.astype(dtype)
+    if weight.merged:
+        return value
+    return value + weight.delta(value.dtype)
+
+
 # --- the one weight-read site ---------------------------------------------------------------------------------------
 
 WeightHook = Callable[[Any, Any], Any]  # (the stored weight: nnx.Variable or a wrapped weight, value) -> value
@@ -72,6 +139,9 @@ def read(weight, dtype=None, *, quantized: bool = False):
       itself: the routed experts' grouped matmuls) it is handed on as a `qwix.QArray`, not dequantised. A float
       weight read with `quantized=True` is read as usual.
 
+    * `weight` a `LoraWeight` (`ming_jax.lora`): its base read as above (a quantized base dequantised) plus
+      (alpha / rank) * A @ B in the compute dtype (float32 accumulation); only the base once merged. The delta is
+      dense, the base's size: for an expert stack that is one [E, D, F] temporary per layer.
     * `weight` an `nnx.Variable`: its stored array, cast to `dtype` when given and different. The array is the very
       object the variable holds (no copy when no cast is needed), so op interceptors that look a weight up among the
       module's parameters by identity or through unary ops (qwix's PTQ / LoRA providers, `flax_util.find_param`)
@@ -86,6 +156,8 @@ def read(weight, dtype=None, *, quantized: bool = False):
         value = weight.get_value()
         if dtype is not None and value.dtype != jnp.dtype(dtype):
             value = value.astype(dtype)
+    elif isinstance(weight, LoraWeight):
+        value = _read_lora(weight, dtype, quantized)
     elif isinstance(weight, QuantizedParam):
         value = weight.qarray()
         if not quantized:

@@ -48,6 +48,7 @@ class ShardingRules:
     pos: Axes = None
     conv_in: Axes = None  # input / output channels of the image VAE's convolutions (replicated: ~84M parameters)
     conv_out: Axes = None
+    lora_rank: Axes = None  # the rank axis of LoRA factors (`ming_jax.lora`): a few to a few dozen, replicated
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

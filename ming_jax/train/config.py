@@ -44,6 +44,9 @@ class TrainConfig:
     # which parameters train: regexes over '/'-joined parameter paths (e.g. "llm/embed", "moe/router/kernel")
     freeze: tuple[str, ...] = ()  # these do not train (kept, no optimizer state)
     train_only: tuple[str, ...] = ()  # if given, only these train (then `freeze` removes more)
+    # a model with LoRA adapters (`ming_jax.lora`) trains only their factors (base frozen); False: freeze /
+    # train_only choose among all float parameters, adapters included
+    adapters_only: bool = True
 
     def __post_init__(self):
         problems = []

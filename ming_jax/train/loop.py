@@ -344,7 +344,7 @@ def _meta(meta: dict | None, step: int, data_cfg) -> dict:
 
 
 RESUME_KEYS = ("model", "data_paths", "seq_len", "batch_size", "worker_count", "seed", "labels", "thinking",
-               "overlong", "processes", "train", "runtime")
+               "overlong", "processes", "train", "runtime", "lora", "quantize")
 
 
 def _check_resume(saved: dict, now: dict) -> None:

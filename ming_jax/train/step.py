@@ -33,6 +33,7 @@ import optax
 from flax import nnx
 
 from ming_jax import sharding
+from ming_jax.layers.params import LoraParam, LoraWeight, QuantizedParam
 from ming_jax.moe import balance
 from ming_jax.train import loss as losses
 from ming_jax.train.config import TrainConfig
@@ -64,16 +65,41 @@ class TrainState:
 
 def split_model(model: nnx.Module, cfg: TrainConfig):
     """-> (graphdef, trainable State, frozen State) of a model by `cfg.trains` over its parameter paths. A
-    `freeze` / `train_only` pattern that matches no parameter path is an error (a typo would train everything)."""
+    `freeze` / `train_only` pattern that matches no parameter path is an error (a typo would train everything).
+
+    The stored values of quantized weights (`QuantizedParam`: int8 / fp8 + scales) never train. A model with LoRA
+    adapters (`ming_jax.lora`) trains only their factors (`LoraParam`) when `cfg.adapters_only` (the default):
+    the base is frozen, and the optimizer holds state for the adapters alone. Merged adapters are refused (their
+    delta is already in the frozen base, so their factors would get no gradient)."""
     paths = ["/".join(map(str, p)) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     unmatched = [p for p in cfg.freeze + cfg.train_only if not any(re.search(p, path) for path in paths)]
     if unmatched:
         raise ValueError(f"TrainConfig: parameter pattern(s) {unmatched} match no parameter path (paths look like "
                          f"{paths[0]!r}, {paths[-1]!r})")
-    trains = lambda path, value: isinstance(value, nnx.Param) and cfg.trains("/".join(map(str, path)))  # noqa: E731
+    quantized, lora, merged = set(), False, []
+    for p, node in nnx.iter_graph(model):
+        if isinstance(node, QuantizedParam):
+            quantized.update({tuple(p) + ("qvalue",), tuple(p) + ("scale",)})
+        elif isinstance(node, LoraWeight):
+            lora = True
+            if node.merged:
+                merged.append("/".join(map(str, p)))
+    if merged:
+        raise ValueError(f"train: LoRA adapters {merged[:4]} are merged into the base; unmerge_lora first")
+    only_adapters = lora and cfg.adapters_only
+    if only_adapters and cfg.bias_update_rate:
+        raise ValueError(f"train: bias_update_rate={cfg.bias_update_rate} with LoRA adapters; the experts' biases "
+                         "belong to the frozen base (a PEFT adapter could not carry their change): set "
+                         "bias_update_rate=0 for a LoRA run")
+
+    def trains(path, value):
+        return (isinstance(value, nnx.Param) and tuple(path) not in quantized
+                and (isinstance(value, LoraParam) or not only_adapters) and cfg.trains("/".join(map(str, path))))
+
     graphdef, params, frozen = nnx.split(model, trains, ...)
     if not jax.tree.leaves(params):
-        raise ValueError("TrainConfig: no parameter is trainable (freeze / train_only exclude every parameter)")
+        raise ValueError("TrainConfig: no parameter is trainable (freeze / train_only exclude every parameter"
+                         + (", and quantized weights never train" if quantized else "") + ")")
     return graphdef, params, frozen
 
 
