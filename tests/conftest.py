@@ -23,10 +23,12 @@ def reference_dir() -> pathlib.Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def _release_compiled_programs():
-    """After each test module, drop jax's compiled-program caches: a whole-suite run otherwise keeps every program
-    of every module (the 3.11 leg grew past 5 GB RSS by mid-suite), and CI runs two such legs side by side on one
-    24 GiB machine. The tests that count traces or compilations (test_batch, test_serving, test_image_gen,
-    test_image_glyph) count within one module."""
+    """After each test module, drop jax's compiled programs. XLA:CPU maps each executable's code into the process;
+    a whole-suite run kept every program of every module (test_generation.py alone leaves ~9,000 mappings) until
+    the process passed Linux's per-process limit (vm.max_map_count, 65,530), and the next compile's mmap failed:
+    "Fatal Python error: Segmentation fault" (jax 0.12) or "Aborted" (jax 0.10) late in the suite, in whichever
+    test came next. tests/test_zz_process_limits.py checks the count at the end of a run. The tests that count
+    traces or compilations (test_batch, test_serving, test_image_gen, test_image_glyph) count within one module."""
     yield
     import sys
 

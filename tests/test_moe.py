@@ -151,6 +151,7 @@ def test_group_limited_selection_stays_in_best_groups():
     np.testing.assert_allclose(np.asarray(r.weights).sum(-1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_remat_changes_memory_not_gradients():
     cfg = LLMConfig.tiny(num_layers=3)
     rng = np.random.default_rng(5)

@@ -322,6 +322,7 @@ def test_fused_gather_matches_gather_then_reference(case, kind):
     _check_gather_case(case, kind, seed=len(kind))
 
 
+@pytest.mark.slow
 def test_fused_gather_tpu_interpreter():
     """TPU memory semantics (uninitialised VMEM reads NaN, DMAs and semaphores simulated, races detected): the
     per-row DMAs, the double buffer and the semaphore waits leave the same results."""

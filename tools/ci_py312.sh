@@ -59,10 +59,11 @@ echo "ci_py312: setup took $(( $(date +%s) - _t0 ))s"
 
 export JAX_PLATFORMS=cpu
 _t1=$(date +%s)
-# The notebooks and the README's runnable commands run on the 3.11 leg only (CI's time budget; they exercise the same
-# package code as the rest of this leg's tests).
-"$_vpy" -m pytest -q -m "not gpu and not torch" --ignore=tests/test_notebooks.py --ignore=tests/test_docs_commands.py \
-  "$@"
+# The notebooks, the README's runnable commands and the tests marked `slow` (the longest end-to-end runs and full-size
+# TPU compiles, each over about a minute on CI's cores) run on the 3.11 leg only: CI's time budget. Every other
+# JAX-side test runs here; the fast tests cover the same modules as the slow ones.
+"$_vpy" -m pytest -q -m "not gpu and not torch and not slow" --ignore=tests/test_notebooks.py \
+  --ignore=tests/test_docs_commands.py "$@"
 echo "ci_py312: tests took $(( $(date +%s) - _t1 ))s"
 
 # The parity tool on every golden case folder. Exit 2 is a kind the tool does not support yet (reported, not failed).
