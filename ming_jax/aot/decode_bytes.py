@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from ming_jax import quant, sharding
+from ming_jax.aot.compile import _bytes_accessed
 from ming_jax.config.llm import LLMConfig
 from ming_jax.config.runtime import Runtime
 from ming_jax.layers.kv_cache import KVCache, kv_cache_shardings
@@ -410,8 +411,6 @@ class CompiledBytes:
 
 
 def compiled_bytes(compiled) -> tuple[CompiledBytes, list[OpBytes]]:
-    from ming_jax.aot.compile import _bytes_accessed
-
     rows = hlo_bytes(compiled.as_text())
     gmm = [r for r in rows if r.kernel.startswith("ming_gmm")]
     return CompiledBytes(_bytes_accessed(compiled), sum(r.once for r in rows), sum(r.total for r in rows),
