@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -50,6 +52,7 @@ def _bf16_release(folder):
     return folder
 
 
+@pytest.mark.slow
 def test_generate_cli_keeps_a_bf16_release_in_bf16(tmp_path):
     """Parameters stay in the checkpoint's dtype (not float32 on the host) and compute runs in it by default; with
     --dtype float32 both are float32."""
@@ -67,6 +70,7 @@ def test_generate_cli_keeps_a_bf16_release_in_bf16(tmp_path):
     assert "bfloat16" not in line and "compute dtype float32" in line, line
 
 
+@pytest.mark.slow
 def test_generate_cli_applies_the_chat_template_and_reads_conversations(tmp_path):
     """Text prompts get the release's chat template by default (--raw: not); a JSON conversation (system, several
     turns) is one prompt; a bad role is a clear error."""

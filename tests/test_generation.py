@@ -240,6 +240,7 @@ def test_bad_inputs_are_named(model):
         generation.pad_prompts([[1]], side="middle")
 
 
+@pytest.mark.slow
 def test_bf16_batch_decodes_on_cpu_and_rows_match_one_by_one():
     """bfloat16 generation with several rows (it used to fail on XLA:CPU inside the decode loop: "Unsupported element
     type for DotThunk::Execute: BF16 x BF16 = F32" in the attention's probabilities x values product). Each row's

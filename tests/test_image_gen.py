@@ -196,6 +196,7 @@ def _tiny_components(seed: int, identity: bool) -> image_gen.ImageGenerator:
         ZImageDiT(cfg.dit, rngs=rngs), AutoencoderKL(cfg.vae, rngs=rngs))
 
 
+@pytest.mark.slow
 def test_prepare_condition_checks_image_rows():
     gen = _tiny_generator()
     llm = gen.thinker.cfg

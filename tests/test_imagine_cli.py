@@ -21,6 +21,7 @@ def _run(args, timeout=900):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_tiny_default_edits_a_reference_and_writes_a_png(tmp_path):
     """The tiny default (random weights, says so) on the editing path: progress bar to the last step, a PNG of the
     reference's size, no temporary file left. (Text-to-image through the CLI: `test_release_folder_generates`.)"""

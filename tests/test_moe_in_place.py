@@ -145,6 +145,7 @@ def test_prefill_and_forward_hold_no_copy_of_a_layers_experts():
         assert temp < bound, f"{name}: {temp / 2**20:.2f} MiB temporaries >= {bound / 2**20:.2f} MiB"
 
 
+@pytest.mark.slow
 def test_model_in_place_equals_unrolled_layers():
     """The scanned model (experts read in place) against the same weights run layer by layer (per-layer slices):
     forward logits, the KV-cache prefill + decode, and the gradient of every parameter."""

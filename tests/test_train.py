@@ -72,6 +72,7 @@ def test_tiny_model_overfits_a_packed_multimodal_batch():
     assert (np.abs(bias - bias0).max(-1) > 0).all()
 
 
+@pytest.mark.slow
 def test_bias_update_follows_the_loads_of_each_router():
     """One step's expert-bias change equals rate * sign(mean - load) with loads recounted in numpy from the
     model's own routing (collect=True), per MoE layer and router; a router without tokens keeps its bias."""
@@ -117,6 +118,7 @@ def _tiny_run(workdir, steps, data_path, *, save_every=2):
                     train_cfg, data_cfg, spec, run_cfg, meta={"model": "tiny"})
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     data = data_lib.write_sample(tmp_path / "d.jsonl", n=64, seed=1)
     full = _tiny_run(tmp_path / "full", 6, data)
@@ -174,6 +176,7 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path):
     assert not any(p.name.startswith("2.") for p in directory.iterdir()), "the partial save is cleaned up"
 
 
+@pytest.mark.slow
 def test_cli_trains_resumes_and_exports_for_generate(tmp_path):
     work = tmp_path / "run"
     base = [sys.executable, "-m", "ming_jax.train", f"--workdir={work}", "--preset=tiny", "--batch_size=2",
@@ -224,6 +227,7 @@ def test_unmatched_freeze_pattern_is_refused():
         train_step.split_model(model_lib.create_abstract(LLMConfig.tiny()), TrainConfig(freeze=("experts_typo",)))
 
 
+@pytest.mark.slow
 def test_bf16_parameters_train_through_a_float32_master():
     """Stored bf16, updated in float32: updates far below a bf16 ulp accumulate in the master, the parameters are
     its rounding, and after enough steps they move (rounding each update into bf16 would leave them in place)."""

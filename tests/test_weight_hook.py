@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from ming_jax.config.runtime import Runtime
@@ -76,6 +77,7 @@ def _is_expert_bias(path: str) -> bool:
     return path.endswith("expert_bias")
 
 
+@pytest.mark.slow
 def test_every_llm_weight_goes_through_read():
     cfg = LLMConfig.tiny()
     model = llm.create(cfg)
@@ -103,6 +105,7 @@ def test_every_llm_weight_goes_through_read_unscanned_and_tied():
     _check(model, loss, never_in_gradient={p for p in _all_paths(model) if _is_expert_bias(p)})
 
 
+@pytest.mark.slow
 def test_every_vision_weight_goes_through_read():
     cfg = VisionConfig.tiny()
     tower = VisionTransformer(cfg, use_deepstack=True, rngs=nnx.Rngs(0))
