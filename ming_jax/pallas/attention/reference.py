@@ -40,8 +40,10 @@ def attend(q, k, v, mask=None, *, scale: float | None = None):
 
     def cpu(probs, v):
         # XLA:CPU's dot thunk has no bf16 x bf16 -> f32 kernel for the layout this product gets inside the decode
-        # loop at batch > 1 ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"): float32 operands.
-        return jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
+        # loop at batch > 1 ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32"): the same values
+        # (probabilities rounded to v's dtype) as float32 operands, whose products are exact, so the numerics stay
+        # those of the low-precision product.
+        return jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype).astype(jnp.float32), v.astype(jnp.float32))
 
     if v.dtype == jnp.float32:
         out = low_precision(probs, v)
