@@ -2,6 +2,15 @@ import os
 import pathlib
 
 import pytest
+import xla_env
+
+# Fast XLA:CPU compiles for this process and the subprocesses tests start (before anything imports jax).
+_XLA_CACHE = xla_env.apply()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    xla_env.cleanup(_XLA_CACHE)
+
 
 # Golden parity data lives beside the repository (../shared/golden); MING_GOLDEN_DIR overrides.
 GOLDEN_DIR = pathlib.Path(os.environ.get("MING_GOLDEN_DIR",

@@ -31,6 +31,7 @@ import sys  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+import xla_env  # noqa: E402
 
 IN_PROCESS = jax.device_count() >= 8
 multi = pytest.mark.skipif(not IN_PROCESS, reason="jax started with < 8 devices in this process: "
@@ -42,7 +43,7 @@ def suite_in_subprocess(test_file: str):
 
     @pytest.mark.skipif(IN_PROCESS, reason="8 devices in this process: the tests ran in-process")
     def test_suite_in_subprocess():
-        env = dict(os.environ, XLA_FLAGS=f"{FLAG} {PATIENCE}", JAX_PLATFORMS="cpu")
+        env = dict(os.environ, XLA_FLAGS=xla_env.flags(FLAG, PATIENCE), JAX_PLATFORMS="cpu")
         # --capture=sys: XLA's own stderr (a LOG(FATAL) line before an abort) reaches r.stderr instead of dying
         # in pytest's fd capture file.
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--capture=sys",

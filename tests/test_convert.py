@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
+import xla_env
 
 from ming_jax.checkpoint import convert, export
 from ming_jax.checkpoint import manifest as mf
@@ -538,6 +539,6 @@ def test_sharded_restore_on_8_cpu_devices(golden_dir, tmp_path):
     dst = str(tmp_path / "ckpt")
     convert.convert(copy_case(golden_dir, "llm_backbone", tmp_path / "src"), dst, **QUIET)
     r = _run([os.path.join(REPO, "tests", "convert_multidevice.py"), dst, str(golden_dir / "llm_backbone")],
-             env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+             env={"XLA_FLAGS": xla_env.flags("--xla_force_host_platform_device_count=8")})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "OK" in r.stdout

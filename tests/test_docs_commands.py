@@ -30,6 +30,7 @@ import pytest
 
 from conftest import GOLDEN_DIR
 from tpu_compile import need_libtpu
+import xla_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ["README.md"] + sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))
@@ -130,7 +131,7 @@ def ran(clone, request):
                 if getattr(item, "originalname", None) == "test_runnable_command"}
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(dst), MING_GOLDEN_DIR=str(GOLDEN_DIR),
                ALLOW_MULTIPLE_LIBTPU_LOAD="1", PATH=os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]))
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_env.flags()  # the suite's compile setting only (no host device count of a test's)
 
     def one(script):
         t0 = time.perf_counter()

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 from flax import nnx
+import xla_env
 
 from ming_jax.checkpoint import Loaded, convert, load
 from ming_jax.checkpoint.manifest import CheckpointFormatError
@@ -73,7 +74,7 @@ def test_generate_cli_same_tokens_on_one_device_and_an_expert_mesh(llm_case):
     single, err = _generate(converted)
     assert "no tokenizer.json" in err and "decoding 6/6" in err
     sharded, err = _generate(converted, "--mesh", "expert=8", "--rules", "ep_fsdp",
-                             env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                             env={"XLA_FLAGS": xla_env.flags("--xla_force_host_platform_device_count=8")})
     assert "onto mesh" in err and "padded from 2 to 8 rows" in err
     assert sharded == single
 

@@ -18,6 +18,7 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
+import xla_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -80,7 +81,7 @@ def test_runs_top_to_bottom_on_cpu(name, tmp_path):
     scratch.mkdir()
     path = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(scratch), PYTHONPATH=os.pathsep.join(path))
-    env.pop("XLA_FLAGS", None)  # convert_and_shard sets its own
+    env["XLA_FLAGS"] = xla_env.flags()  # the suite's compile setting only; convert_and_shard adds its devices
     env.pop("MPLBACKEND", None)  # the kernel's inline backend: figures come back as image/png outputs
     env.pop("MING_CHECKPOINT", None)  # the quickstart's tiny-preset path
     km = _kernel(tmp_path)
