@@ -14,8 +14,9 @@ topk_group 4), moe_intermediate 256, 1 shared expert, MultiRouter, vocab 8192, f
 
 How it runs:
 1. A child process builds the official `BailingMoeV2ForCausalLM` at that config, fills every parameter from one
-   seeded generator (matrices N(0, 1) / sqrt(fan_in), embeddings N(0, 1), norm scales 1 + N(0, 0.1), expert biases
-   N(0, 0.1)) and writes a release folder (config.json + model.safetensors) to a scratch directory.
+   seeded generator (`tools/make_train_reference.fill_weights`: matrices N(0, 1) / sqrt(fan_in), embeddings N(0, 1),
+   norm scales 1 + N(0, 0.1), expert biases N(0, 0.1)) and writes a release folder (config.json +
+   model.safetensors) to a scratch directory.
 2. Two worker processes load that folder: "torch" (the official model, `torch.set_num_threads(--threads)`, eager
    attention, `torch.inference_mode`) and "jax" (`ming_jax.checkpoint.restore.load`, through the weight table, as a
    user loads a release). Each side runs alone in its own process, so its peak RSS (`getrusage`) is its own; a
@@ -158,19 +159,10 @@ def official_model(folder: str, config: dict, threads: int):
 
 def make_weights(folder: str, out: str, config: dict) -> None:
     """The official model at `config`, every parameter from one seeded generator, as a release folder at `out`."""
+    from tools.make_train_reference import fill_weights  # the same seeded fill as the train-step reference data
+
     model, torch = official_model(folder, config, 2)
-    g = torch.Generator().manual_seed(SEED)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            r = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if name.endswith("expert_bias"):
-                p.copy_(0.1 * r)
-            elif p.ndim == 1:
-                p.copy_(1.0 + 0.1 * r)
-            elif "word_embeddings" in name:
-                p.copy_(r)
-            else:
-                p.copy_(r / float(np.sqrt(p.shape[1])))
+    fill_weights(model, torch, SEED)
     from safetensors.torch import save_file
 
     os.makedirs(out, exist_ok=True)
