@@ -10,11 +10,24 @@ import platform
 import jax
 
 
+def cpu_model() -> str:
+    """The CPU's model name as Linux reports it (/proc/cpuinfo), else the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run_meta() -> dict:
-    """Date (UTC), machine and jax version / backend of this run."""
+    """Date (UTC), machine (with its CPU model: speed ratios against other libraries differ between CPUs) and jax
+    version / backend of this run."""
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-            "jax": jax.__version__, "backend": jax.default_backend()}
+            "cpu": cpu_model(), "jax": jax.__version__, "backend": jax.default_backend()}
 
 
 def write_json(path: str, payload: dict) -> str:

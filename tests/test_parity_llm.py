@@ -111,10 +111,11 @@ def test_decode_positions_are_compared_as_fed(golden_dir, monkeypatch):
     rows = {r.name: r for r in llm_backbone.decode_rows(model, prep, "mm_", case.outputs)}
     assert rows["mm_decode_position_ids"].ok, rows["mm_decode_position_ids"].row()
 
-    def shifted_hw(model, tokens, positions, cache):  # rows h / w one ahead of t: what video rope must not do
-        b = tokens.shape[0]
+    def shifted_hw(model, tokens, positions, cache, presliced=None):  # rows h / w one ahead of t: what video rope
+        b = tokens.shape[0]                                              # must not do
         pos3 = jnp.broadcast_to(positions[None, :, None], (3, b, 1)) + jnp.array([0, 1, 1])[:, None, None]
-        out = model(model.embed_tokens(tokens[:, None]), pos3, cache=cache, logits_at=jnp.zeros((b,), jnp.int32))
+        out = model(model.embed_tokens(tokens[:, None]), pos3, cache=cache, logits_at=jnp.zeros((b,), jnp.int32),
+                    presliced=presliced)
         return out.logits, out.cache
 
     monkeypatch.setattr(steps, "decode_step", shifted_hw)

@@ -233,9 +233,10 @@ def _decode(graphdef, state, s: Slots, exit_on_finish):
         return (i < chunk) & jnp.any(s.active) & ~(exit_on_finish & finished)
 
     def body(c):
-        i, s, state, _, busy = c
+        i, s, (state, presliced), _, busy = c
         # The weights ride in the loop carry (unchanged): nnx transforms inside the body need them at its trace level.
-        logits, cache = steps.decode_step(nnx.merge(graphdef, state), s.last, s.pos, s.cache)
+        # presliced: on CPU the per-layer weights sliced once before the loop (`steps.decode_loop`), else None.
+        logits, cache = steps.decode_step(nnx.merge(graphdef, state), s.last, s.pos, s.cache, presliced)
         act = s.active
         cache = dataclasses.replace(cache, length=jnp.where(act, cache.length, s.cache.length))
         pairs = jax.vmap(jax.random.split)(s.key)
@@ -251,11 +252,17 @@ def _decode(graphdef, state, s: Slots, exit_on_finish):
             s, cache=cache, last=jnp.where(act, tok, s.last), pos=s.pos + act, key=key, count=count,
             temperature=jnp.where(active, s.temperature, 0.0), active=active,
             finish=jnp.where(finished, jnp.where(stopped, STOP, LENGTH), s.finish), out=out, n_out=s.n_out + act)
-        return i + 1, s, state, jnp.any(finished), busy + jnp.sum(act)
+        return i + 1, s, (state, presliced), jnp.any(finished), busy + jnp.sum(act)
 
     # A request that ended with its first token (admission) counts as a finish: its slot is refilled at once.
     ended = jnp.any((s.n_out > 0) & ~s.active)
-    i, s, _, _, busy = jax.lax.while_loop(cond, body, (jnp.int32(0), s, state, ended, jnp.int32(0)))
+
+    def run(presliced):
+        i, out, _, _, busy = jax.lax.while_loop(cond, body, (jnp.int32(0), s, (state, presliced), ended,
+                                                             jnp.int32(0)))
+        return i, out, busy
+
+    i, s, busy = steps.decode_loop(graphdef, state, run)
     emitted = (s.out, s.n_out, s.finish, i, busy)
     return dataclasses.replace(s, cache=_placed(s.cache), n_out=jnp.zeros_like(s.n_out)), emitted
 

@@ -4,6 +4,7 @@ compiles the same functions for TPU topologies, so the planned program is the on
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -27,14 +28,35 @@ def prefill(model, input_ids, attention_mask, positions, modality, features, fea
     return out.logits, out.cache
 
 
-def decode_step(model, tokens, positions, cache):
+def decode_step(model, tokens, positions, cache, presliced=None):
     """tokens [B] (the last sampled), positions [B] (their rope positions) -> (logits [B, V] float32, cache with
-    the tokens written at slot `cache.length`). Text positions: the three rope rows are equal."""
+    the tokens written at slot `cache.length`). Text positions: the three rope rows are equal. `presliced`: the
+    model's `preslice_moe_layers()`, made outside the loop that calls this (see `decode_weights`)."""
     b = tokens.shape[0]
     x = model.embed_tokens(tokens[:, None])
     pos3 = jnp.broadcast_to(positions[None, :, None], (3, b, 1))
-    out = model(x, pos3, cache=cache, logits_at=jnp.zeros((b,), jnp.int32))
+    out = model(x, pos3, cache=cache, logits_at=jnp.zeros((b,), jnp.int32), presliced=presliced)
     return out.logits, out.cache
+
+
+def decode_loop(graphdef, state, run):
+    """`run(presliced)` builds a decode loop (e.g. a `lax.while_loop`) whose steps call
+    `decode_step(..., presliced=presliced)`; this runs it with the weights as the platform reads them best.
+
+    On CPU the per-layer weights of the stacked MoE layers are sliced once, here, before the loop
+    (`BailingMoeV2.preslice_moe_layers`): XLA:CPU copies a dot operand that is a slice of a bigger array every time
+    the dot runs, which in the loop meant every layer's weights once per token. Elsewhere (TPU, GPU) the loop reads
+    the stacks in place (`presliced=None`, the layer scan). The choice is made when lowering
+    (`lax.platform_dependent`), so an ahead-of-time compile for TPU from a CPU host gets the TPU program. Both
+    programs compute the same tokens.
+    """
+    if not nnx.merge(graphdef, state).can_preslice():  # nothing to slice (no MoE layers, weight hooks, ...)
+        return run(None)
+
+    def on_cpu():
+        return run(nnx.merge(graphdef, state).preslice_moe_layers())
+
+    return jax.lax.platform_dependent(cpu=on_cpu, default=lambda: run(None))
 
 
 def make_decode_step(graphdef):

@@ -173,19 +173,22 @@ def _loop(graphdef, state, s: DecodeState, until, sampling, pad_id, return_logit
     def cond(s):
         return (s.step < until) & ~jnp.all(s.done)
 
-    def body(s):
-        # The weights are closed over, not carried: in the loop carry XLA copies them into the loop's buffers (one
-        # more weight-sized temporary; at 8 chips it is what made the int8 100B loop not fit 128 GB). The barrier
-        # gives nnx's transforms inside the body (the layer scan) the weights at the body's trace level.
-        model = nnx.merge(graphdef, jax.lax.optimization_barrier(state))
-        logits, cache = steps.decode_step(model, s.last, s.pos, s.cache)
-        s = _emit(dataclasses.replace(s, cache=cache), logits, s.pos, sampling, pad_id, return_logits)
-        s = dataclasses.replace(s, pos=s.pos + 1)
-        if progress_id is not None:  # host callback per step, e.g. a progress bar; absent from the graph otherwise
-            jax.debug.callback(_report, progress_id, s.step, jnp.sum(~s.done))
-        return s
+    def run(presliced):  # presliced: the per-layer weights sliced before the loop (CPU, `steps.decode_loop`) or None
+        def body(s):
+            # The weights are closed over, not carried: in the loop carry XLA copies them into the loop's buffers
+            # (one more weight-sized temporary; at 8 chips it is what made the int8 100B loop not fit 128 GB). The
+            # barrier gives nnx's transforms inside the body (the layer scan) the weights at the body's trace level.
+            weights, layers = jax.lax.optimization_barrier((state, presliced))
+            logits, cache = steps.decode_step(nnx.merge(graphdef, weights), s.last, s.pos, s.cache, layers)
+            s = _emit(dataclasses.replace(s, cache=cache), logits, s.pos, sampling, pad_id, return_logits)
+            s = dataclasses.replace(s, pos=s.pos + 1)
+            if progress_id is not None:  # host callback per step, e.g. a progress bar; absent from the graph otherwise
+                jax.debug.callback(_report, progress_id, s.step, jnp.sum(~s.done))
+            return s
 
-    return jax.lax.while_loop(cond, body, s)
+        return jax.lax.while_loop(cond, body, s)
+
+    return steps.decode_loop(graphdef, state, run)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "pad_id", "return_logits"),

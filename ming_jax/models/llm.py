@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import jax
@@ -200,7 +201,7 @@ class BailingMoeV2(nnx.Module):
 
     # -- forward --
     def __call__(self, embeds, positions, *, attention_mask=None, modality=None, cache: KVCache | None = None,
-                 logits_at=None, collect: bool = False, prefill: bool = False) -> ModelOutput:
+                 logits_at=None, collect: bool = False, prefill: bool = False, presliced=None) -> ModelOutput:
         """embeds [B, T, D] (from `embed_tokens`), positions [3, B, T] int.
 
         attention_mask [B, T] bool marks real tokens (None: all real); without a cache it may also be int segment ids
@@ -211,6 +212,9 @@ class BailingMoeV2(nnx.Module):
         whatever it held) and attention runs on the T tokens alone with the causal + segment mask, so the attention
         kernels (splash, cuDNN) serve the prompt. logits_at [B] int: compute logits only at these positions
         (-> [B, V]).
+        presliced: `preslice_moe_layers()`'s per-layer weights, computed outside a loop that calls the model many times
+        (the decode loop on CPU): the MoE layers then run as a Python loop reading those per-layer arrays, and the
+        routed experts read their stacks in place.
         """
         cfg = self.cfg
         b, t, _ = embeds.shape
@@ -266,13 +270,17 @@ class BailingMoeV2(nnx.Module):
 
             if self.runtime.remat:  # recompute each layer's activations in the backward pass instead of storing them
                 body = nnx.remat(body)
-            run_moe = (nnx.scan(body, in_axes=(0, nnx.Carry, None, None, None, None, None, 0, None),
-                                out_axes=(nnx.Carry, 0, 0)) if self.runtime.scan_layers else
-                       functools.partial(self._unrolled, body))
+            if presliced is not None:
+                run_moe = functools.partial(self._unrolled, body, presliced=presliced)
+            elif self.runtime.scan_layers:
+                run_moe = nnx.scan(body, in_axes=(0, nnx.Carry, None, None, None, None, None, 0, None),
+                                   out_axes=(nnx.Carry, 0, 0))
+            else:
+                run_moe = functools.partial(self._unrolled, body)
             kv_in = None if cache is None else (cache.k_moe, cache.v_moe)
             (x, kv_out), routing, ys = run_moe(self.moe_layers, (x, kv_in), cos, sin, mask, modality, start,
                                                jnp.arange(cfg.num_moe_layers, dtype=jnp.int32),
-                                               self._expert_stacks())
+                                               self._expert_stacks(unrolled=presliced is not None))
             if cache is not None:
                 k_moe, v_moe = kv_out
             if collect:
@@ -291,14 +299,15 @@ class BailingMoeV2(nnx.Module):
             return ModelOutput(logits, h, new_cache, jnp.stack(layer_outputs), routing[0], routing[1])
         return ModelOutput(logits, h, new_cache, jnp.stack(layer_outputs) if collect else None)
 
-    def _expert_stacks(self):
+    def _expert_stacks(self, unrolled: bool = False):
         """The MoE layers' routed-expert weights as stored, [L, E, D, F] / [L, E, F, D], for the scanned layers to
         read in place (`MoEBlock`, `ming_jax.pallas.gmm.portable.grouped_glu`): the scan's per-layer slice of them is
         otherwise copied whole every layer, every step. None (each layer uses its slice) when the layers are not
         scanned, when reading them would change them (a cast to the compute dtype, a weight hook, a wrapped weight
         such as qwix's), and without MoE layers. Quantized stacks (`QuantizedParam`) are handed on as `qwix.QArray`
-        stacks of their int8 / fp8 values and float32 scales, which the Pallas kernels read in place too."""
-        if not (self.runtime.scan_layers and self.cfg.num_moe_layers) or has_weight_hooks():
+        stacks of their int8 / fp8 values and float32 scales, which the Pallas kernels read in place too.
+        `unrolled`: for the Python loop over presliced layers (`preslice_moe_layers`), which reads them in place too."""
+        if not ((self.runtime.scan_layers or unrolled) and self.cfg.num_moe_layers) or has_weight_hooks():
             return None
         moe = self.moe_layers.moe
         weights = (moe.w_gate, moe.w_up, moe.w_down)
@@ -310,6 +319,27 @@ class BailingMoeV2(nnx.Module):
         if any(v.dtype != jnp.dtype(self.runtime.dtype) for v in values):
             return None
         return values
+
+    def can_preslice(self) -> bool:
+        """Whether `preslice_moe_layers` has layers to slice (see there)."""
+        return bool(self.cfg.num_moe_layers) and self._expert_stacks(unrolled=True) is not None
+
+    def preslice_moe_layers(self):
+        """Per-layer arrays of the stacked MoE layers' parameters, the routed experts' stacks excepted: a list of L
+        {path: array} dicts for `__call__(presliced=)`, or None where the layers cannot run that way (no MoE layers,
+        weight hooks, expert stacks that are not read in place; `_expert_stacks`).
+
+        Why: XLA:CPU gives a dot only whole buffers, so a dot operand that is a slice of a bigger array is copied out
+        every time the dot runs: in the decode loop, every layer's attention, router and shared-expert weights once
+        per layer and token (`benchmarks/decode_profile.py`: 21% of a B=1 decode step at issue 13's config). Sliced
+        once before the loop, they are whole buffers of their own inside it. Cost: one more copy of those weights
+        (not of the routed experts: a few percent of a Ling-flash model) while the loop runs."""
+        if not self.can_preslice():
+            return None
+        _, params, _ = nnx.split(self.moe_layers, nnx.Param, ...)
+        leaves = [(jax.tree_util.keystr(path), a) for path, a in jax.tree_util.tree_flatten_with_path(params)[0]
+                  if not _is_routed_expert(path)]
+        return [{key: a[i] for key, a in leaves} for i in range(self.cfg.num_moe_layers)]
 
     # -- diagnostics --
     def layer(self, i: int) -> DecoderLayer:
@@ -338,7 +368,7 @@ class BailingMoeV2(nnx.Module):
         return block.attn.probabilities(block.input_norm(x), cos, sin,
                                         AttentionMask.self_attention(segments, causal=True))
 
-    def _unrolled(self, body, layers, carry, cos, sin, mask, modality, start, index, stacks=None):
+    def _unrolled(self, body, layers, carry, cos, sin, mask, modality, start, index, stacks=None, presliced=None):
         """`scan_layers=False`: the scan of `body` over the stacked MoE layers as a Python loop over per-layer
         slices of the same stacked parameters. The parameter layout stays [L, ...] ("layers" axis, same paths).
 
@@ -347,13 +377,24 @@ class BailingMoeV2(nnx.Module):
         lora_b) may do so; a scan body cannot change its carry's structure. When the layers come out with a new
         structure, their parameters are stacked back on the layers axis and become the stacked module (the
         per-layer quantized leaves / LoRA factors are then [L, ...] too, and sliced again on the next call).
+
+        presliced (`preslice_moe_layers`): layer i's arrays replace its slices (which are then unused and dropped by
+        XLA); the routed experts, absent from it, read `stacks` in place (their slices go unused too).
         """
         graphdef, params, rest = nnx.split(layers, nnx.Param, ...)
+        if presliced is not None and len(presliced) != int(index.shape[0]):
+            raise ValueError(f"presliced holds {len(presliced)} layers, the model {int(index.shape[0])} MoE layers")
         ran, routes, ys = [], [], []
         for i in range(int(index.shape[0])):
-            layer_params = nnx.spmd.remove_axis(jax.tree.map(lambda a, i=i: a[i], params), 0, _LAYERS_AXIS)
+            if presliced is None:
+                sliced = jax.tree.map(lambda a, i=i: a[i], params)
+            else:
+                sliced = jax.tree_util.tree_map_with_path(
+                    lambda path, a, i=i: presliced[i].get(jax.tree_util.keystr(path), a[i]), params)
+            layer_params = nnx.spmd.remove_axis(sliced, 0, _LAYERS_AXIS)
             layer = nnx.merge(graphdef, layer_params, rest)
-            carry, r, y = body(layer, carry, cos, sin, mask, modality, start, index[i], None)
+            carry, r, y = body(layer, carry, cos, sin, mask, modality, start, index[i],
+                               None if presliced is None else stacks)
             ran.append(layer)
             routes.append(r)
             ys.append(y)
@@ -364,6 +405,12 @@ class BailingMoeV2(nnx.Module):
             self.moe_layers = nnx.merge(new_graphdef, stacked, new_rest)
         stack = lambda xs: None if xs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
         return carry, stack(routes), stack(ys)
+
+
+def _is_routed_expert(path) -> bool:
+    """A tree path into the MoE layers' parameters that leads to a routed-expert stack (moe.w_gate / w_up / w_down)."""
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    return any(a == "moe" and b in ("w_gate", "w_up", "w_down") for a, b in itertools.pairwise(names))
 
 
 def create(cfg: LLMConfig, runtime: Runtime | None = None, *, seed: int = 0, host: bool = False) -> BailingMoeV2:
