@@ -45,8 +45,9 @@ def decode_loop(graphdef, state, run):
 
     On CPU the per-layer weights of the stacked MoE layers are sliced once, here, before the loop
     (`BailingMoeV2.preslice_moe_layers`): XLA:CPU copies a dot operand that is a slice of a bigger array every time
-    the dot runs, which in the loop meant every layer's weights once per token. Elsewhere (TPU, GPU) the loop reads
-    the stacks in place (`presliced=None`, the layer scan). The choice is made when lowering
+    the dot runs, which in the loop meant every layer's weights once per token. Elsewhere the loop keeps the layer
+    scan (`presliced=None`): XLA:TPU reads a slice of the stacks in place; on GPU neither form has been measured
+    (no GPU lent yet). The choice is made when lowering
     (`lax.platform_dependent`), so an ahead-of-time compile for TPU from a CPU host gets the TPU program. Both
     programs compute the same tokens.
     """
