@@ -31,7 +31,7 @@ def prefill(model, input_ids, attention_mask, positions, modality, features, fea
 def decode_step(model, tokens, positions, cache, presliced=None):
     """tokens [B] (the last sampled), positions [B] (their rope positions) -> (logits [B, V] float32, cache with
     the tokens written at slot `cache.length`). Text positions: the three rope rows are equal. `presliced`: the
-    model's `preslice_moe_layers()`, made outside the loop that calls this (see `decode_weights`)."""
+    model's `preslice_moe_layers()`, made outside the loop that calls this (see `decode_loop`)."""
     b = tokens.shape[0]
     x = model.embed_tokens(tokens[:, None])
     pos3 = jnp.broadcast_to(positions[None, :, None], (3, b, 1))
@@ -47,9 +47,8 @@ def decode_loop(graphdef, state, run):
     (`BailingMoeV2.preslice_moe_layers`): XLA:CPU copies a dot operand that is a slice of a bigger array every time
     the dot runs, which in the loop meant every layer's weights once per token. Elsewhere the loop keeps the layer
     scan (`presliced=None`): XLA:TPU reads a slice of the stacks in place; on GPU neither form has been measured
-    (no GPU lent yet). The choice is made when lowering
-    (`lax.platform_dependent`), so an ahead-of-time compile for TPU from a CPU host gets the TPU program. Both
-    programs compute the same tokens.
+    (no GPU lent yet). The choice is made when lowering (`lax.platform_dependent`), so an ahead-of-time compile for
+    TPU from a CPU host gets the TPU program. Both programs compute the same tokens.
     """
     if not nnx.merge(graphdef, state).can_preslice():  # nothing to slice (no MoE layers, weight hooks, ...)
         return run(None)

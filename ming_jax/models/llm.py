@@ -303,9 +303,10 @@ class BailingMoeV2(nnx.Module):
         """The MoE layers' routed-expert weights as stored, [L, E, D, F] / [L, E, F, D], for the scanned layers to
         read in place (`MoEBlock`, `ming_jax.pallas.gmm.portable.grouped_glu`): the scan's per-layer slice of them is
         otherwise copied whole every layer, every step. None (each layer uses its slice) when the layers are not
-        scanned, when reading them would change them (a cast to the compute dtype, a weight hook, a wrapped weight
-        such as qwix's), and without MoE layers. Quantized stacks (`QuantizedParam`) are handed on as `qwix.QArray`
-        stacks of their int8 / fp8 values and float32 scales, which the Pallas kernels read in place too.
+        scanned (nor presliced), when reading them would change them (a cast to the compute dtype, a weight hook, a
+        wrapped weight such as qwix's), and without MoE layers. Quantized stacks (`QuantizedParam`) are handed on as
+        `qwix.QArray` stacks of their int8 / fp8 values and float32 scales, which the Pallas kernels read in place
+        too.
         `unrolled`: for the Python loop over presliced layers (`preslice_moe_layers`), which reads them in place too."""
         if not ((self.runtime.scan_layers or unrolled) and self.cfg.num_moe_layers) or has_weight_hooks():
             return None
@@ -331,7 +332,8 @@ class BailingMoeV2(nnx.Module):
 
         Why: XLA:CPU gives a dot only whole buffers, so a dot operand that is a slice of a bigger array is copied out
         every time the dot runs: in the decode loop, every layer's attention, router and shared-expert weights once
-        per layer and token (`benchmarks/decode_profile.py`: 21% of a B=1 decode step at issue 13's config). Sliced
+        per layer and token (`benchmarks/decode_profile.py`: with the KV cache's slices, 21% of a B=1 decode step at
+        issue 13's config; 4% after). Sliced
         once before the loop, they are whole buffers of their own inside it. Cost: one more copy of those weights
         (not of the routed experts: a few percent of a Ling-flash model) while the loop runs."""
         if not self.can_preslice():
