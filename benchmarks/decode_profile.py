@@ -90,11 +90,11 @@ def summarize(events: list[dict], steps: int, names: dict[str, str]) -> dict:
     per_op, count = exclusive_times(events)
     if not per_op:
         raise RuntimeError(f"the trace holds no thunk events of {PROGRAM}: nothing to summarize")
-    loop_ops = {op for op in per_op if EXPERT_SCOPE in names.get(op, "")}
+    expert_ops = {op for op in per_op if EXPERT_SCOPE in names.get(op, "")}
     kinds = collections.Counter()
     for op, us in per_op.items():
         copy = op.startswith(("dynamic-slice", "slice"))
-        kinds[("weight slices (experts)" if copy else "expert loop") if op in loop_ops else
+        kinds[("weight slices (experts)" if copy else "expert loop") if op in expert_ops else
               "other slices" if copy else "dots" if op.startswith(("dot", "ynn_fusion")) else "other"] += us
     total = sum(per_op.values())
     return {
@@ -120,7 +120,6 @@ def main(argv=None) -> int:
     from benchmarks.results import run_meta, write_json
     from ming_jax.config.llm import LLMConfig
     from ming_jax.gen import text as generation
-    from ming_jax.models import inputs as multimodal
     from ming_jax.models import llm as model_lib
 
     config = dict(vs_torch.CONFIG, **(vs_torch.TINY if a.tiny else {}))
@@ -132,11 +131,7 @@ def main(argv=None) -> int:
         ids = np.random.default_rng([vs_torch.SEED, b]).integers(0, vs_torch.TEXT_IDS, (b, vs_torch.PROMPT))
 
         def decode(hlo=False, ids=ids):
-            graphdef, state, logits, cache, next_pos, pad_id = generation._prefilled(
-                model, multimodal.prepare(cfg, ids), sampling, None, 64, None)
-            jax.block_until_ready((logits, cache))
-            args = (graphdef, state, logits, next_pos, cache, jax.random.key(0), None, None)
-            kw = {"sampling": sampling, "pad_id": pad_id, "return_logits": False}
+            args, kw = vs_torch.decode_call(model, ids, sampling)
             if hlo:  # the same program compiled again: its instruction names are the trace's
                 return generation._decode.lower(*args, **kw).compile().as_text()
             t0 = time.perf_counter()

@@ -230,7 +230,6 @@ class JaxSide:
         from ming_jax.checkpoint import restore
         from ming_jax.gen import text as generation
         from ming_jax.models import inputs as multimodal
-        from ming_jax.models import llm as model_lib
 
         self.jax, self.nnx, self.generation, self.multimodal = jax, nnx, generation, multimodal
         t0 = time.perf_counter()
@@ -239,10 +238,7 @@ class JaxSide:
         self.load_s = time.perf_counter() - t0
         self.cfg = self.model.cfg
         # The first MoE layer as a module of its own (a slice of the stacked layers), its block jitted alone.
-        graphdef, params, rest = nnx.split(self.model.moe_layers, nnx.Param, ...)
-        layer_params = nnx.spmd.remove_axis(jax.tree.map(lambda a: a[0], params), 0, model_lib._LAYERS_AXIS)
-        block = nnx.merge(graphdef, layer_params, rest).moe
-        self.moe_graph, self.moe_state = nnx.split(block)
+        self.moe_graph, self.moe_state = nnx.split(self.model.layer(len(self.model.dense_layers)).moe)
 
         @jax.jit
         def moe_fwd(state, x):
@@ -270,15 +266,27 @@ class JaxSide:
             gen = generation.generate(self.model, multimodal.prepare(self.cfg, ids), sampling)
             tokens = jax.block_until_ready(gen.tokens)
             return time.perf_counter() - t0, np.asarray(tokens)
-        # decode: generate's two jitted stages called as `generate` calls them; only the second is timed
-        graphdef, state, logits, cache, next_pos, pad_id = generation._prefilled(
-            self.model, multimodal.prepare(self.cfg, ids), sampling, None, 64, None)
-        jax.block_until_ready((logits, cache))
+        args, kw = decode_call(self.model, ids, sampling)
         t0 = time.perf_counter()
-        gen, _ = generation._decode(graphdef, state, logits, next_pos, cache, jax.random.key(0), None, None,
-                                    sampling=sampling, pad_id=pad_id, return_logits=False)
+        gen, _ = generation._decode(*args, **kw)
         tokens = jax.block_until_ready(gen.tokens)
         return time.perf_counter() - t0, np.asarray(tokens)
+
+
+def decode_call(model, ids: np.ndarray, sampling):
+    """The decode case: `generate`'s first jitted stage (the prefill) run to completion, and the arguments of its
+    second, `ming_jax.gen.text._decode` (the whole decode loop), as `generate` calls them: (args, kwargs) for timing
+    the decode alone or lowering it."""
+    import jax
+
+    from ming_jax.gen import text as generation
+    from ming_jax.models import inputs as multimodal
+
+    graphdef, state, logits, cache, next_pos, pad_id = generation._prefilled(
+        model, multimodal.prepare(model.cfg, ids), sampling, None, 64, None)
+    jax.block_until_ready((logits, cache))
+    return ((graphdef, state, logits, next_pos, cache, jax.random.key(0), None, None),
+            {"sampling": sampling, "pad_id": pad_id, "return_logits": False})
 
 
 # ------------------------------------------------------------------------------------------------ worker protocol
