@@ -83,6 +83,25 @@ class VisionLayout:
         return int(self.rows.shape[0])
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+    """The layout of patches packed into B rows of P patch slots (training batches, `ming_jax.train.data`), as
+    arrays, so that one compiled program serves every batch whatever its images' sizes.
+
+    Each (image, frame) occupies consecutive slots of one row, starting at a multiple of merge**2 (its merge
+    windows stay together), and is one attention segment: `segment_ids` numbers them within the row (1, 2, ...), 0
+    marks an empty slot. The other fields are `vision_layout`'s per-patch values of each slot (0 on empty slots).
+    Attention is one [P, P] block per row, masked to the segments: B * P**2 work, against the sum of segment
+    lengths squared of the static grouped layout (the price of one program for all batches)."""
+
+    rows: jax.Array  # [B, P] int32 patch row inside its image
+    cols: jax.Array  # [B, P] int32 patch column
+    pos_index: jax.Array  # [B, P, 4] int32 bilinear neighbours in the learned position table
+    pos_weight: jax.Array  # [B, P, 4] float32 their weights
+    segment_ids: jax.Array  # [B, P] int32 (image, frame) within the row; 0 = empty slot
+
+
 def _linspace_f32(end: int, steps: int) -> np.ndarray:
     """`torch.linspace(0, end, steps)` in float32, bit for bit: float32 step, products and sums in float64,
     the first half counted up from 0 and the second half down from `end`."""
@@ -176,19 +195,24 @@ def check_inputs(cfg: VisionConfig, pixel_shape: Sequence[int], grid: Grid) -> N
 # --- pure math ----------------------------------------------------------------------------------------------------
 
 
-def interpolate_positions(table, layout: VisionLayout):
-    """table [side*side, D] -> [N, D]: bilinear interpolation of the learned grid at each patch position."""
-    picked = table[layout.pos_index]  # [4, N, D]
-    w = jnp.asarray(layout.pos_weight, table.dtype)[:, :, None]  # [4, N, 1]
+def interpolate_positions(table, layout: VisionLayout | PackedLayout):
+    """table [side*side, D] -> [N, D]: bilinear interpolation of the learned grid at each patch position (a packed
+    layout's B x P slots flattened to N rows)."""
+    if isinstance(layout, PackedLayout):
+        index, weight = layout.pos_index.reshape(-1, 4).T, layout.pos_weight.reshape(-1, 4).T
+    else:
+        index, weight = layout.pos_index, layout.pos_weight
+    picked = table[index]  # [4, N, D]
+    w = jnp.asarray(weight, table.dtype)[:, :, None]  # [4, N, 1]
     return picked[0] * w[0] + picked[1] * w[1] + picked[2] * w[2] + picked[3] * w[3]
 
 
-def vision_rope(layout: VisionLayout, head_dim: int, theta: float):
+def vision_rope(layout: VisionLayout | PackedLayout, head_dim: int, theta: float):
     """2-D rotary: cos, sin [N, head_dim]. The first quarter of the frequencies rotate with the patch row, the
     second with the column; the two halves of rotate_half repeat that pattern."""
     inv_freq = inv_frequencies(head_dim // 2, theta)  # [hd/4]
-    rows = jnp.asarray(layout.rows, jnp.float32)[:, None] * inv_freq  # [N, hd/4]
-    cols = jnp.asarray(layout.cols, jnp.float32)[:, None] * inv_freq
+    rows = jnp.asarray(layout.rows, jnp.float32).reshape(-1)[:, None] * inv_freq  # [N, hd/4]
+    cols = jnp.asarray(layout.cols, jnp.float32).reshape(-1)[:, None] * inv_freq
     freqs = jnp.concatenate([rows, cols], axis=-1)  # [N, hd/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [N, hd]
     return jnp.cos(emb), jnp.sin(emb)
@@ -203,7 +227,7 @@ def from_grouped(x, layout: VisionLayout):
     return x if layout.inverse is None else x[layout.inverse]
 
 
-def segment_attention(q, k, v, layout: VisionLayout, impl: str = "grouped", attention: str = "xla"):
+def segment_attention(q, k, v, layout: VisionLayout | PackedLayout, impl: str = "grouped", attention: str = "xla"):
     """q, k, v [N, H, hd] -> [N, H, hd], each patch attending only to the patches of its own (image, frame).
 
     `impl` is the layout of the work:
@@ -213,6 +237,9 @@ def segment_attention(q, k, v, layout: VisionLayout, impl: str = "grouped", atte
     "masked": rows in processor order, one [1, N] call whose mask is the per-(image, frame) segment ids (1, 2, ...):
     N^2 work (splash's static mask is full, so no tile is skipped); the reference of the grouped path.
 
+    A `PackedLayout` (training batches) ignores `impl`: the N rows are its B x P slots, and each row of P slots is
+    one attention call masked to its segments.
+
     `attention` is the backend (`Runtime.attention`): "xla" is the plain `attend` formulation above, anything else
     goes through `ming_jax.pallas.attention.api.attention` with that impl and `pad_head_dim=True` (the release's
     head dim is 72: splash gets q, k, v zero-padded to 128 lanes). "auto" is splash when lowered for TPU, cuDNN on
@@ -220,6 +247,15 @@ def segment_attention(q, k, v, layout: VisionLayout, impl: str = "grouped", atte
     """
     if attention not in attention_api.IMPLEMENTATIONS:
         raise ValueError(f"attention={attention!r} (known: {attention_api.IMPLEMENTATIONS})")
+    if isinstance(layout, PackedLayout):  # N = B * P rows; each row of P slots is one masked attention block
+        ids = layout.segment_ids.astype(jnp.int32)  # [B, P]
+        rows = lambda x: x.reshape(ids.shape + x.shape[1:])  # noqa: E731  [B, P, H, hd]
+        if attention == "xla":
+            out = attend(rows(q), rows(k), rows(v), segment_mask(ids, ids))
+        else:
+            mask = attention_api.AttentionMask.self_attention(ids, causal=False)
+            out = attention_api.attention(rows(q), rows(k), rows(v), mask, impl=attention, pad_head_dim=True)
+        return out.reshape(q.shape)
     if impl == "masked":
         ids = jnp.asarray(layout.segment_ids + 1)[None]  # [1, N]; 0 is the dispatcher's padding id
         if attention == "xla":
@@ -389,18 +425,40 @@ class VisionTransformer(nnx.Module):
         return x
 
     def __call__(self, pixel_values, grid_thw):
-        cfg = self.cfg
         layout = self.layout(pixel_values, grid_thw)
+        x, cos, sin = self._embed(pixel_values, layout)
+        grouped = self.segment_layout == "grouped"
+        if grouped:  # blocks run in grouped row order; `restore` brings rows back wherever they leave the blocks
+            x, cos, sin = (to_grouped(a, layout) for a in (x, cos, sin))
+        restore = (lambda a: from_grouped(a, layout)) if grouped else (lambda a: a)
+        return self._blocks_and_mergers(x, cos, sin, layout, restore)
+
+    def packed(self, pixel_values, layout: PackedLayout):
+        """Training batches: pixel rows [B, P, patch_dim] in P patch slots per row, their `PackedLayout` (arrays:
+        traceable, one program for every batch of that shape) -> merged tokens [B, P / merge**2, out_hidden] (and
+        the deepstack features alike with `use_deepstack`). Empty slots give merged rows that nothing may use."""
+        b, p = layout.segment_ids.shape
+        unit = self.cfg.spatial_merge_size ** 2
+        if pixel_values.shape != (b, p, self.cfg.patch_dim) or p % unit:
+            raise ValueError(f"packed patches: pixel_values {tuple(pixel_values.shape)} for a layout of {b} rows x "
+                             f"{p} slots; expected {(b, p, self.cfg.patch_dim)} with slots a multiple of {unit}")
+        x, cos, sin = self._embed(pixel_values.reshape(b * p, -1), layout)
+        out = self._blocks_and_mergers(x, cos, sin, layout, lambda a: a)
+        rows = lambda a: a.reshape(b, p // unit, a.shape[-1])  # noqa: E731
+        return (rows(out[0]), [rows(f) for f in out[1]]) if self.use_deepstack else rows(out)
+
+    def _embed(self, pixel_values, layout):
+        cfg = self.cfg
         dt = jnp.dtype(self.runtime.dtype)
         with jax.named_scope("vit_embed"):
             x = self.patch_embed(jnp.asarray(pixel_values, dt))  # [N, D]
             x = x + interpolate_positions(read(self.pos_embed, dt), layout)
             cos, sin = vision_rope(layout, cfg.head_dim, cfg.rope_theta)  # [N, hd]
-        grouped = self.segment_layout == "grouped"
-        if grouped:  # blocks run in grouped row order; `restore` brings rows back wherever they leave the blocks
-            x, cos, sin = (to_grouped(a, layout) for a in (x, cos, sin))
+        return x, cos, sin
+
+    def _blocks_and_mergers(self, x, cos, sin, layout, restore):
+        cfg = self.cfg
         x = sharding.constrain_even(x, _ROWS)
-        restore = (lambda a: from_grouped(a, layout)) if grouped else (lambda a: a)
         taps = sorted(cfg.deepstack_visual_indexes) if self.use_deepstack else []
         features, start = [], 0
         for layer in sorted(set(taps) | {cfg.depth - 1}):  # run up to each tap (and to the end)

@@ -66,7 +66,14 @@ import jax
 import numpy as np
 from absl import flags
 
+from ming_jax.config.llm import LLMConfig
+from ming_jax.config.modality import TEXT, VISION
+from ming_jax.config.vision import VisionConfig
+from ming_jax.models import inputs as multimodal
+from ming_jax.models import vision as vision_lib
+from ming_jax.processors import image as image_proc
 from ming_jax.processors import prompt
+from ming_jax.processors.image import ProcessorConfig
 from ming_jax.processors.tokenizer import ReleaseTokenizer
 
 LABEL_MODES = ("assistant", "all")
@@ -96,31 +103,62 @@ def _check_text(text: Any, where: str) -> str:
     return text
 
 
-def _message_text(content: Any, where: str) -> str:
+def _image_path(item: Mapping[str, Any], at: str, base: str | None) -> str:
+    extra = sorted(set(item) - {"type", "image"})
+    path = item.get("image")
+    if extra or not isinstance(path, str) or not path:
+        raise DataError(f"{at}: an image item has exactly the keys 'type' and 'image' (one file path), got "
+                        f"{sorted(item)}" + ("" if isinstance(path, str) else f" with image={path!r}"))
+    path = path[len("file://"):] if path.startswith("file://") else path
+    if base is not None and not os.path.isabs(path):
+        path = os.path.join(base, path)
+    if not os.path.isfile(path):
+        raise DataError(f"{at}: image file not found: {path}")
+    return os.path.abspath(path)
+
+
+def _message_content(content: Any, where: str, role: str, base: str | None) -> str | list:
+    """A message's content -> its text (a string) or, when it holds images, its parts in order: strings and
+    `{"image": absolute path}`."""
     if isinstance(content, str):
         return _check_text(content, where)
     if not isinstance(content, list):
         raise DataError(f"{where}: content must be a string or a list of items, got {type(content).__name__}")
-    texts = []
+    parts: list = []
     for j, item in enumerate(content):
         at = f"{where}, item {j}"
         if not isinstance(item, Mapping):
             raise DataError(f"{at}: a content item must be an object, got {type(item).__name__}")
         kind = item.get("type")
+        if kind == "image":
+            if role != "HUMAN":
+                raise DataError(f"{at}: images go in HUMAN messages (an ASSISTANT image would be image generation, "
+                                "which this training data does not cover)")
+            parts.append({"image": _image_path(item, at, base)})
+            continue
         if kind in MEDIA_TYPES:
-            raise DataError(f"{at}: media items in training data are not supported yet (item type {kind!r})")
+            raise DataError(f"{at}: {kind} items in training data are not supported yet (images are; the train step "
+                            "runs the vision tower, not video sampling or the audio tower)")
         if kind != "text":
-            raise DataError(f"{at}: content item type {kind!r} (expected 'text')")
+            raise DataError(f"{at}: content item type {kind!r} (expected 'text' or 'image')")
         extra = sorted(set(item) - {"type", "text"})
         if extra or "text" not in item:
             raise DataError(f"{at}: a text item has exactly the keys 'type' and 'text', got {sorted(item)}")
-        texts.append(_check_text(item["text"], at))
-    return "".join(texts)
+        text = _check_text(item["text"], at)
+        if parts and isinstance(parts[-1], str):
+            parts[-1] += text
+        else:
+            parts.append(text)
+    if not any(isinstance(p, dict) for p in parts):
+        return "".join(parts)
+    return parts
 
 
-def normalize(record: Any, where: str = "conversation", *, labels: str = "assistant") -> dict:
+def normalize(record: Any, where: str = "conversation", *, labels: str = "assistant", base: str | None = None) -> dict:
     """A conversation record (the JSONL format) checked and reduced to `{"system": str | None, "messages":
-    [{"role", "content": str}]}`; `where` prefixes every error."""
+    [{"role", "content"}]}`, content a string, or a list of strings and `{"image": absolute path}` for a message
+    with images (relative image paths are taken from `base`, the JSONL file's folder, and must exist); `where`
+    prefixes every error."""
     if labels not in LABEL_MODES:
         raise DataError(f"labels={labels!r} (expected one of {LABEL_MODES})")
     if not isinstance(record, Mapping):
@@ -148,7 +186,7 @@ def normalize(record: Any, where: str = "conversation", *, labels: str = "assist
             raise DataError(f"{at}: role {role!r} (expected 'HUMAN' or 'ASSISTANT'){hint}")
         if "content" not in message:
             raise DataError(f"{at}: no 'content'")
-        out.append({"role": role, "content": _message_text(message["content"], at)})
+        out.append({"role": role, "content": _message_content(message["content"], at, role, base)})
     if labels == "assistant" and not any(m["role"] == "ASSISTANT" for m in out):
         raise DataError(f"{where}: no ASSISTANT message, so nothing to learn with labels='assistant'")
     return {"system": system, "messages": out}
@@ -170,7 +208,8 @@ def read_conversations(paths: Sequence[str | os.PathLike], *, labels: str = "ass
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from None
-                out.append((where, normalize(record, where, labels=labels)))
+                out.append((where, normalize(record, where, labels=labels,
+                                             base=os.path.dirname(os.path.abspath(path)))))
     return out
 
 
@@ -228,6 +267,148 @@ def render(conversation: Mapping[str, Any], tokenizer, *, labels: str = "assista
     return np.asarray(ids, np.int32), np.asarray(mask, bool)
 
 
+@dataclasses.dataclass(frozen=True)
+class MediaConfig:
+    """How the images of training conversations become model inputs (`TrainData.media`; None: text only, and a
+    conversation with an image is an error). `llm` gives the image block's token ids and the 3-D rope rules,
+    `vision` the patch width, merge size and position table, `processor` the release's image processor settings
+    (resize bounds, normalisation); `patches_per_row` is the number of patch slots beside each packed row of
+    `seq_len` tokens (a multiple of merge_size**2): the documents packed into a row bring their images' patches
+    there, and the ViT attends within each image over those slots (`ming_jax.models.vision.PackedLayout`)."""
+
+    llm: LLMConfig
+    vision: VisionConfig
+    processor: ProcessorConfig = ProcessorConfig()
+    patches_per_row: int = 1024
+
+    def __post_init__(self):
+        v, pr = self.vision, self.processor
+        unit = v.spatial_merge_size ** 2
+        problems = []
+        if self.llm.image_patch_token is None:
+            problems.append("the LLM config has no image_patch_token")
+        if (pr.patch_size, pr.temporal_patch_size, pr.merge_size) != (
+                v.patch_size, v.temporal_patch_size, v.spatial_merge_size):
+            problems.append(f"processor patch / temporal patch / merge sizes {(pr.patch_size, pr.temporal_patch_size, pr.merge_size)} "
+                            f"differ from the vision tower's {(v.patch_size, v.temporal_patch_size, v.spatial_merge_size)}")
+        if self.patches_per_row < unit or self.patches_per_row % unit:
+            problems.append(f"patches_per_row={self.patches_per_row} must be a positive multiple of "
+                            f"merge_size**2={unit}")
+        if problems:
+            raise DataError("MediaConfig: " + "; ".join(problems))
+
+    @property
+    def tokens_per_row(self) -> int:
+        """Merged image tokens the patch slots of one row can hold."""
+        return self.patches_per_row // self.vision.spatial_merge_size ** 2
+
+
+def _load_image(path: str, where: str):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises several unrelated types for unreadable files
+        raise DataError(f"{where}: cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def has_images(conversation: Mapping[str, Any]) -> bool:
+    """Whether a normalized conversation (`normalize`) holds an image."""
+    return any(not isinstance(m["content"], str) for m in conversation["messages"])
+
+
+def render_images(conversation: Mapping[str, Any], tokenizer, media: MediaConfig, *, labels: str = "assistant",
+                  thinking: bool = False, where: str = "conversation"):
+    """`render` for a normalized conversation (`normalize`, `read_conversations`) that may hold images -> (tokens int32[L], loss_mask bool[L], pixel rows float32
+    [n, patch_dim], grids [(t, h, w)] per image). Each image is read and processed (`process_image`) and its place
+    in the text becomes the release's image block (`<image>`, one `<imagePatch>` per merged token, `</image>`,
+    newline); a message is tokenised whole, as the chat template's text would be. Image blocks take no loss."""
+    conv = conversation
+    role_end = tokenizer.token_id(prompt.ROLE_END)
+    merge = media.vision.spatial_merge_size
+    ids: list[int] = []
+    mask: list[bool] = []
+    pixels, grids = [], []
+
+    def add(tokens: Iterable[int], learned: bool):
+        tokens = list(tokens)
+        ids.extend(tokens)
+        mask.extend([learned or labels == "all"] * len(tokens))
+
+    add(tokenizer.encode(prompt.system_prompt(conv["system"], thinking=thinking)) + [role_end], False)
+    for message in conv["messages"]:
+        assistant = message["role"] == "ASSISTANT"
+        add(tokenizer.encode(prompt.ASSISTANT_PREFIX if assistant else prompt.USER_PREFIX), False)
+        content = message["content"]
+        if isinstance(content, str):
+            add(tokenizer.encode(content) + [role_end], assistant)
+            continue
+        text, expected = "", 0
+        for part in content:
+            if isinstance(part, str):
+                text += part
+                continue
+            try:
+                rows, grid = image_proc.process_image(_load_image(part["image"], where), media.processor)
+            except image_proc.ImageError as e:
+                raise DataError(f"{where}: image {part['image']}: {e}") from None
+            pixels.append(rows)
+            grids.append(tuple(int(g) for g in grid))
+            text += prompt.image_block(grid, merge)
+            expected += rows.shape[0] // merge ** 2
+        tokens = tokenizer.encode(text)
+        found = sum(t == media.llm.image_patch_token for t in tokens)
+        if found != expected:
+            raise DataError(f"{where}: the tokenizer turned {expected} {prompt.IMAGE_PATCH} into {found} tokens of "
+                            f"id {media.llm.image_patch_token} (the LLM config's image_patch_token): tokenizer and "
+                            "model config disagree")
+        add(tokens + [role_end], assistant)
+    k = media.vision.patch_dim
+    rows = np.concatenate(pixels) if pixels else np.zeros((0, k), np.float32)
+    return np.asarray(ids, np.int32), np.asarray(mask, bool), rows.astype(np.float32), grids
+
+
+def example_images(tokens, loss_mask, pixels, grids, media: MediaConfig, *, seq_len: int | None = None,
+                   where: str = "conversation") -> dict[str, np.ndarray]:
+    """The next-token `example` of a conversation with images (`render_images`), plus what packing carries for
+    them: `positions3` [L, 3] (the release's 3-D rope positions of the inputs), `modality` [L] (VISION on image
+    patch tokens), per patch `patches` [n, patch_dim], `patch_rows` / `patch_cols`, `patch_pos_index` /
+    `patch_pos_weight` [n, 4] (`vision_layout`'s values), `patch_segment` [n] (the image within the document, from
+    1), and `token_index` [n / merge**2] (the input position each merged token fills). `seq_len` cuts the example
+    to its first seq_len positions, which must not cut into an image (DataError)."""
+    cfg, v = media.llm, media.vision
+    unit = v.spatial_merge_size ** 2
+    ex = example(tokens, loss_mask)
+    grid_arr = np.asarray(grids, np.int64).reshape(-1, 3) if grids else None
+    prep = multimodal.prepare(cfg, np.asarray(tokens)[None], None,
+                              multimodal.MultimodalInputs(image_grid_thw=grid_arr))
+    ex["positions3"] = np.ascontiguousarray(prep.positions[:, 0, :-1].T.astype(np.int32))  # [L, 3]
+    if seq_len is not None and len(ex["inputs"]) > seq_len:
+        ex = {key: a[:seq_len] for key, a in ex.items()}
+    inputs = ex["inputs"]
+    ex["modality"] = np.where(inputs == cfg.image_patch_token, VISION, TEXT).astype(np.int32)
+    token_index = np.flatnonzero(inputs == cfg.image_patch_token).astype(np.int32)
+    if token_index.size * unit != pixels.shape[0]:
+        raise DataError(f"{where}: {len(inputs)} positions hold {token_index.size} of the images' "
+                        f"{pixels.shape[0] // unit} tokens: seq_len={seq_len} cuts into an image; raise seq_len or "
+                        "use overlong='drop'")
+    rows, cols, index, weight, segment = [], [], [], [], []
+    for n, grid in enumerate(grids):
+        lay = vision_lib.vision_layout((tuple(grid),), v.spatial_merge_size, v.position_grid_side)
+        rows.append(lay.rows)
+        cols.append(lay.cols)
+        index.append(lay.pos_index.T)
+        weight.append(lay.pos_weight.T)
+        segment.append(lay.segment_ids + 1 + sum(g[0] for g in grids[:n]))  # one segment per (image, frame)
+    cat = lambda xs, shape, dt: (np.concatenate(xs) if xs else np.zeros(shape, dt)).astype(dt)  # noqa: E731
+    ex.update(patches=pixels.astype(np.float32), patch_rows=cat(rows, (0,), np.int32),
+              patch_cols=cat(cols, (0,), np.int32), patch_pos_index=cat(index, (0, 4), np.int32),
+              patch_pos_weight=cat(weight, (0, 4), np.float32), patch_segment=cat(segment, (0,), np.int32),
+              token_index=token_index)
+    return ex
+
+
 def example(tokens: np.ndarray, loss_mask: np.ndarray) -> dict[str, np.ndarray]:
     """Next-token example of L-1 positions: predict tokens[1:] from tokens[:-1], learn where mask[1:] is set."""
     tokens, loss_mask = np.asarray(tokens, np.int32), np.asarray(loss_mask, bool)
@@ -257,6 +438,7 @@ class TrainData:
     overlong: str = "truncate"
     shard_index: int | None = None
     shard_count: int | None = None
+    media: MediaConfig | None = None
 
     def __post_init__(self):
         paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else self.paths
@@ -300,11 +482,21 @@ class _Render:
     thinking: bool
     seq_len: int
     truncate: bool
+    media: MediaConfig | None = None
 
     def __call__(self, item: tuple[str, dict]) -> dict[str, np.ndarray]:
         where, record = item
-        tokens, mask = render(record, cached_tokenizer(self.tokenizer_spec), labels=self.labels,
-                              thinking=self.thinking, where=where)
+        tokenizer = cached_tokenizer(self.tokenizer_spec)
+        if self.media is not None:
+            tokens, mask, pixels, grids = render_images(record, tokenizer, self.media, labels=self.labels,
+                                                        thinking=self.thinking, where=where)
+            if self.truncate and pixels.shape[0] > self.media.patches_per_row:
+                raise DataError(f"{where}: its images have {pixels.shape[0]} patches, more than patches_per_row="
+                                f"{self.media.patches_per_row}: raise patches_per_row, lower the processor's "
+                                "max_pixels, or use overlong='drop'")
+            return example_images(tokens, mask, pixels, grids, self.media,
+                                  seq_len=self.seq_len if self.truncate else None, where=where)
+        tokens, mask = render(record, tokenizer, labels=self.labels, thinking=self.thinking, where=where)
         if self.truncate:
             tokens, mask = tokens[:self.seq_len + 1], mask[:self.seq_len + 1]
         return example(tokens, mask)
@@ -317,24 +509,65 @@ class _Fits:
 
     seq_len: int
     shard_size: int
+    patches: int | None = None  # patch slots per row (media), or None
     kept: int = 0
     dropped: int = 0
 
     def __call__(self, ex: dict[str, np.ndarray]) -> bool:
-        if len(ex["inputs"]) <= self.seq_len:
+        if len(ex["inputs"]) <= self.seq_len and (self.patches is None or len(ex["patches"]) <= self.patches):
             self.kept += 1
             return True
         self.dropped += 1
         if not self.kept and self.dropped >= self.shard_size:
             raise DataError(f"every conversation seen ({self.dropped}) is longer than seq_len={self.seq_len} "
-                            "tokens with overlong='drop': raise seq_len or use overlong='truncate'")
+                            "tokens" + ("" if self.patches is None else f" or patches_per_row={self.patches}")
+                            + " with overlong='drop': raise seq_len or use overlong='truncate'")
         return False
 
 
+TEXT_FEATURES = ("inputs", "targets", "loss_mask")
+MEDIA_TOKEN_FEATURES = ("positions3", "modality")  # packed like the tokens
+PATCH_FEATURES = ("patches", "patch_rows", "patch_cols", "patch_pos_index", "patch_pos_weight", "patch_segment")
+
+
+def _length_struct(cfg: TrainData) -> dict[str, int]:
+    lengths = {k: cfg.seq_len for k in TEXT_FEATURES}
+    if cfg.media is not None:
+        lengths.update({k: cfg.seq_len for k in MEDIA_TOKEN_FEATURES})
+        lengths.update({k: cfg.media.patches_per_row for k in PATCH_FEATURES})
+        lengths["token_index"] = cfg.media.tokens_per_row
+    return lengths
+
+
 def _output_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Packed row (grain's `<key>_segment_ids` / `<key>_positions`, all keys packed alike) -> the output names."""
-    return {"input_ids": row["inputs"], "targets": row["targets"], "loss_mask": row["loss_mask"].astype(np.float32),
-            "segment_ids": row["inputs_segment_ids"], "positions": row["inputs_positions"]}
+    """Packed row (grain's `<key>_segment_ids` / `<key>_positions`; grain numbers a row's documents alike in every
+    feature) -> the output names."""
+    seg = row["inputs_segment_ids"]
+    out = {"input_ids": row["inputs"], "targets": row["targets"], "loss_mask": row["loss_mask"].astype(np.float32),
+           "segment_ids": seg, "positions": row["inputs_positions"]}
+    if "patches" not in row:
+        return out
+    t = seg.shape[0]
+    out["positions"] = np.ascontiguousarray(row["positions3"].T)  # [3, T]
+    out["modality"] = row["modality"]
+    doc = row["patches_segment_ids"]  # [P] the document of each patch slot, 0 on empty slots
+    key = doc.astype(np.int64) * (doc.shape[0] + 1) + row["patch_segment"]  # (document, image frame) of a slot
+    change = np.concatenate([[True], key[1:] != key[:-1]])
+    out["pixel_values"] = row["patches"]
+    out["patch_rows"], out["patch_cols"] = row["patch_rows"], row["patch_cols"]
+    out["patch_pos_index"], out["patch_pos_weight"] = row["patch_pos_index"], row["patch_pos_weight"]
+    out["patch_segment_ids"] = np.where(doc > 0, np.cumsum(change), 0).astype(np.int32)
+    starts = np.zeros(t + 1, np.int64)  # first slot of each document of the row
+    ids, first = np.unique(seg, return_index=True)
+    starts[ids] = first
+    tok_doc = row["token_index_segment_ids"]
+    out["vision_index"] = np.where(tok_doc > 0, starts[tok_doc] + row["token_index"], t).astype(np.int32)
+    return out
+
+
+def _positions_first(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stacked rows' 3-D positions [B, 3, T] -> [3, B, T], the train step's layout."""
+    return dict(batch, positions=np.ascontiguousarray(batch["positions"].transpose(1, 0, 2)))
 
 
 def _own_arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -363,16 +596,24 @@ def make_dataset(cfg: TrainData, tokenizer_spec) -> grain.IterDataset:
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     ds = ds.repeat(cfg.num_epochs)
-    ds = ds.map(_Render(tokenizer_spec, cfg.labels, cfg.thinking, cfg.seq_len, cfg.overlong == "truncate"))
+    if cfg.media is None:
+        imaged = next((where for where, r in records if has_images(r)), None)
+        if imaged is not None:
+            raise DataError(f"{imaged}: the conversation holds images, but TrainData.media is None (training on "
+                            "images needs a MediaConfig and a model with a vision tower)")
+    ds = ds.map(_Render(tokenizer_spec, cfg.labels, cfg.thinking, cfg.seq_len, cfg.overlong == "truncate",
+                        cfg.media))
     if cfg.overlong == "drop":
-        ds = ds.filter(_Fits(cfg.seq_len, len(records)))
+        ds = ds.filter(_Fits(cfg.seq_len, len(records), None if cfg.media is None else cfg.media.patches_per_row))
     # In workers the map runs in the worker's own thread (grain's advice for in-memory sources); in process a few
     # threads render ahead of the training loop.
     read = grain.ReadOptions(num_threads=0 if cfg.worker_count else 4, prefetch_buffer_size=4 * cfg.batch_size)
     packed = grain.experimental.FirstFitPackIterDataset(
-        ds.to_iter_dataset(read), length_struct={k: cfg.seq_len for k in ("inputs", "targets", "loss_mask")},
+        ds.to_iter_dataset(read), length_struct=_length_struct(cfg),
         num_packing_bins=cfg.batch_size, seed=cfg.seed, shuffle_bins=cfg.shuffle)
     out = packed.map(_output_row).batch(cfg.batch_size, drop_remainder=True)
+    if cfg.media is not None:
+        out = out.map(_positions_first)
     if cfg.worker_count:
         _absl_flags_for_grain_workers()
         out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count)).map(_own_arrays)
@@ -411,7 +652,13 @@ def dataset_stats(cfg: TrainData, tokenizer_spec) -> DataStats:
     tokenizer = tokenizer_from_spec(tokenizer_spec)
     lengths, supervised = [], 0
     for where, record in records[index::count]:
-        tokens, mask = render(record, tokenizer, labels=cfg.labels, thinking=cfg.thinking, where=where)
+        if cfg.media is not None:  # reads and processes every image
+            tokens, mask, _, _ = render_images(record, tokenizer, cfg.media, labels=cfg.labels,
+                                               thinking=cfg.thinking, where=where)
+        elif has_images(record):
+            raise DataError(f"{where}: the conversation holds images, but TrainData.media is None")
+        else:
+            tokens, mask = render(record, tokenizer, labels=cfg.labels, thinking=cfg.thinking, where=where)
         lengths.append(len(tokens) - 1)
         supervised += int(mask[1:].sum())
     return DataStats(conversations=len(lengths), tokens=sum(lengths), supervised_tokens=supervised,

@@ -10,7 +10,12 @@ A batch is a dict of arrays (what `ming_jax.train.data` yields; B rows of T toke
   packed in a row, attending only within themselves), positions [B, T] (per-document token index) or [3, B, T]
   (the 3-D video-rope rows of `ming_jax.models.inputs.prepare`), and optionally modality [B, T] (the router of each
   token: TEXT / VISION / AUDIO), features [F, D] + feature_index [F] (media embeddings scattered into the flat
-  b * T + t positions; an index outside [0, B*T) drops the row, so padded feature slots point at B*T).
+  b * T + t positions; an index outside [0, B*T) drops the row, so padded feature slots point at B*T), and
+  optionally images for the vision tower, run inside the step (so it trains, or stays frozen by `TrainConfig`):
+  pixel_values [B, P, patch_dim] in P patch slots per row with their layout patch_rows / patch_cols /
+  patch_segment_ids [B, P] and patch_pos_index / patch_pos_weight [B, P, 4] (`ming_jax.models.vision.PackedLayout`),
+  and vision_index [B, P / merge**2] (the row's token each merged image token fills; T: none). The model is then an
+  `OmniModel` (its `llm`, `vision`, `vision_proj`); a `BailingMoeV2` takes text and feature rows.
 
 The loss is the mean cross-entropy over the batch's loss tokens (+ z_loss * mean logsumexp^2, + the optional
 sequence-wise balance loss, averaged per micro-batch). Micro-batches (every `grad_accum`-th row, so each device
@@ -33,14 +38,20 @@ import optax
 from flax import nnx
 
 from ming_jax import sharding
+from ming_jax.layers.norms import l2_normalize
 from ming_jax.layers.params import LoraParam, LoraWeight, QuantizedParam
+from ming_jax.models.omni import OmniModel
+from ming_jax.models.vision import PackedLayout
 from ming_jax.moe import balance
 from ming_jax.train import loss as losses
 from ming_jax.train.config import TrainConfig
 from ming_jax.train.optimizer import make_optimizer, schedule
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
-OPTIONAL_KEYS = ("modality", "features", "feature_index")
+# Images for the vision tower inside the step (`ming_jax.train.data` with a MediaConfig), all or none of them.
+PATCH_KEYS = ("pixel_values", "patch_rows", "patch_cols", "patch_pos_index", "patch_pos_weight", "patch_segment_ids",
+              "vision_index")
+OPTIONAL_KEYS = ("modality", "features", "feature_index") + PATCH_KEYS
 _BIAS_SUFFIX = ("moe", "router", "expert_bias")
 
 
@@ -162,6 +173,30 @@ def check_batch(batch: dict, *, grad_accum: int = 1, vocab_size: int | None = No
     if "features" in batch and batch["features"].shape[:1] != batch["feature_index"].shape:
         raise ValueError(f"train batch: features {tuple(batch['features'].shape)} vs feature_index "
                          f"{tuple(batch['feature_index'].shape)}")
+    patch = [k for k in PATCH_KEYS if k in batch]
+    if patch and len(patch) != len(PATCH_KEYS):
+        raise ValueError(f"train batch: image keys come together; missing {sorted(set(PATCH_KEYS) - set(patch))}")
+    if patch:
+        pix = batch["pixel_values"]
+        if pix.ndim != 3 or pix.shape[0] != b:
+            raise ValueError(f"train batch: pixel_values has shape {tuple(pix.shape)}; expected [{b}, slots, "
+                             "patch_dim]")
+        p = pix.shape[1]
+        want = dict(patch_rows=(b, p), patch_cols=(b, p), patch_segment_ids=(b, p), patch_pos_index=(b, p, 4),
+                    patch_pos_weight=(b, p, 4))
+        for k, shape in want.items():
+            if tuple(batch[k].shape) != shape:
+                raise ValueError(f"train batch: {k} has shape {tuple(batch[k].shape)}, expected {shape}")
+        vi = batch["vision_index"]
+        if vi.ndim != 2 or vi.shape[0] != b or not vi.shape[1] or p % vi.shape[1]:
+            raise ValueError(f"train batch: vision_index has shape {tuple(vi.shape)}; expected [{b}, slots / "
+                             f"merge**2] for {p} patch slots")
+        for k in ("patch_rows", "patch_cols", "patch_segment_ids", "patch_pos_index", "vision_index"):
+            if np.asarray(batch[k]).dtype.kind not in "iu":
+                raise ValueError(f"train batch: {k} must be integers, got {np.asarray(batch[k]).dtype}")
+        v = np.asarray(vi)
+        if v.size and (v.min() < 0 or v.max() > t):
+            raise ValueError(f"train batch: vision_index outside [0, {t}] ({t}: no token)")
     if b % grad_accum:
         raise ValueError(f"train batch of {b} rows does not split into grad_accum={grad_accum} micro-batches")
     for k in ("input_ids", "targets", "segment_ids", "positions") + tuple(
@@ -188,8 +223,8 @@ def _micro_batches(batch: dict, a: int) -> dict:
     b, t = batch["input_ids"].shape
     split = lambda x, axis=0: jnp.moveaxis(  # noqa: E731
         x.reshape(x.shape[:axis] + (b // a, a) + x.shape[axis + 1:]), axis + 1, 0)
-    out = {k: split(batch[k]) for k in ("input_ids", "targets", "loss_mask", "segment_ids") + (
-        ("modality",) if "modality" in batch else ())}
+    out = {k: split(batch[k]) for k in ("input_ids", "targets", "loss_mask", "segment_ids") + tuple(
+        k for k in ("modality",) + PATCH_KEYS if k in batch)}  # image keys are per row (vision_index row-local)
     pos = batch["positions"]
     out["positions"] = split(pos, axis=pos.ndim - 2)
     if "features" in batch:
@@ -203,15 +238,45 @@ def _micro_batches(batch: dict, a: int) -> dict:
     return out
 
 
+def language_model(model) -> nnx.Module:
+    """The BailingMoeV2 a train step runs: the model itself, or an `OmniModel`'s `llm`."""
+    return model.llm if isinstance(model, OmniModel) else model
+
+
+def _image_embeddings(model, mb: dict):
+    """The packed images of a micro-batch through the vision tower and projector, L2-normalised (the omni
+    model's image embeddings): [b, P / merge**2, D]."""
+    if not isinstance(model, OmniModel) or model.vision is None:
+        raise ValueError("train batch holds images (pixel_values) but the model has no vision tower: train an "
+                         "OmniModel with a vision config")
+    layout = PackedLayout(mb["patch_rows"].astype(jnp.int32), mb["patch_cols"].astype(jnp.int32),
+                          mb["patch_pos_index"].astype(jnp.int32), mb["patch_pos_weight"].astype(jnp.float32),
+                          mb["patch_segment_ids"].astype(jnp.int32))
+    out = model.vision.packed(mb["pixel_values"], layout)
+    hidden = out[0] if model.vision.use_deepstack else out
+    with jax.named_scope("vision_projector"):
+        proj = model.vision_proj(hidden)
+        # Merged rows of empty slots can be exact zeros, whose L2 norm has a NaN gradient; they fill no token.
+        used = mb["vision_index"] < mb["input_ids"].shape[1]
+        return l2_normalize(jnp.where(used[..., None], proj, jnp.ones((), proj.dtype)))
+
+
 def _forward_losses(model, mb: dict, cfg: TrainConfig):
     """One micro-batch -> (nll sum, z sum, balance-loss term, loads [Lm, R, E] or None)."""
     ids = mb["input_ids"]
     b, t = ids.shape
-    llm_cfg = model.cfg
-    x = model.embed_tokens(ids)
+    llm = language_model(model)
+    llm_cfg = llm.cfg
+    x = llm.embed_tokens(ids)
+    d = x.shape[-1]
     if "features" in mb:
-        d = x.shape[-1]
         x = x.reshape(b * t, d).at[mb["feature_index"]].set(mb["features"].astype(x.dtype), mode="drop")
+        x = x.reshape(b, t, d)
+    if "pixel_values" in mb:
+        emb = _image_embeddings(model, mb)  # [b, P / merge**2, D]
+        vi = mb["vision_index"].astype(jnp.int32)
+        flat = jnp.where(vi < t, jnp.arange(b, dtype=jnp.int32)[:, None] * t + vi, b * t)  # b * t: dropped
+        x = x.reshape(b * t, d).at[flat.reshape(-1)].set(emb.reshape(-1, d).astype(x.dtype), mode="drop")
         x = x.reshape(b, t, d)
     x = sharding.constrain(x, ("batch", "seq", "act_embed"))
     pos = mb["positions"]
@@ -219,8 +284,8 @@ def _forward_losses(model, mb: dict, cfg: TrainConfig):
     modality = mb.get("modality")
     segments = mb["segment_ids"].astype(jnp.int32)
     routed = llm_cfg.num_moe_layers > 0
-    out = model(x, pos.astype(jnp.int32), attention_mask=segments, modality=modality, collect=routed)
-    nll, z = losses.chunked_cross_entropy(model.head_weight(), out.hidden, mb["targets"], mb["loss_mask"], cfg.loss_chunk)
+    out = llm(x, pos.astype(jnp.int32), attention_mask=segments, modality=modality, collect=routed)
+    nll, z = losses.chunked_cross_entropy(llm.head_weight(), out.hidden, mb["targets"], mb["loss_mask"], cfg.loss_chunk)
     if not routed:
         return nll, z, jnp.zeros((), jnp.float32), None
     r = out.routing  # experts [Lm, B*T, K], logits [Lm, B*T, E]
@@ -269,7 +334,7 @@ def make_grad_fn(graphdef, cfg: TrainConfig) -> Callable:
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         sums0 = {k: jnp.zeros((), jnp.float32) for k in ("total", "nll", "z", "aux")}
-        llm_cfg = nnx.merge(graphdef, params, frozen).cfg  # static: the module's config
+        llm_cfg = language_model(nnx.merge(graphdef, params, frozen)).cfg  # static: the module's config
         if llm_cfg.num_moe_layers:
             sums0["loads"] = jnp.zeros((llm_cfg.num_moe_layers, llm_cfg.num_routers, llm_cfg.num_experts))
         if a == 1:
