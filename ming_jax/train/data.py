@@ -13,7 +13,9 @@ JSONL, UTF-8, one conversation per line (empty lines are skipped):
   label mode ("assistant") a conversation needs at least one ASSISTANT message.
 - `system`: optional; it replaces the release's default persona sentence in the system turn (`system_prompt`),
   which also carries `detailed thinking on|off` (`TrainData.thinking`).
-- No other keys. Media items (`image`, `audio`, `video`) are refused: the training step does not take media yet.
+- No other keys. A HUMAN message's content list may hold `{"type": "image", "image": "path"}` items (relative to the
+  JSONL file's folder; `TrainData.media` must then be set, see `MediaConfig` and docs/training.md); `audio` and
+  `video` items are refused (not built).
   Text may not contain the media placeholders / patch tokens (`prompt.RESERVED`), nor the role markers
   (`<|role_end|>`, `<role>SYSTEM</role>`, `<role>HUMAN</role>`, `<role>ASSISTANT</role>`), which would forge turns.
   Every problem is a `DataError` (a ValueError) naming `file:line`, raised when the files are read, before training.
